@@ -1,0 +1,56 @@
+# Every target creates (or reuses) the virtual env .venv at the repo root; nothing relies on packages
+# installed by hand.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+MODEL   := cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+BUNDLES := bundles
+PROMPT  ?= In two sentences, why do small language models run well on phones?
+
+.PHONY: venv model demo test bench fidelity budget distill-demo android-check lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 is the CPU build this machine has on disk (any other request pulls a CUDA build).
+	$(PY) -m pip install -q -e '.[export,test,dev]'
+	rm -f .venv/.installed-* && touch $@
+
+model: $(STAMP)
+	$(PY) -m export.fetch --cache cache
+
+$(BUNDLES)/smollm2-%/manifest.json: $(STAMP)
+	$(MAKE) model
+	.venv/bin/edge-export $(MODEL) --quant $* --out $(BUNDLES)/smollm2-$*
+
+demo: $(BUNDLES)/smollm2-int4/manifest.json
+	.venv/bin/edge-run $(BUNDLES)/smollm2-int4 --chat "$(PROMPT)" --max-new-tokens 96 --threads 2
+
+test: $(STAMP)
+	$(MAKE) model
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(MAKE) model
+	$(PY) bench/bench.py --threads 2 --runs 3
+
+fidelity: $(STAMP)
+	$(MAKE) model
+	$(PY) bench/fidelity.py
+
+budget: $(BUNDLES)/smollm2-int4/manifest.json
+	.venv/bin/edge-run budget $(BUNDLES)/smollm2-int4 --budget 200MB --context 2048
+
+distill-demo: $(STAMP)
+	$(MAKE) model
+	$(PY) -m export.distill.demo --minutes 30 --layers 18 --out build/student
+
+android-check: $(STAMP)
+	bash android_demo/arm64_check.sh
+
+lint: $(STAMP)
+	.venv/bin/ruff check edge_runtime export tests bench android_demo
+
+clean:
+	rm -rf build bundles .pytest_cache

@@ -1,0 +1,33 @@
+"""The contract every backend executes: one forward step over new tokens with a preallocated KV cache.
+
+Generation, sampling, tokenization and memory planning live above this line and are shared; a backend only
+turns token ids into logits and keeps its own KV cache, sized once for `context` tokens.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str      # "ort" | "numpy"
+    context: int   # KV-cache capacity in tokens, fixed at construction (never grows)
+
+    def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
+        """Run `ids` ([S] int64) at positions past_len .. past_len+S-1.
+
+        The KV entries of those positions are written into the cache; entries at positions >= past_len from
+        earlier calls are overwritten (so rewinding is just calling with a smaller past_len).
+        Returns float32 logits [len(logits_index), vocab] for the chunk positions in `logits_index`.
+        Requires past_len + S <= context.
+        """
+        ...
+
+    def kv_nbytes(self) -> int:
+        """Bytes held by the KV cache (for the stats line and the memory planner)."""
+        ...
+
+    def describe(self) -> str:
+        """A short note for the stats line (e.g. threads, kv dtype, resident dequantized matrices)."""
+        ...

@@ -1,0 +1,120 @@
+"""Reading a bundle: manifest, checksums, and memory-mapped views of weights.bin (see docs/bundle-format.md)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import BundleError
+
+FORMAT = "edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+    _mmap: Optional[np.memmap] = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path, verify: bool = True) -> "Bundle":
+        """Read the manifest and (by default) check every file's size and sha256 before anything uses it."""
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"bundle not found: {root} is not a folder")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"bundle {root} has no {MANIFEST}")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"bundle {root}: {MANIFEST} is not an {FORMAT} manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"bundle {root}: format version {manifest.get('format_version')} is not supported "
+                f"(this runtime reads version {FORMAT_VERSION})"
+            )
+        bundle = cls(root, manifest)
+        bundle.check_files(hashes=verify)
+        return bundle
+
+    def check_files(self, hashes: bool = True) -> None:
+        files = self.manifest.get("files") or {}
+        for name, meta in files.items():
+            p = self.path(name)
+            if not p.is_file():
+                raise BundleError(f"bundle {self.root}: missing file {name}")
+            size = p.stat().st_size
+            if size != meta["bytes"]:
+                raise BundleError(
+                    f"bundle {self.root}: {name} is {size} bytes, manifest says {meta['bytes']} (truncated or altered)"
+                )
+            if hashes and sha256_file(p) != meta["sha256"]:
+                raise BundleError(f"bundle {self.root}: checksum mismatch for {name} (file altered or corrupted)")
+
+    def path(self, name: str) -> Path:
+        # Names come from the manifest: refuse anything that would leave the bundle folder.
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise BundleError(f"bundle {self.root}: manifest names a file outside the bundle: {name!r}")
+        return self.root / name
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["config"])
+
+    @property
+    def contract(self) -> str:
+        return self.manifest["graph"]["contract"]
+
+    @property
+    def max_context(self) -> int:
+        return int(self.manifest["max_context"])
+
+    @property
+    def tensor_index(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["weights"]["tensors"]
+
+    def weights_mmap(self) -> np.memmap:
+        """The whole weights file, mapped read-only: pages are read on first touch, never copied."""
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path(self.manifest["weights"]["file"]), dtype=np.uint8, mode="r")
+        return self._mmap
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensor_index
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only view of one array of weights.bin (no copy)."""
+        try:
+            meta = self.tensor_index[name]
+        except KeyError:
+            raise BundleError(f"bundle {self.root}: no tensor {name!r} in weights.bin") from None
+        buf = self.weights_mmap()
+        start, nbytes = int(meta["offset"]), int(meta["nbytes"])
+        if start + nbytes > buf.size:
+            raise BundleError(f"bundle {self.root}: tensor {name} lies past the end of weights.bin")
+        return buf[start:start + nbytes].view(np.dtype(meta["dtype"])).reshape(meta["shape"])
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
