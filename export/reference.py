@@ -1,0 +1,120 @@
+"""The float reference: the source model's fp32 weights in transformers' own Llama / Qwen2 / Mistral code."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edge_runtime.config import ModelConfig
+from edge_runtime.errors import UnsupportedModelError
+
+from .sources import SourceModel
+
+# model_type -> (transformers config class, causal-LM class, architectures entry of config.json)
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def hf_config_dict(cfg: ModelConfig, meta: dict | None = None) -> dict:
+    """A transformers config.json for `cfg` (fp32); token ids come from tokenizer meta when given."""
+    if cfg.model_type not in HF_CLASSES:
+        raise UnsupportedModelError(f"architecture '{cfg.model_type}' has no float reference")
+    if cfg.model_type == "llama" and cfg.attention_bias:
+        # transformers' Llama puts the bias on o_proj too, which our tensor list does not carry.
+        raise UnsupportedModelError("llama with attention_bias is not supported")
+    d = {
+        "architectures": [HF_CLASSES[cfg.model_type][1]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+    if cfg.model_type == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    if cfg.model_type == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.model_type == "qwen2":
+        d.update(use_sliding_window=False, sliding_window=cfg.sliding_window)
+    if meta:
+        eos = list(meta.get("eos_token_ids") or [])
+        d.update(bos_token_id=meta.get("bos_token_id"), pad_token_id=meta.get("pad_token_id"),
+                 eos_token_id=eos[0] if len(eos) == 1 else eos or None)
+    return d
+
+
+def build_torch_model(source: SourceModel):
+    """transformers causal LM holding the source's fp32 weights (eager attention, eval mode)."""
+    import torch
+    import transformers
+
+    conf = hf_config_dict(source.config, source.tokenizer_meta)
+    conf_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[source.config.model_type])
+    hf_conf = conf_cls(**{k: v for k, v in conf.items() if k not in ("architectures", "model_type")})
+    hf_conf._attn_implementation = "eager"
+    # Build on the meta device and adopt the numpy buffers (assign=True): no random init, no 4-byte copy.
+    with torch.device("meta"):
+        model = model_cls(hf_conf)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in source.tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    allowed = {"lm_head.weight"} if source.config.tie_word_embeddings else set()
+    if set(missing) - allowed or unexpected:
+        raise UnsupportedModelError(f"float reference: missing {missing}, unexpected {unexpected}")
+    if source.config.tie_word_embeddings:
+        model.tie_weights()
+    # inv_freq is a non-persistent buffer, so no state dict carries it: rebuild the rotary module on the CPU.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_conf)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UnsupportedModelError(f"float reference: {left[0]} was not loaded")
+    return model.eval()
+
+
+class FloatReference:
+    """fp32 transformers forward pass of a SourceModel: logits and greedy decoding to compare bundles against."""
+
+    def __init__(self, source: SourceModel, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.source = source
+        self.torch_model = build_torch_model(source)
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 [S, vocab] logits of every position of one sequence."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)  # [1, S]
+        with torch.no_grad():
+            out = self.torch_model(input_ids=x, use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def greedy(self, ids: Sequence[int] | np.ndarray, max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
+        """Up to max_new_tokens argmax tokens after `ids` (stops after emitting one of eos_ids, which is kept)."""
+        import torch
+
+        x = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)  # [1, S]
+        stop, out, past = {int(e) for e in eos_ids}, [], None
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                res = self.torch_model(input_ids=x, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                token = int(torch.argmax(res.logits[0, -1]))
+                out.append(token)
+                if token in stop:
+                    break
+                x = torch.tensor([[token]])
+        return out

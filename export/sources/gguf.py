@@ -1,0 +1,205 @@
+"""GGUF reader: llama.cpp names, layouts and quant blocks -> a SourceModel in Hugging Face layout (fp32).
+
+Usage check on the real model (greedy answer of the float reference, must be coherent English):
+    .venv/bin/python -m export.sources.gguf cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import sha256_file
+from edge_runtime.config import ModelConfig
+from edge_runtime.errors import UnsupportedModelError
+
+from . import GGUFBlocks, SourceModel, check_tensors
+
+# GGUF general.architecture -> HF model_type. llama.cpp stores Mistral 7B-style models as "llama".
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+# Architectures whose Q/K rows convert_hf_to_gguf.py permuted (its rope pairs adjacent dims, HF rotates halves).
+PERMUTED_QK = ("llama",)
+
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# kind -> (fp16 scales per block: d [, m], bytes of quants per block of 32): Q4_1 is 2*2 + 16 bytes.
+BLOCK_LAYOUT = {"q4_0": (1, 16), "q4_1": (2, 16), "q8_0": (1, 32)}
+
+
+def hf_name(gguf_name: str) -> str:
+    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    m = BLOCK_RE.match(gguf_name)
+    if m is None or m.group(2) not in BLOCK_NAMES:
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Llama-family equivalent")
+    return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_order(rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes convert_hf_to_gguf.py's permute(w, n_head) on a [rows, ...] Q or K weight.
+
+    llama.cpp reshapes rows as (n_head, 2, head_dim/2) and swaps the last two axes so that rotary pairs
+    (i, i + head_dim/2) sit next to each other; HF (rotate_half) keeps the halves apart.
+    """
+    half = rows // n_head // 2
+    permuted = np.arange(rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(rows)
+    return np.argsort(permuted)  # [rows]: HF row r lives at GGUF row order[r]
+
+
+def read_blocks(data: np.ndarray, qtype) -> GGUFBlocks | None:
+    """Split raw Q4_0 / Q4_1 / Q8_0 bytes [N, K/32 * type_size] into d, m, q; None for other types."""
+    from gguf import GGMLQuantizationType as T
+
+    kind = {T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q8_0: "q8_0"}.get(qtype)
+    if kind is None:
+        return None
+    n_scales, n_quant_bytes = BLOCK_LAYOUT[kind]
+    raw = np.ascontiguousarray(data).reshape(data.shape[0], -1, 2 * n_scales + n_quant_bytes)  # [N, K/32, bytes]
+    scales = raw[..., : 2 * n_scales].copy().view(np.float16).astype(np.float32)  # [N, K/32, n_scales]
+    qs = raw[..., 2 * n_scales:]
+    if kind == "q8_0":
+        q = qs.view(np.int8).copy()  # [N, K/32, 32]
+    else:  # element j in the low nibble of byte j, element j+16 in the high nibble
+        q = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)  # [N, K/32, 32]
+    m = scales[..., 1].copy() if kind == "q4_1" else None
+    return GGUFBlocks(kind, scales[..., 0].copy(), m, q)
+
+
+def float32_decimal(x: float) -> float:
+    """GGUF stores floats as float32: 1e-5 comes back 9.9999997e-06; take its shortest decimal (1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def read_config(fields: dict, arch: str, n_vocab: int, tied: bool) -> ModelConfig:
+    """ModelConfig from the {arch}.* metadata keys."""
+    def get(key, default=None):
+        f = fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
+
+    n_head = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    if get("rope.scaling.type") not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF rope scaling '{get('rope.scaling.type')}' is not supported")
+    return ModelConfig(
+        model_type=ARCHITECTURES[arch],
+        vocab_size=int(get("vocab_size", n_vocab)),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=int(get("attention.head_count_kv", n_head)),
+        head_dim=int(get("attention.key_length", hidden // n_head)),
+        rms_norm_eps=float32_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float32_decimal(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings=tied,
+        attention_bias=ARCHITECTURES[arch] == "qwen2",
+    )
+
+
+def read_tensor(t) -> tuple[np.ndarray, GGUFBlocks | None]:
+    """(float32 [rows, cols] or [n], blocks or None) for one ReaderTensor."""
+    from gguf.quants import dequantize
+
+    blocks = read_blocks(t.data, t.tensor_type)
+    if blocks is not None:
+        return blocks.dequantize(), blocks
+    try:
+        w = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"GGUF tensor {t.name} has unsupported type {t.tensor_type.name}") from None
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+    return np.array(w, dtype=np.float32).reshape(shape), None  # a copy: t.data is a read-only memmap view
+
+
+def unpermute_qk(cfg: ModelConfig, tensors: dict, blocks: dict) -> None:
+    """Put Q and K rows (weights, biases, quant blocks) back in HF order, in place."""
+    for i in range(cfg.num_hidden_layers):
+        for proj, n_head in (("q_proj", cfg.num_attention_heads), ("k_proj", cfg.num_key_value_heads)):
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{i}.self_attn.{proj}.{kind}"
+                if name not in tensors:
+                    continue
+                order = unpermute_order(tensors[name].shape[0], n_head)
+                tensors[name] = np.ascontiguousarray(tensors[name][order])
+                if name in blocks:
+                    blocks[name] = blocks[name].take_rows(order)
+
+
+def open_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, OSError, KeyError) as e:
+        raise UnsupportedModelError(f"cannot read GGUF {path}: {e}") from None
+
+
+def read_gguf(path) -> SourceModel:
+    """Load every tensor of a Llama-family GGUF, dequantized to fp32 in HF names/layouts, plus its tokenizer."""
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    path = Path(path)
+    reader = open_reader(path)
+    fields = reader.fields
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported (know {sorted(ARCHITECTURES)})")
+    tokenizer_json, meta = tokenizer_from_gguf(fields)
+    tensors, blocks = {}, {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        tensors[name], b = read_tensor(t)
+        if b is not None:
+            blocks[name] = b
+    n_vocab = len(fields["tokenizer.ggml.tokens"].data)
+    cfg = read_config(fields, arch, n_vocab, tied="lm_head.weight" not in tensors)
+    if arch in PERMUTED_QK:
+        unpermute_qk(cfg, tensors, blocks)
+    check_tensors(cfg, tensors, str(path))
+    origin = {"format": "gguf", "path": str(path), "sha256": sha256_file(path)}
+    return SourceModel(cfg, tensors, tokenizer_json, meta, origin, gguf_blocks=blocks)
+
+
+def main(argv: list[str]) -> None:
+    """Load a GGUF, report the time, and print the float reference's greedy answer to a chat prompt."""
+    from tokenizers import Tokenizer
+
+    from ..reference import FloatReference
+    from . import render_chat
+
+    t0 = time.perf_counter()
+    src = read_gguf(argv[0])
+    print(f"load+dequantize: {time.perf_counter() - t0:.2f} s ({len(src.tensors)} tensors)")
+    tok = Tokenizer.from_str(src.tokenizer_json)
+    prompt = argv[1] if len(argv) > 1 else "What is the capital of France?"
+    ids = tok.encode(render_chat(src.tokenizer_meta, prompt), add_special_tokens=False).ids
+    t0 = time.perf_counter()
+    ref = FloatReference(src)
+    t1 = time.perf_counter()
+    out = ref.greedy(ids, 16, eos_ids=src.tokenizer_meta["eos_token_ids"])
+    print(f"float reference build: {t1 - t0:.2f} s, greedy 16 tokens: {time.perf_counter() - t1:.2f} s")
+    print(repr(tok.decode(out)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
