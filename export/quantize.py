@@ -1,0 +1,364 @@
+"""Weight quantizers: float [N, K] (or GGUF blocks) -> BlockQuant, vectorized over all blocks; presets.
+
+Every quantizer works on row chunks shaped [n, kb, bs] (n rows, kb blocks of bs elements) with whole-array
+NumPy operations; Python only loops over row chunks (to stay in cache) and over the few search candidates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+
+from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.errors import EdgeError
+from edge_runtime.quant import BLOCK_SIZES, QUANT_TYPES, BlockQuant, pack_4bit
+
+CHUNK_ELEMS = 1 << 17  # elements per row chunk: keeps the search's temporaries in L2
+# Factors on the block range tried by the int4 search (1.0 = plain min/max). Each candidate's codes are refit
+# by least squares, so the grid only has to propose code assignments; widening (> 1) helps the integer zero
+# point, whose rounding shifts the grid. 12 points in [0.75, 1.1]: measured within 0.1% of 16 or more points.
+SEARCH_RANGE_FACTORS = (1.0, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 1.025, 1.05, 1.075, 1.1)
+SEARCH_REFITS = 3  # alternating (codes -> scale/zero point) rounds after the grid, from the best candidate
+METHODS = ("sym", "asym", "rtn", "search", "transcode")
+PRESETS = ("fp32", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. method: sym|asym (8-bit), rtn|search (4-bit), transcode (GGUF blocks)."""
+
+    bits: int
+    block_size: int = 32
+    method: str = "search"
+    offsets: bool = False
+
+    def __post_init__(self):
+        if self.bits not in QUANT_TYPES or self.method not in METHODS or self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"invalid {self}: bits 4|8, method in {METHODS}, block_size in {BLOCK_SIZES}")
+
+
+# -- shared block helpers ------------------------------------------------------------------------------------
+
+
+def _check_shape(w: np.ndarray, block_size: int) -> tuple[int, int]:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {w.shape}")
+    n, k = w.shape
+    if block_size not in BLOCK_SIZES or k % block_size:
+        raise ValueError(f"block size {block_size} must be one of {BLOCK_SIZES} and divide K={k}")
+    return n, k
+
+
+def _row_chunks(n: int, k: int):
+    step = max(1, CHUNK_ELEMS // k)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _codes(x: np.ndarray, inv_s: np.ndarray, c: np.ndarray, qmax: int) -> np.ndarray:
+    """clip(rint(x * inv_s + c), 0, qmax) as float32, with inv_s and c per block [n, kb, 1]."""
+    q = x * inv_s
+    q += c
+    np.rint(q, out=q)
+    return np.clip(q, 0, qmax, out=q)  # clip with out= is several times faster than maximum + minimum
+
+
+def _safe_inv(s: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(s != 0, 1.0 / s, 0.0).astype(np.float32)
+
+
+def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [N, kb, bs] (any numeric dtype) -> MatMulNBits qweight [N, kb, bs*bits/8]."""
+    q = q.astype(np.uint8)
+    return pack_4bit(q) if bits == 4 else q
+
+
+# -- int8 ----------------------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: np.ndarray, block_size: int = 32, symmetric: bool = True) -> BlockQuant:
+    """Weight-only block-wise int8 by round-to-nearest.
+
+    symmetric: scale = absmax/127 and the default zero point 128 (no zero-point array); otherwise the block's
+    [min, max] (widened to include 0) maps onto 0..255 with a stored integer zero point.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    n, k = _check_shape(w, block_size)
+    qt = QUANT_TYPES[8]
+    x = w.reshape(n, k // block_size, block_size)                # [N, kb, bs]
+    if symmetric:
+        s = np.abs(x).max(axis=-1) / 127.0                       # [N, kb]
+        z = np.full_like(s, qt.default_zp)
+    else:
+        lo = np.minimum(x.min(axis=-1), 0.0)
+        hi = np.maximum(x.max(axis=-1), 0.0)
+        s = (hi - lo) / qt.qmax
+        z = np.clip(np.rint(-lo * _safe_inv(s)), 0, qt.qmax)
+    q = _codes(x, _safe_inv(s)[..., None], z[..., None], qt.qmax)
+    zp = None if symmetric else z.astype(np.uint8)
+    return BlockQuant(8, block_size, (n, k), q.astype(np.uint8), s.astype(np.float32), zp)
+
+
+# -- int4 ----------------------------------------------------------------------------------------------------
+
+
+def _bsum(a: np.ndarray, b: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-block sum of a (or a*b) over the last axis, float64 [n, kb] (einsum: ~6x faster than .sum)."""
+    s = np.einsum("...i->...", a) if b is None else np.einsum("...i,...i->...", a, b)
+    return s.astype(np.float64)
+
+
+@dataclass
+class _Moments:
+    """Per-block weighted sums, float64 [n, kb]: all a least-squares fit of x ~ s*q + m needs."""
+
+    sw: np.ndarray
+    swx: np.ndarray
+    swxx: np.ndarray
+    wx: np.ndarray  # x * weights, float32 [n, kb, bs] (x itself when unweighted)
+    swq: Optional[np.ndarray] = None  # the code sums, once codes are chosen (with_codes)
+    swqq: Optional[np.ndarray] = None
+    swxq: Optional[np.ndarray] = None
+
+    @classmethod
+    def of(cls, x: np.ndarray, wt: Optional[np.ndarray]) -> "_Moments":
+        if wt is None:
+            return cls(np.full(x.shape[:-1], x.shape[-1], np.float64), _bsum(x), _bsum(x, x), x)
+        wx = x * wt
+        sw = np.broadcast_to(wt.sum(axis=-1, dtype=np.float64), x.shape[:-1])
+        return cls(sw, _bsum(wx), _bsum(wx, x), wx)
+
+    def with_codes(self, q: np.ndarray, wt: Optional[np.ndarray]) -> "_Moments":
+        wq = q if wt is None else q * wt
+        return _Moments(self.sw, self.swx, self.swxx, self.wx, _bsum(wq), _bsum(wq, q), _bsum(self.wx, q))
+
+
+def _fit_offset(mo: _Moments, s_old: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least squares of x ~ s*q + m for fixed codes -> (s, m, squared error), all [n, kb]."""
+    vqq = mo.sw * mo.swqq - mo.swq ** 2
+    vxq = mo.sw * mo.swxq - mo.swx * mo.swq
+    ok = vqq > 0  # a block whose codes are all equal keeps its scale; its mean goes into m
+    s = np.where(ok, vxq / np.where(ok, vqq, 1.0), s_old)
+    m = (mo.swx - s * mo.swq) / np.maximum(mo.sw, 1e-30)
+    return s, m, _fixed_error(mo, s, m, offsets=True)
+
+
+def _fit_int_zp(mo: _Moments, s_old: np.ndarray, z_old: np.ndarray, qmax: int):
+    """Least squares for x ~ s*(q - z) with integer z in [0, qmax], codes fixed -> (s, z, squared error)."""
+    s, m, _ = _fit_offset(mo, s_old)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(s != 0, np.clip(np.rint(-m / s), 0, qmax), z_old)
+    num = mo.swxq - z * mo.swx                                # sum w x (q - z)
+    den = mo.swqq - 2 * z * mo.swq + z * z * mo.sw            # sum w (q - z)^2
+    ok = den > 0
+    s = np.where(ok, num / np.where(ok, den, 1.0), s_old)
+    return s, z, _fixed_error(mo, s, z, offsets=False)
+
+
+def _int4_candidates(x: np.ndarray, offsets: bool, qmax: int):
+    """Yield (s, p) per range factor; p is the integer zero point z, or the float minimum m with offsets."""
+    lo, hi = x.min(axis=-1), x.max(axis=-1)                   # [n, kb]
+    if not offsets:  # an integer zero point can only place 0 on the grid if the range contains it
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    mid = (lo + hi) / 2
+    for f in SEARCH_RANGE_FACTORS:
+        if offsets:  # scale around the middle: the float minimum can sit anywhere
+            a = mid - f * (hi - lo) / 2
+            yield f * (hi - lo) / qmax, a
+        else:        # scale about 0, which the integer zero point keeps exactly representable
+            s = f * (hi - lo) / qmax
+            yield s, np.clip(np.rint(-f * lo * _safe_inv(s)), 0, qmax)
+
+
+def _code_shift(s: np.ndarray, p: np.ndarray, offsets: bool) -> np.ndarray:
+    """The c of _codes, [n, kb, 1]: codes are rint(x/s + z), or rint((x - m)/s) with offsets."""
+    c = -p * _safe_inv(s) if offsets else p
+    return c[..., None].astype(np.float32)
+
+
+def _search_chunk(x: np.ndarray, wt: Optional[np.ndarray], offsets: bool, qmax: int, grid: bool):
+    """Best (s, p) per block of one chunk [n, kb, bs] by weighted squared error; p as in _int4_candidates."""
+    cands = _int4_candidates(x, offsets, qmax)
+    if not grid:  # plain RTN: the first candidate is the block's own range
+        return next(cands)
+    mo = _Moments.of(x, wt)
+    best = None
+    for s0, p0 in cands:
+        best = _refit_and_keep(x, wt, mo, s0, p0, offsets, qmax, best)
+    for _ in range(SEARCH_REFITS):
+        best = _refit_and_keep(x, wt, mo, best[0], best[1], offsets, qmax, best)
+    return best[0], best[1]
+
+
+def _refit_and_keep(x, wt, mo, s0, p0, offsets, qmax, best):
+    """Quantize with (s0, p0), refit the block parameters to the codes, keep whichever blocks improved.
+
+    (s0, p0) itself competes too, so the search is never worse than its first candidate (plain RTN).
+    """
+    q = _codes(x, _safe_inv(s0)[..., None], _code_shift(s0, p0, offsets), qmax)
+    mq = mo.with_codes(q, wt)
+    tries = [(s0, p0, _fixed_error(mq, s0, p0, offsets))]
+    tries.append(_fit_offset(mq, s0) if offsets else _fit_int_zp(mq, s0, p0, qmax))
+    for s, p, err in tries:
+        if best is None:
+            best = (s, p, err)
+            continue
+        better = err < best[2]
+        best = (np.where(better, s, best[0]), np.where(better, p, best[1]), np.where(better, err, best[2]))
+    return best
+
+
+def _fixed_error(mo: _Moments, s: np.ndarray, p: np.ndarray, offsets: bool) -> np.ndarray:
+    """Weighted squared error of x ~ s*q + m (offsets, p = m) or s*(q - z) (p = z), from the moments."""
+    m = p if offsets else -s * p
+    return mo.swxx - 2 * s * mo.swxq - 2 * m * mo.swx + s * s * mo.swqq + 2 * s * m * mo.swq + m * m * mo.sw
+
+
+def _importance(act_scale: Optional[np.ndarray], k: int, block_size: int) -> Optional[np.ndarray]:
+    """Per-element error weights [kb, bs] from calibration: act_scale^2 (E[x_k^2] if act_scale is the RMS)."""
+    if act_scale is None:
+        return None
+    a = np.asarray(act_scale, dtype=np.float64).reshape(-1)
+    if a.shape[0] != k:
+        raise ValueError(f"act_scale has {a.shape[0]} entries, the weight has K={k}")
+    wt = a * a / max(float(np.mean(a * a)), 1e-30)
+    # A floor keeps channels that calibration never excited from being quantized arbitrarily badly.
+    return np.maximum(wt, 1e-3).astype(np.float32).reshape(k // block_size, block_size)
+
+
+def quantize_int4(w: np.ndarray, block_size: int = 32, method: str = "search", offsets: bool = False,
+                  act_scale: Optional[np.ndarray] = None) -> BlockQuant:
+    """Block-wise 4-bit quantization with integer zero points (and optionally a float offset per block).
+
+    method="rtn": the block's [min, max] (including 0) onto 0..15, round to nearest.
+    method="search": try scaled ranges, refit (scale, zero point) to each candidate's codes by least squares
+    and alternate codes / refit from the best (HQQ-like), minimizing the squared error weighted by act_scale^2
+    (act_scale: [K] activation RMS per input channel from calibration, optional).
+    offsets=True: fit W ~ s*q + m with a float m per block, stored as the default zero point 8 plus
+    offsets = m + 8*s (the graph adds blocksum(x) @ offsets^T), i.e. GGUF Q4_1's asymmetric blocks.
+    """
+    if method not in ("rtn", "search"):
+        raise ValueError(f"int4 method must be 'rtn' or 'search', not {method!r}")
+    w = np.asarray(w, dtype=np.float32)
+    n, k = _check_shape(w, block_size)
+    qt, kb = QUANT_TYPES[4], k // block_size
+    wt = _importance(act_scale, k, block_size) if method == "search" else None
+    qweight = np.empty((n, kb, qt.block_bytes(block_size)), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    param = np.empty((n, kb), np.float32)  # integer zero point, or the float minimum m with offsets
+    for rows in _row_chunks(n, k):
+        x = w[rows].reshape(-1, kb, block_size)  # [n, kb, bs]
+        s, p = _search_chunk(x, wt, offsets, qt.qmax, grid=(method == "search"))
+        s, p = s.astype(np.float32), p.astype(np.float32)
+        q = _codes(x, _safe_inv(s)[..., None], _code_shift(s, p, offsets), qt.qmax)
+        qweight[rows], scales[rows], param[rows] = _pack_codes(q, 4), s, p
+    if offsets:  # W = s*q + m = (q - 8)*s + (m + 8s)
+        return BlockQuant(4, block_size, (n, k), qweight, scales, None, param + qt.default_zp * scales)
+    return BlockQuant(4, block_size, (n, k), qweight, scales, pack_4bit(param.astype(np.uint8)))
+
+
+# -- GGUF transcoding ----------------------------------------------------------------------------------------
+
+
+def _block_field(blocks, key: str):
+    return blocks[key] if isinstance(blocks, Mapping) else getattr(blocks, key)
+
+
+def transcode_gguf(blocks, bits: Optional[int] = None) -> BlockQuant:
+    """GGUF Q8_0 / Q4_0 / Q4_1 blocks (export.sources.GGUFBlocks) -> the same values in MatMulNBits layout.
+
+    Q8_0: d*q          -> 8 bits, codes q+128, default zero point 128: exact.
+    Q4_0: d*(q-8)      -> 4 bits, default zero point 8: exact.
+    Q4_1: d*q + m      -> 4 bits, default zero point 8, offsets m + 8d: exact up to one fp32 rounding.
+    bits=8 on Q4_x keeps the codes 0..15 in bytes with stored zero points 8 (same offsets): exact as above, at
+    8-bit size, for running a 4-bit source on the int8 kernel.
+    """
+    kind = _block_field(blocks, "kind")
+    d = np.asarray(_block_field(blocks, "d"), dtype=np.float32)     # [N, kb]
+    q = np.asarray(_block_field(blocks, "q"))                       # [N, kb, 32]
+    n, kb, bs = q.shape
+    if kind not in ("q8_0", "q4_0", "q4_1"):
+        raise EdgeError(f"cannot transcode GGUF block type {kind!r} (supported: q4_0, q4_1, q8_0)")
+    if kind == "q8_0":
+        if bits not in (None, 8):
+            raise EdgeError("cannot transcode GGUF Q8_0 blocks to 4 bits exactly")
+        codes = (q.astype(np.int8).astype(np.int16) + QUANT_TYPES[8].default_zp).astype(np.uint8)
+        return BlockQuant(8, bs, (n, kb * bs), codes, d.copy())
+    zp4 = QUANT_TYPES[4].default_zp
+    offsets = None
+    if kind == "q4_1":
+        offsets = np.asarray(_block_field(blocks, "m"), dtype=np.float32) + zp4 * d
+    if bits == 8:
+        zp = np.full((n, kb), zp4, np.uint8)
+        return BlockQuant(8, bs, (n, kb * bs), q.astype(np.uint8), d.copy(), zp, offsets)
+    return BlockQuant(4, bs, (n, kb * bs), pack_4bit(q), d.copy(), None, offsets)
+
+
+# -- per-tensor dispatch and presets -------------------------------------------------------------------------
+
+
+def quantize_tensor(name: str, w: np.ndarray, spec: QuantSpec, gguf_blocks: Optional[Mapping] = None,
+                    act_scale: Optional[np.ndarray] = None) -> BlockQuant:
+    """Quantize one HF tensor by its spec; gguf_blocks maps HF names to GGUF blocks (needed for transcode)."""
+    if spec.method == "transcode":
+        if not gguf_blocks or name not in gguf_blocks:
+            raise EdgeError(f"cannot transcode {name}: the source has no GGUF blocks for it")
+        return transcode_gguf(gguf_blocks[name], spec.bits)
+    if spec.bits == 8:
+        return quantize_int8(w, spec.block_size, symmetric=(spec.method != "asym"))
+    if spec.bits == 4:
+        return quantize_int4(w, spec.block_size, spec.method, spec.offsets, act_scale)
+    raise EdgeError(f"{name}: unsupported quantization width {spec.bits} bits (supported: 4, 8)")
+
+
+def _linear_in_features(config: ModelConfig, name: str) -> Optional[int]:
+    """K of a linear weight (or the embedding, quantized along hidden), None for norms and biases."""
+    if not name.endswith(".weight") or name.endswith("norm.weight"):
+        return None
+    if name.endswith("o_proj.weight"):
+        return config.q_dim
+    if name.endswith("down_proj.weight"):
+        return config.intermediate_size
+    return config.hidden_size
+
+
+def _fitting_block_size(k: int, wanted: int) -> Optional[int]:
+    """The largest supported block size <= wanted that divides K (None: keep the tensor in fp32)."""
+    return next((bs for bs in sorted(BLOCK_SIZES, reverse=True) if bs <= wanted and k % bs == 0), None)
+
+
+def _transcode_spec(blocks, preset: str) -> QuantSpec:
+    """The exact transcode of GGUF blocks into the preset's width (Q8_0 stays 8-bit even under int4)."""
+    kind = _block_field(blocks, "kind")
+    bits = 8 if kind == "q8_0" or preset == "int8" else 4
+    return QuantSpec(bits, 32, "transcode", offsets=(kind == "q4_1"))
+
+
+def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping] = None,
+                 transcode: bool = True, block_size: int = 32, method: str = "search",
+                 offsets: bool = False) -> dict:
+    """HF name -> QuantSpec (or None: stays fp32) for every tensor of the model under a preset.
+
+    Every linear weight is quantized (q/k/v/o, gate/up/down, lm_head and the token embedding); norms and
+    biases stay fp32. int8: block-wise symmetric int8. int4: 4-bit with `method` / `offsets`. transcode=True:
+    a tensor with GGUF blocks is transcoded exactly instead (see transcode_gguf): Q4_x into the preset's
+    width, Q8_0 into 8 bits (so a Q8_0 embedding stays 8-bit under int4). A tensor whose K no supported block
+    size <= block_size divides stays fp32.
+    """
+    if preset not in PRESETS:
+        raise EdgeError(f"unknown quantization preset {preset!r} (choose from {', '.join(PRESETS)})")
+    specs = {}
+    for name in tensor_names(config):
+        k = _linear_in_features(config, name)
+        bs = None if k is None else _fitting_block_size(k, block_size)
+        if preset == "fp32" or bs is None:
+            specs[name] = None
+        elif transcode and gguf_blocks and name in gguf_blocks:
+            specs[name] = _transcode_spec(gguf_blocks[name], preset)
+        elif preset == "int8":
+            specs[name] = QuantSpec(8, bs, "sym")
+        else:
+            specs[name] = QuantSpec(4, bs, method, offsets)
+    return specs
