@@ -108,11 +108,23 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _model_type(folder: Path):
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None  # read_config reports the unreadable file
+
+
 def read_hf_folder(folder) -> SourceModel:
     """A Llama-family HF folder as a SourceModel (fp32)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UnsupportedModelError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    if _model_type(folder) not in LLAMA_FAMILY:
+        # Architectures the graph builder does not know go through optimum's exporter (graph optimum-kv-v1).
+        from ..optimum_fallback import read_fallback_source
+
+        return read_fallback_source(folder)
     cfg = read_config(folder)
     tensors = read_tensors(folder, cfg)
     tok_json, meta = read_tokenizer(folder)
