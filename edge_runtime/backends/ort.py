@@ -1,0 +1,143 @@
+"""ONNX Runtime backend for the `edge-llama-v1` graph contract: KV cache bound once, in place, for the session.
+
+Every past/present pair is one NumPy buffer [1, kv_heads, context, head_dim] bound with IO binding as both the
+graph's past input and its present output (GroupQueryAttention writes the new positions in place), so a decode
+step allocates and copies nothing but the logits. Decode steps reuse preallocated, pre-bound input arrays
+and write the token id, seqlens_k and total_sequence_length into them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import ContextOverflowError, UnsupportedModelError
+
+CONTRACT = "edge-llama-v1"
+
+# Measured on SmolLM2-135M int4 with `bench/ort_graph.py sweep` (one process per setting, VmHWM):
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "graph_optimization_level": "all",
+    "enable_cpu_mem_arena": True,      # off: no lower RSS (the weights are prepacked outside the arena)
+    "enable_mem_pattern": True,        # off: ~10 MB lower peak after a 500-token prefill, prefill may slow
+    "disable_prepacking": False,       # on: 67 MB instead of 199 MB after load, but MatMulNBits is ~50x slower
+    "use_device_allocator_for_initializers": False,  # no effect: prepacked copies replace the mmapped weights
+    "use_env_allocators": False,       # no effect with one session per process
+    "allow_spinning": True,            # off: 2x faster when the cores are oversubscribed, slower when idle
+}
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+_CONFIG_ENTRIES = {  # option -> SessionOptions config key (values "0"/"1")
+    "disable_prepacking": "session.disable_prepacking",
+    "use_device_allocator_for_initializers": "session.use_device_allocator_for_initializers",
+    "use_env_allocators": "session.use_env_allocators",
+    "allow_spinning": "session.intra_op.allow_spinning",
+}
+
+
+def make_session_options(threads: int, options: Mapping[str, Any] | None = None):
+    """ORT SessionOptions for single-stream decoding: `threads` intra-op, 1 inter-op, sequential."""
+    import onnxruntime as ort
+
+    opts = dict(DEFAULT_OPTIONS, **(options or {}))
+    unknown = set(opts) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise UnsupportedModelError(f"unknown ONNX Runtime session option(s): {', '.join(sorted(unknown))}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[opts["graph_optimization_level"]])
+    so.enable_cpu_mem_arena = bool(opts["enable_cpu_mem_arena"])
+    so.enable_mem_pattern = bool(opts["enable_mem_pattern"])
+    so.log_severity_level = 3
+    for key, entry in _CONFIG_ENTRIES.items():
+        so.add_session_config_entry(entry, "1" if opts[key] else "0")
+    return so
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
+                 session_options: Mapping[str, Any] | None = None):
+        """kv_dtype: None takes the graph's KV dtype (manifest graph.kv_dtype); any other value must match it."""
+        import onnxruntime as ort
+
+        if bundle.contract != CONTRACT:
+            raise UnsupportedModelError(f"OrtBackend runs the {CONTRACT} contract, this bundle is {bundle.contract}")
+        graph_kv = bundle.manifest["graph"].get("kv_dtype", "float32")
+        kv_dtype = kv_dtype or graph_kv
+        if kv_dtype != graph_kv:
+            raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this graph's KV cache is {graph_kv}")
+        if not 0 < context <= bundle.max_context:
+            raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
+        self.context, self.threads, self.kv_dtype = int(context), int(threads), kv_dtype
+        self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
+        cfg = bundle.config
+        self.vocab = cfg.vocab_size
+        self.session = ort.InferenceSession(str(bundle.path(bundle.manifest["graph"]["file"])),
+                                            make_session_options(threads, session_options),
+                                            providers=["CPUExecutionProvider"])
+        self._ov = ort.OrtValue.ortvalue_from_numpy
+        self.binding = self.session.io_binding()
+        # [1, kv_heads, context, head_dim] per layer and per K/V, allocated once for the session.
+        kv_shape = (1, cfg.num_key_value_heads, self.context, cfg.head_dim)
+        self.kv = []
+        for i in range(cfg.num_hidden_layers):
+            for kv in ("key", "value"):
+                buf = np.zeros(kv_shape, dtype=np.dtype(kv_dtype))
+                value = self._ov(buf)
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+                self.kv.append((buf, value))
+        self._seqlens = np.zeros(1, np.int32)     # [1]  past_len + S - 1
+        self._total = np.zeros((), np.int32)      # []   past_len + S
+        self.binding.bind_ortvalue_input("seqlens_k", self._ov(self._seqlens))
+        self.binding.bind_ortvalue_input("total_sequence_length", self._ov(self._total))
+        # The decode step's own arrays: one token in, logits of that token out.
+        self._step_ids = np.zeros((1, 1), np.int64)
+        self._step_index = np.zeros(1, np.int64)
+        self._step_logits = np.empty((1, 1, self.vocab), np.float32)
+        self._step_values = tuple(self._ov(a) for a in (self._step_ids, self._step_index, self._step_logits))
+        self._bound_step = False
+
+    def _bind(self, ids, index, logits) -> None:
+        self.binding.bind_ortvalue_input("input_ids", ids)
+        self.binding.bind_ortvalue_input("logits_index", index)
+        self.binding.bind_ortvalue_output("logits", logits)
+
+    def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
+        """Run ids [S] at positions past_len.. and return float32 logits [len(logits_index), vocab]."""
+        s = len(ids)
+        if s == 0 or past_len < 0 or past_len + s > self.context:
+            raise ContextOverflowError(f"{past_len} cached + {s} new tokens do not fit the context of {self.context}")
+        self._seqlens[0] = past_len + s - 1
+        self._total[()] = past_len + s
+        if s == 1 and len(logits_index) == 1:
+            return self._decode_step(int(ids[0]), int(logits_index[0]))
+        index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        logits = np.empty((1, len(index), self.vocab), np.float32)
+        self._bind(self._ov(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, s)), self._ov(index),
+                   self._ov(logits))
+        self._bound_step = False
+        self.session.run_with_iobinding(self.binding)
+        return logits[0]
+
+    def _decode_step(self, token: int, index: int) -> np.ndarray:
+        self._step_ids[0, 0] = token
+        self._step_index[0] = index
+        if not self._bound_step:
+            self._bind(*self._step_values)
+            self._bound_step = True
+        self.session.run_with_iobinding(self.binding)
+        return self._step_logits[0].copy()  # the buffer is rewritten by the next step
+
+    def kv_nbytes(self) -> int:
+        return sum(buf.nbytes for buf, _ in self.kv)
+
+    def describe(self) -> str:
+        return f"ort threads={self.threads} kv={self.kv_dtype} ctx={self.context}"

@@ -1,0 +1,166 @@
+"""Writing a bundle folder atomically: weights.bin (page-aligned ONNX external data), model.onnx, manifest.json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_runtime.config import ModelConfig
+
+from .graph.builder import WEIGHT_LAYOUT_KEY
+
+WEIGHTS_FILE = "weights.bin"
+MODEL_FILE = "model.onnx"
+INLINE_LIMIT = 1024  # initializers below this many bytes stay inside model.onnx unless they are indexed weights
+
+Progress = Callable[[int, int], None]  # (bytes of weights written, total bytes)
+
+
+def write_bundle(out_dir, *, config: ModelConfig, graph: onnx.ModelProto, manifest_fields: Mapping,
+                 extra_files: Mapping[str, bytes | str], progress: Progress | None = None) -> Path:
+    """Write a bundle to `out_dir` (replacing it only once everything is written).
+
+    graph: the decoder with inline initializers and, optionally, the builder's weight layout in its metadata
+    (fused initializers are indexed part by part, aliases share their base's bytes). manifest_fields: the
+    manifest keys this writer does not own (graph contract, quantization, tokenizer, reference, fidelity,
+    source, max_context...). extra_files: other files of the bundle (tokenizer.json, reference.json).
+    The graph is modified in place (its initializers become external references).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        index = _write_weights(graph, tmp / WEIGHTS_FILE, progress)
+        onnx.save_model(graph, str(tmp / MODEL_FILE))
+        for name, data in extra_files.items():
+            (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+        manifest = _manifest(config, graph, manifest_fields, index, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished temp folder in; an older bundle at out_dir is removed only after the swap."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pop_layout(graph: onnx.ModelProto) -> dict:
+    props = list(graph.metadata_props)
+    layout = {"weights": [], "parts": {}, "aliases": {}}
+    for p in props:
+        if p.key == WEIGHT_LAYOUT_KEY:
+            layout.update(json.loads(p.value))
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(p for p in props if p.key != WEIGHT_LAYOUT_KEY)
+    return layout
+
+
+def _nbytes(t: TensorProto) -> int:
+    return int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _raw_bytes(t: TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return onnx.numpy_helper.to_array(t).tobytes()
+
+
+def _write_weights(graph: onnx.ModelProto, path: Path, progress: Progress | None) -> dict:
+    """Stream the weight initializers into `path` at ALIGN-ed offsets; return the manifest weight index."""
+    layout = _pop_layout(graph)
+    weights, parts, aliases = set(layout["weights"]), layout["parts"], layout["aliases"]
+    inits = [t for t in graph.graph.initializer if t.name not in aliases]
+    chosen = [t for t in inits if t.name in weights or _nbytes(t) >= INLINE_LIMIT]
+    total, done = sum(_nbytes(t) for t in chosen), 0
+    index, placed = {}, {}
+    with open(path, "wb") as f:
+        for t in chosen:
+            data = _raw_bytes(t)
+            offset = -(-f.tell() // ALIGN) * ALIGN
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(data)
+            placed[t.name] = (offset, len(data))
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+            for name, shape, start in _index_entries(t, parts.get(t.name), dtype):
+                index[name] = {"offset": offset + start, "nbytes": int(np.prod(shape)) * dtype.itemsize,
+                               "dtype": dtype.name, "shape": list(shape)}
+            _make_external(t, offset, len(data))
+            done += len(data)
+            if progress:
+                progress(done, total)
+    for t in graph.graph.initializer:
+        if t.name in aliases:
+            _make_external(t, *placed[aliases[t.name][0]])
+    return index
+
+
+def _index_entries(t: TensorProto, parts, dtype: np.dtype):
+    """(index name, shape, byte offset inside t) of every indexed tensor stored in initializer t."""
+    if not parts:
+        yield t.name, list(t.dims), 0
+        return
+    start = 0
+    for name, shape in parts:
+        yield name, shape, start
+        start += int(np.prod(shape)) * dtype.itemsize
+
+
+def _make_external(t: TensorProto, offset: int, length: int) -> None:
+    t.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = TensorProto.EXTERNAL
+
+
+def _kv_dtype(graph: onnx.ModelProto) -> str:
+    """The NumPy dtype name of the graph's KV cache inputs (float32 when it has none)."""
+    for v in graph.graph.input:
+        if v.name.startswith("past_key_values."):
+            return helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+    return "float32"
+
+
+def _io_names(values) -> list[str]:
+    return [v.name for v in values]
+
+
+def _manifest(config: ModelConfig, graph: onnx.ModelProto, fields: Mapping, index: dict, root: Path) -> dict:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "architecture": fields.get("architecture", config.model_type)}
+    manifest.update(fields)
+    manifest["config"] = config.to_dict()
+    manifest["graph"] = {"contract": "edge-llama-v1", **dict(fields.get("graph", {})), "kv_dtype": _kv_dtype(graph),
+                         "file": MODEL_FILE, "inputs": _io_names(graph.graph.input),
+                         "outputs": _io_names(graph.graph.output)}
+    manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": index}
+    manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                         for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return manifest
