@@ -243,11 +243,24 @@ def quantization_entry(model: onnx.ModelProto, quant: str) -> dict:
     return {"preset": quant, "kernel": kernel if quant != "fp32" else None, "tensors": tensors}
 
 
+def _declared_model_type(hf_dir: Path):
+    try:
+        return json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def model_config(hf_dir: Path) -> ModelConfig:
     """ModelConfig from any transformers config (their attribute maps give GPT-2's n_embd as hidden_size)."""
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    try:
+        c = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    except (KeyError, ValueError, OSError) as e:
+        kind = _declared_model_type(hf_dir)
+        raise UnsupportedModelError(
+            f"{hf_dir}: unsupported architecture {kind!r}: neither our graph builder nor transformers/optimum "
+            f"know it ({type(e).__name__})") from None
     heads = c.num_attention_heads
     return ModelConfig(
         model_type=c.model_type,

@@ -1,0 +1,63 @@
+"""One benchmark measurement of a bundle in this (fresh) process: load, prefill N tokens, decode M greedy tokens.
+
+Prints one JSON line: load_s, prefill_tps, decode_tps, peak_rss_mb (VmHWM of this process), bundle_mb.
+The decode loop is the runtime's own (edge_runtime.generate.generate_tokens: forward + sampler), with EOS
+ignored so every run decodes exactly M tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def prompt_ids(tokenizer, n: int) -> list[int]:
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    return tokenizer.encode(text)[:n]
+
+
+def bundle_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("bundle")
+    ap.add_argument("--backend", default="ort")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--kv-dtype", default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import edge_runtime
+    from edge_runtime.generate import generate_tokens
+    from edge_runtime.sampling import make_sampler
+    from edge_runtime.stats import peak_rss_bytes
+
+    t0 = time.perf_counter()
+    model = edge_runtime.load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
+                              kv_dtype=args.kv_dtype)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(model.tokenizer, args.prompt_tokens)
+    tokens = generate_tokens(model.backend, ids, make_sampler(0.0), max_new_tokens=args.new_tokens)
+    t1 = time.perf_counter()
+    next(tokens)  # prefill + first token
+    t2 = time.perf_counter()
+    n = sum(1 for _ in tokens)
+    t3 = time.perf_counter()
+    out = {"load_s": load_s, "prefill_tps": len(ids) / (t2 - t1), "decode_tps": n / (t3 - t2),
+           "peak_rss_mb": peak_rss_bytes() / 2**20, "bundle_mb": bundle_mb(Path(args.bundle)),
+           "prompt_tokens": len(ids), "new_tokens": n + 1, "backend": model.backend.describe()}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Shared fixtures: exported bundles of the real model (SmolLM2-135M) and of tiny random configs.
+
+Real bundles are exported once per version of the exporter code into build/test-bundles/ and reused by every
+test file (and by later runs while the code is unchanged), so the suite pays for each export only once.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = ROOT / "build/test-bundles"
+
+
+def exporter_key() -> str:
+    """Changes whenever code that shapes a bundle changes, so a cached bundle is never stale."""
+    h = hashlib.sha256()
+    files = sorted((ROOT / "export").rglob("*.py")) + [ROOT / "edge_runtime/quant.py",
+                                                        ROOT / "edge_runtime/config.py",
+                                                        ROOT / "edge_runtime/bundle.py"]
+    for f in files:
+        if "distill" not in f.parts:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def export(source: str, out: Path, *args: str) -> Path:
+    if not (out / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    if not MODEL.is_file():
+        from export.fetch import default_model_path
+
+        default_model_path(ROOT / "cache")
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(real_model):
+    """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that preset (exported on first use)."""
+    key = exporter_key()
+
+    def get(quant: str, *args: str) -> Path:
+        tag = "-".join([quant, *[a.lstrip("-") for a in args]])
+        return export(str(real_model), CACHE / f"smollm2-{tag}-{key}", "--quant", quant, *args)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """tiny_bundle("tiny:llama", "int4") -> path of a bundle of a tiny random model (exported once per session)."""
+    root = tmp_path_factory.mktemp("tiny-bundles")
+
+    def get(spec: str = "tiny:llama", quant: str = "fp32", *args: str) -> Path:
+        tag = "-".join([spec.replace(":", "_"), quant, *[a.lstrip("-") for a in args]])
+        return export(spec, root / tag, "--quant", quant, *args)
+
+    return get

@@ -1,0 +1,181 @@
+"""End to end: edge-export -> bundle -> edge_runtime, on tiny models and on the real SmolLM2-135M.
+
+The float reference is transformers' own model over the dequantized GGUF weights (export.reference).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edge_runtime
+import edge_runtime.bundle
+from export.probes import probe_text
+
+from conftest import ROOT
+
+
+def run_cli(*args, module="export.cli"):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def backend_logits(bundle, ids, backend="ort"):
+    """Logits of every position of `ids` in one forward pass: [S, V]."""
+    model = edge_runtime.load(bundle, backend=backend, threads=2, context=max(64, len(ids)))
+    return model.backend.forward(np.asarray(ids, np.int64), 0, np.arange(len(ids), dtype=np.int64))
+
+
+def greedy_ids(bundle, prompt_ids, n, backend="ort"):
+    from edge_runtime.generate import generate_tokens
+    from edge_runtime.sampling import make_sampler
+
+    model = edge_runtime.load(bundle, backend=backend, threads=2, context=512)
+    return list(generate_tokens(model.backend, prompt_ids, make_sampler(0.0), max_new_tokens=n))
+
+
+def reference_of(bundle):
+    return json.loads((bundle / "reference.json").read_text())
+
+
+def first_until_eos(ids, eos):
+    """Greedy ids up to and including the first EOS (the float reference stops there)."""
+    out = []
+    for t in ids:
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+
+
+@pytest.mark.parametrize("spec", ["tiny:llama", "tiny:qwen2", "tiny:mistral"])
+def test_tiny_fp32_bundle_matches_float_reference(tiny_bundle, spec):
+    from export.reference import FloatReference
+    from export.sources import load_source
+
+    bundle = tiny_bundle(spec, "fp32")
+    ref = FloatReference(load_source(spec), threads=1)
+    ids = list(range(3, 40))
+    np.testing.assert_allclose(backend_logits(bundle, ids), ref.logits(ids), atol=1e-4)
+
+
+def test_tiny_bundle_layout_and_checksums(tiny_bundle):
+    bundle = tiny_bundle("tiny:llama", "int4")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "weights.bin", "tokenizer.json", "reference.json"}
+    assert manifest["graph"]["contract"] == "edge-llama-v1"
+    assert manifest["quantization"]["preset"] == "int4"
+    b = edge_runtime.bundle.Bundle.open(bundle)
+    for name, meta in manifest["weights"]["tensors"].items():
+        assert b.tensor(name).nbytes == meta["nbytes"]
+    q = manifest["quantization"]["tensors"]
+    assert q["model.layers.0.mlp.down_proj.weight"]["bits"] == 4
+    assert "model.layers.0.input_layernorm.weight" not in q
+
+
+def test_export_refuses_missing_source(tmp_path):
+    p = run_cli(tmp_path / "nope.gguf", "--out", tmp_path / "b")
+    assert p.returncode != 0
+    assert "model not found" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_refuses_unsupported_architecture(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "made-up-arch", "architectures": ["X"]}))
+    from export.sources import load_source
+
+    (folder / "tokenizer.json").write_text(load_source("tiny:llama").tokenizer_json)
+    p = run_cli(folder, "--out", tmp_path / "b", "--quiet")
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "made-up-arch" in p.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_failure_leaves_previous_bundle_untouched(tiny_bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("tiny:llama", "int8"), out)
+    before = (out / "manifest.json").read_bytes()
+    p = run_cli("tiny:made-up", "--out", out)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert (out / "manifest.json").read_bytes() == before
+    assert [x.name for x in tmp_path.iterdir()] == ["bundle"]  # no temp folder left behind
+
+
+def test_run_refuses_tampered_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("tiny:llama", "int4"), out)
+    data = bytearray((out / "weights.bin").read_bytes())
+    data[5000] ^= 0xFF
+    (out / "weights.bin").write_bytes(bytes(data))
+    p = run_cli(out, "hello", module="edge_runtime.cli")
+    assert p.returncode == 2
+    assert "checksum mismatch for weights.bin" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_refuses_prompt_longer_than_context(tiny_bundle):
+    p = run_cli(tiny_bundle("tiny:llama", "int4"), "word " * 400, "--context", "64", "--raw",
+                module="edge_runtime.cli")
+    assert p.returncode == 2
+    assert "context" in p.stderr and "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2-135M
+
+
+def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, real_model):
+    """Acceptance: max |logit diff| <= 1e-3 on a 128-token probe window; same greedy tokens for 32 steps."""
+    from export.reference import FloatReference
+    from export.sources import load_source
+
+    bundle = smollm2_bundle("fp32", "--accuracy-level", "0")
+    reference = reference_of(bundle)
+    ids = reference["probe"]["ids"]
+    assert len(ids) == 128
+    ref = FloatReference(load_source(str(real_model)), threads=1)
+    diff = np.abs(backend_logits(bundle, ids) - ref.logits(ids)).max()
+    assert diff <= 1e-3, diff
+    eos = set(json.loads((bundle / "manifest.json").read_text())["tokenizer"]["eos_token_ids"])
+    for p in reference["prompts"]:
+        got = first_until_eos(greedy_ids(bundle, p["ids"], 32), eos)
+        assert got == p["greedy_ids"], p["text"]
+
+
+def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle):
+    """Acceptance: the first 8 greedy tokens of the int8 bundle equal the float reference's on 3 prompts."""
+    bundle = smollm2_bundle("int8")
+    for p in reference_of(bundle)["prompts"]:
+        assert greedy_ids(bundle, p["ids"], 8)[:8] == p["greedy_ids"][:8], p["text"]
+
+
+def test_smollm2_int4_answers_coherently(smollm2_bundle):
+    bundle = smollm2_bundle("int4")
+    model = edge_runtime.load(bundle, threads=2, context=256)
+    out = model.generate([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=16)
+    assert "Paris" in out.text
+    ref = reference_of(bundle)["prompts"][0]
+    assert greedy_ids(bundle, ref["ids"], 8) == ref["greedy_ids"][:8]
+
+
+def test_smollm2_chat_cli_streams_answer_and_stats(smollm2_bundle):
+    p = run_cli(smollm2_bundle("int4"), "--chat", "What is the capital of France?", "--max-new-tokens", "12",
+                module="edge_runtime.cli")
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+    assert "prefill" in p.stderr and "decode" in p.stderr and "peak RSS" in p.stderr
+
+
+def test_probe_text_is_long_enough():
+    assert len(probe_text()) > 2000
