@@ -1,0 +1,299 @@
+"""Block-quantized matrix products for the NumPy backend, computed without materializing the float matrix.
+
+For a weight `W[n, b*bs + i] = q[n, b, i] * s[n, b] + c[n, b]` (c = offset - zp*scale, see quant.py) and
+activations `x` [S, K], split into blocks `x[t, b, i]`:
+
+    y[t, n] = sum_b s[n, b] * z[b, n, t]  +  sum_b c[n, b] * xs[t, b]
+    z[b, n, t] = sum_i q[n, b, i] * x[t, b, i]     (one small matmul per block: the codes stay integers)
+    xs[t, b]   = sum_i x[t, b, i]                  (block sums of the activations)
+
+Rows are processed in chunks whose float codes stay in a core's L2 cache, so memory traffic is the packed
+codes only. 4-bit codes are unpacked with 64-bit masks into `[low nibbles | high nibbles]` order per block;
+the activations are permuted to match instead of interleaving the codes.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Union
+
+import numpy as np
+
+from .quant import BlockQuant, unpack_4bit
+
+CHUNK_FLOATS = 1 << 18  # float codes per row chunk: 1 MB, a core's L2 (measured: 2^16 slower, 2^19 same)
+BLOCKWISE_MAX_ROWS = 12  # activation rows up to which per-block products beat dequantize + GEMM (measured)
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_FOUR = np.uint64(4)
+
+Rows = Union[slice, np.ndarray]
+
+
+# -- threads --------------------------------------------------------------------------------------
+
+def _openblas_setter() -> Callable[[int], None] | None:
+    """openblas_set_num_threads of the OpenBLAS that NumPy loaded, if we find it (threadpoolctl's trick)."""
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+             "openblas_set_num_threads64_", "openblas_set_num_threads")
+    for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in names:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                return lambda n: fn(int(n))
+    return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Limit NumPy's BLAS to `n` threads (process-wide). False when the BLAS is not an OpenBLAS we can reach;
+    then OPENBLAS_NUM_THREADS / OMP_NUM_THREADS set before importing numpy are the only control.
+
+    The NumPy backend sets 1: its own threads share every product by row chunks, and BLAS threads on top of
+    them oversubscribe the cores (on a busy 2-core machine a 2-thread GEMM of a prefill chunk ran 30x slower).
+    """
+    setter = _openblas_setter()
+    if setter is None:
+        return False
+    setter(n)
+    return True
+
+
+class Workspace(threading.local):
+    """Per-thread scratch memory: a few flat buffers, and views of them cut once per chunk shape."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+        self.frames: dict[tuple, _Frame] = {}
+
+    def take(self, role: str, shape: tuple, dtype) -> np.ndarray:
+        """A view [shape] of this thread's buffer for `role` (grown, dropping cached frames, if too small)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        buf = self.buffers.get(role)
+        if buf is None or buf.size < nbytes:
+            # 25% headroom: chunk sizes differ a little between matrices; growing once is enough.
+            buf = self.buffers[role] = np.empty(nbytes + nbytes // 4, np.uint8)
+            self.frames.clear()  # they hold views of the old buffer
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+class _Frame:
+    """Views of one thread's buffers for a chunk of n rows and S activation rows (built once, reused)."""
+
+    def __init__(self, ws: Workspace, bits: int, n: int, kb: int, bs: int, s_rows: int):
+        self.f = ws.take("f32", (n, kb, bs), np.float32)  # float codes [n, kb, bs]
+        self.f_t = self.f.transpose(1, 0, 2)                # [kb, n, bs]: one matrix per block
+        self.f_rows = self.f.reshape(n, kb * bs)            # [n, K]
+        self.z = ws.take("z", (kb, n, s_rows), np.float32)  # per-block products [kb, n, S]
+        if bits == 4:
+            half = np.dtype((np.void, bs // 2))             # one half-block of codes, as one item
+            words = n * kb * bs // 16                       # uint64 words of packed codes
+            self.u = ws.take("u8", (n, kb, bs), np.uint8)   # codes [n, kb, (low nibbles | high nibbles)]
+            self.lo = ws.take("lo", (words,), np.uint64)
+            self.hi = ws.take("hi", (words,), np.uint64)
+            pairs = self.u.reshape(-1).view(half).reshape(n * kb, 2)
+            self.lo_dst, self.hi_dst = pairs[:, 0], pairs[:, 1]
+            self.lo_src, self.hi_src = self.lo.view(half), self.hi.view(half)
+
+
+class RowPool:
+    """Runs work items (row chunks) on `threads` threads that take the next item as they become free.
+
+    NumPy releases the GIL inside casts, bitwise ufuncs and BLAS calls, so the threads really run in parallel;
+    each thread has its own Workspace. Items are handed out dynamically, so a thread that the OS schedules
+    late (a busy or big.LITTLE machine) just takes fewer of them instead of holding the others up.
+    """
+
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, int(threads))
+        self._executor = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self.local = Workspace()
+
+    def run(self, fn: Callable[[int], None], n_items: int) -> None:
+        """Call fn(i) for every i in [0, n_items), on the calling thread and the pool's helpers."""
+        if self._executor is None or n_items < 2:
+            for i in range(n_items):
+                fn(i)
+            return
+        counter = itertools.count()  # next() on it is atomic under the GIL
+
+        def drain() -> None:
+            for i in iter(counter.__next__, -1):
+                if i >= n_items:
+                    return
+                fn(i)
+
+        helpers = [self._executor.submit(drain) for _ in range(min(self.threads, n_items) - 1)]
+        drain()
+        for h in helpers:
+            if not h.cancel():  # a helper that never started has nothing to finish
+                h.result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def row_chunks(n: int, k: int, threads: int) -> list[tuple[int, int]]:
+    """[r0, r1) row ranges of at most about CHUNK_FLOATS elements each, as many as a multiple of `threads` so
+    that every thread gets the same share."""
+    count = -(-n * k // CHUNK_FLOATS)
+    count = min(n, -(-count // threads) * threads)
+    rows = -(-n // count)
+    return [(r, min(r + rows, n)) for r in range(0, n, rows)]
+
+
+# -- quantized matrix -----------------------------------------------------------------------------
+
+class QuantMatrix:
+    """A block-quantized weight W [N, K] (the mmapped arrays of a BlockQuant) times float activations."""
+
+    def __init__(self, bq: BlockQuant, pool: RowPool):
+        self.bq, self.pool = bq, pool
+        self.n, self.k = bq.shape
+        self.bits, self.bs, self.kb = bq.bits, bq.block_size, bq.n_blocks
+        self.bounds = row_chunks(self.n, self.k, pool.threads)
+        # Per-chunk views, cut once: packed codes (4-bit: as uint64 words) and scales as [kb, n, 1].
+        qw = bq.qweight
+        self.q_chunks = [qw[c0:c1].reshape(-1).view(np.uint64) if self.bits == 4 else qw[c0:c1]
+                         for c0, c1 in self.bounds]
+        self.s_chunks = [bq.scales[c0:c1].T[:, :, None] for c0, c1 in self.bounds]
+        # Column order of the unpacked codes: per block, the even (low-nibble) elements then the odd ones.
+        half = np.arange(self.bs)
+        if self.bits == 4:
+            half = np.r_[half[0::2], half[1::2]]
+        self.perm = (np.arange(self.kb)[:, None] * self.bs + half[None, :]).reshape(-1)  # [K]
+        # c = offset - zp*scale [N, kb]: kept only when zero points are stored (else made from the mmap).
+        self._bias = None
+        if bq.zero_points is not None:
+            self._bias = self.block_bias(slice(None))
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n, self.k)
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes this matrix holds in RAM besides the mmapped bundle arrays."""
+        return 0 if self._bias is None else int(self._bias.nbytes)
+
+    def block_bias(self, rows: Rows) -> np.ndarray:
+        """c = offset - zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
+        bq = self.bq
+        scales = bq.scales[rows]
+        if bq.zero_points is None:
+            bias = scales * np.float32(-bq.qtype.default_zp)
+        else:
+            zp = bq.zero_points[rows]
+            zp = unpack_4bit(zp)[:, :self.kb] if self.bits == 4 else zp
+            bias = zp.astype(np.float32) * -scales
+        if bq.offsets is not None:
+            bias += bq.offsets[rows]
+        return bias.astype(np.float32, copy=False)
+
+    def dequantize(self, rows: Rows = slice(None)) -> np.ndarray:
+        """Float32 W[rows] in true column order: [n, K]. Used for embedding rows and resident copies."""
+        qw = self.bq.qweight[rows]
+        codes = unpack_4bit(qw) if self.bits == 4 else qw  # [n, kb, bs]
+        w = codes.astype(np.float32)
+        w *= self.bq.scales[rows][:, :, None]
+        w += self.block_bias(rows)[:, :, None]
+        return w.reshape(-1, self.k)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x [S, K] float32 -> x @ W.T [S, N] float32."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        s_rows = x.shape[0]
+        xp = x[:, self.perm] if self.bits == 4 else x  # [S, K] in code column order
+        y = np.empty((s_rows, self.n), np.float32)
+        if s_rows <= BLOCKWISE_MAX_ROWS:
+            xbt = np.ascontiguousarray(xp.reshape(s_rows, self.kb, self.bs).transpose(1, 2, 0))  # [kb, bs, S]
+            self.pool.run(lambda i: self._blockwise(xbt, y.T, i), len(self.bounds))
+        else:
+            self.pool.run(lambda i: self._dequant_gemm(xp, y, i), len(self.bounds))
+        y += self._bias_product(x.reshape(s_rows, self.kb, self.bs).sum(axis=2))
+        return y
+
+    def _bias_product(self, xs: np.ndarray) -> np.ndarray:
+        """xs [S, kb] block sums -> sum_b c[n, b] * xs[t, b]: [S, N]."""
+        if self._bias is not None:
+            return xs @ self._bias.T
+        out = (xs @ self.bq.scales.T) * np.float32(-self.bq.qtype.default_zp)
+        if self.bq.offsets is not None:
+            out += xs @ self.bq.offsets.T
+        return out
+
+    def _frame(self, n: int, s_rows: int) -> _Frame:
+        ws = self.pool.local
+        key = (self.bits, n, self.kb, self.bs, s_rows)
+        frame = ws.frames.get(key)
+        if frame is None:
+            frame = ws.frames[key] = _Frame(ws, self.bits, n, self.kb, self.bs, s_rows)
+        return frame
+
+    def _codes(self, i: int, fr: _Frame) -> None:
+        """Codes of row chunk i as float32 into fr.f [n, kb, bs] (4-bit: low nibbles first in each block)."""
+        q = self.q_chunks[i]
+        if self.bits == 8:
+            np.copyto(fr.f, q, casting="unsafe")
+            return
+        # Nibbles are split with 64-bit masks (16 codes per op) on contiguous words, then the low and high
+        # halves of each block are placed side by side as whole half-block items: every NumPy loop stays long.
+        np.bitwise_and(q, _LOW_NIBBLES, out=fr.lo)
+        np.right_shift(q, _FOUR, out=fr.hi)
+        np.bitwise_and(fr.hi, _LOW_NIBBLES, out=fr.hi)
+        np.copyto(fr.lo_dst, fr.lo_src)
+        np.copyto(fr.hi_dst, fr.hi_src)
+        np.copyto(fr.f, fr.u, casting="unsafe")
+
+    def _blockwise(self, xbt: np.ndarray, yt: np.ndarray, i: int) -> None:
+        """yt[rows of chunk i] = sum_b s[n, b] * z[b, n, :] for small S (xbt: [kb, bs, S], yt: [N, S])."""
+        c0, c1 = self.bounds[i]
+        fr = self._frame(c1 - c0, xbt.shape[2])
+        self._codes(i, fr)
+        np.matmul(fr.f_t, xbt, out=fr.z)                   # [kb, n, S]
+        np.multiply(fr.z, self.s_chunks[i], out=fr.z)
+        np.add.reduce(fr.z, axis=0, out=yt[c0:c1])         # [n, S]
+
+    def _dequant_gemm(self, xp: np.ndarray, y: np.ndarray, i: int) -> None:
+        """Many activation rows: dequantize row chunk i (scale only; the bias is added after) and GEMM it."""
+        c0, c1 = self.bounds[i]
+        fr = self._frame(c1 - c0, 1)
+        self._codes(i, fr)
+        np.multiply(fr.f, self.s_chunks[i].transpose(1, 0, 2), out=fr.f)  # [n, kb, bs] * [n, kb, 1]
+        y[:, c0:c1] = xp @ fr.f_rows.T                                     # [S, n]
+
+
+class FloatMatrix:
+    """A float weight [N, K] (a view of the mmapped file, or a resident dequantized copy), its products
+    shared among the pool's threads by row chunks."""
+
+    def __init__(self, w: np.ndarray, pool: RowPool):
+        self.w = w if w.dtype == np.float32 else w.astype(np.float32)  # float16 files: converted once
+        self.shape = tuple(w.shape)
+        self.pool = pool
+        self.bounds = row_chunks(self.shape[0], self.shape[1], pool.threads)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        """x [S, K] -> x @ W.T [S, N]."""
+        y = np.empty((x.shape[0], self.shape[0]), np.float32)
+
+        def chunk(i: int) -> None:
+            c0, c1 = self.bounds[i]
+            y[:, c0:c1] = x @ self.w[c0:c1].T
+
+        self.pool.run(chunk, len(self.bounds))
+        return y
+
+    def dequantize(self, rows: Rows = slice(None)) -> np.ndarray:
+        return np.asarray(self.w[rows], dtype=np.float32)
