@@ -37,7 +37,8 @@ def default_threads() -> int:
     return max(1, min(n, MAX_DEFAULT_THREADS))
 
 
-def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype) -> int:
+def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype):
+    """(context, kv_dtype, prefill_chunk): from the memory planner when there is a budget, else as given."""
     if memory_budget is not None:
         try:
             from . import budget
@@ -47,15 +48,15 @@ def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend:
             raise EdgeError("memory budgets need edge_runtime/budget.py, which this install lacks") from None
         plan = budget.plan(bundle, parse_size(memory_budget), context=context, backend=backend,
                            kv_dtype=kv_dtype)
-        return int(plan.context)
+        return int(plan.context), plan.kv_dtype, plan.prefill_chunk
     if context is None:
-        return min(bundle.max_context, DEFAULT_CONTEXT)
+        return min(bundle.max_context, DEFAULT_CONTEXT), kv_dtype, PREFILL_CHUNK
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise EdgeError(f"context must be a positive number of tokens, got {context!r}")
     if context > bundle.max_context:
         raise ContextOverflowError(
             f"context {context} exceeds this bundle's max_context {bundle.max_context}")
-    return context
+    return context, kv_dtype, PREFILL_CHUNK
 
 
 def load(bundle_path, backend: str = "auto", threads: int | None = None, context: int | None = None,
@@ -72,12 +73,14 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgeError(f"threads must be a positive integer, got {threads!r}")
     bundle = Bundle.open(bundle_path, verify=verify)
-    tokenizer = Tokenizer.from_bundle(bundle)
     name = backends.resolve(backend, bundle.contract)
-    context = _choose_context(bundle, context, memory_budget, name, kv_dtype)
+    # Planned before anything large (tokenizer, weights, KV cache) is allocated.
+    context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
+    tokenizer = Tokenizer.from_bundle(bundle)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
     engine = backends.make_backend(name, bundle, context, threads or default_threads(), **opts)
-    return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0)
+    return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
+                 prefill_chunk=chunk)
 
 
 class Model:

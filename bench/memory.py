@@ -1,0 +1,127 @@
+"""Memory plan against measurement on SmolLM2-135M (int4 and int8 bundles, ONNX Runtime), each in a fresh process.
+
+    .venv/bin/python bench/memory.py                 # plan vs measured, contexts 512 / 2048 / 8192, int4 and int8
+    .venv/bin/python bench/memory.py --long 5000     # also 5,000 tokens with overflow="slide" at context 512
+
+Two workloads per context: "full" fills the context (prompt = context - 16, then 16 new tokens), the worst
+case the plan bounds; "500+128" is the issue's phone scenario. Then the 200 MB budget question, and how long a
+load under an impossible budget takes to fail. Peak RSS is VmHWM; memory figures are stable on a shared
+machine, speed figures are not.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_runtime import budget
+from edge_runtime.bundle import Bundle
+from edge_runtime.errors import MemoryBudgetError
+from edge_runtime.stats import MB
+from edge_runtime.testing import measure_generation
+
+MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLES = ROOT / "build/budget"
+CONTEXTS = (512, 2048, 8192)
+FULL_NEW = 16
+TOLERANCE = 0.10
+
+
+def ensure_bundle(quant: str) -> Path:
+    out = BUNDLES / quant
+    if not (out / "manifest.json").is_file():
+        print(f"exporting {out} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "export.cli", str(MODEL), "--quant", quant, "--out", str(out),
+                        "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+def row(quant, bundle, context, prompt, new, backend, threads) -> tuple[str, bool]:
+    plan = budget.plan_session(Bundle.open(bundle, verify=False), context, backend)
+    m = measure_generation(bundle, prompt, new, context=context, backend=backend, overflow="slide",
+                           threads=threads)
+    err = m.peak / plan.total - 1
+    tps = f"{m.decode_tps:.1f}" if m.decode_tps else "-"
+    ok = abs(err) <= TOLERANCE
+    return (f"| {quant} | {context} | {prompt}+{new} | {plan.total / MB:.1f} | {m.peak / MB:.1f} | {err * 100:+.1f}% "
+            f"| {m.stages['runtime'] / MB:.1f} | {m.stages['tokenizer'] / MB:.1f} | {m.stages['backend'] / MB:.1f} "
+            f"| {m.stages['prefill'] / MB:.1f} | {m.slides} | {tps} |"), ok
+
+
+def plan_vs_measured(quants, backend, threads) -> bool:
+    print("\n## Plan vs measured peak RSS (fresh process per row)\n")
+    print("| bundle | context | prompt+new | plan MB | measured MB | vs plan | runtime | tokenizer | load | "
+          "prefill peak | slides | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    all_ok = True
+    for quant in quants:
+        bundle = ensure_bundle(quant)
+        for context in CONTEXTS:
+            line, ok = row(quant, bundle, context, context - FULL_NEW, FULL_NEW, backend, threads)
+            print(line, flush=True)
+            all_ok &= ok
+            line, _ = row(quant, bundle, context, 500, 128, backend, threads)
+            print(line, flush=True)
+    print(f"\nfull-context rows within +-{TOLERANCE:.0%} of the plan: {'yes' if all_ok else 'NO'} "
+          "(the 500+128 rows use less than the plan when the context is larger than the session needs)")
+    return all_ok
+
+
+def budget_200(backend) -> None:
+    print("\n## The 200 MB question (SmolLM2-135M int4, context 2048)\n")
+    b = Bundle.open(ensure_bundle("int4"), verify=False)
+    for kind, be in ((backend, backend), ("numpy", "numpy")):
+        try:
+            p = budget.plan(b, 200 * MB, context=2048, backend=be)
+            print(f"- {kind}: fits: {p.summary()}")
+        except MemoryBudgetError as e:
+            print(f"- {kind}: {e}")
+        least = budget.plan_session(b, budget.MIN_CONTEXT, be, budget.kv_dtype_choices(b, be)[-1],
+                                    budget.PREFILL_CHUNKS[-1])
+        print(f"  smallest possible session ({kind}, context {budget.MIN_CONTEXT}): {least.total / MB:.1f} MB = "
+              f"{least.summary()}")
+
+
+def fail_fast() -> None:
+    print("\n## A budget below the minimum fails at load, before anything large is allocated\n")
+    code = ("import time, edge_runtime; from edge_runtime.stats import peak_rss_bytes; t = time.perf_counter()\n"
+            "try:\n    edge_runtime.load(%r, memory_budget='60MB', context=2048, verify=False)\n"
+            "except edge_runtime.MemoryBudgetError as e:\n"
+            "    print(f'{time.perf_counter() - t:.3f} s, peak RSS {peak_rss_bytes() / 2**20:.1f} MB: {e}')")
+    p = subprocess.run([sys.executable, "-c", code % str(ensure_bundle("int4"))], capture_output=True, text=True,
+                       cwd=ROOT, check=False)
+    print(f"- load(memory_budget='60MB'): {(p.stdout or p.stderr).strip()}")
+
+
+def long_session(tokens: int, backend: str, threads) -> None:
+    print(f"\n## {tokens} generated tokens with overflow='slide' (int4, context 512)\n")
+    bundle = ensure_bundle("int4")
+    plan = budget.plan_session(Bundle.open(bundle, verify=False), 512, backend)
+    t = time.perf_counter()
+    m = measure_generation(bundle, 500, tokens, context=512, backend=backend, overflow="slide", threads=threads)
+    print(f"- {m.new_tokens} tokens, {m.slides} slides, {time.perf_counter() - t:.0f} s: peak RSS {m.peak / MB:.1f} "
+          f"MB, plan {plan.total / MB:.1f} MB, growth while decoding {m.stages['decode'] / MB:.1f} MB")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quants", default="int4,int8")
+    ap.add_argument("--backend", default="ort")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--long", type=int, default=0, metavar="TOKENS", help="also a long slide session")
+    args = ap.parse_args(argv)
+    ok = plan_vs_measured(args.quants.split(","), args.backend, args.threads)
+    budget_200(args.backend)
+    fail_fast()
+    if args.long:
+        long_session(args.long, args.backend, args.threads)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The memory planner: the peak resident memory of a generation session, from a bundle's manifest alone.
+
+The peak is the larger of two moments:
+
+    load:  runtime + tokenizer + weights + load transient          (ONNX Runtime prepacking a weight)
+    run:   runtime + tokenizer + weights + KV cache + activations + logits
+
+* runtime      the interpreter with NumPy, edge_runtime and the backend's library imported (measured);
+* tokenizer    the parsed tokenizer.json: a measured ratio to the file's size per implementation;
+* weights      what the backend keeps resident: ONNX Runtime's prepacked MatMulNBits copies (codes, scales and
+               block sums), the memory-mapped tensors it reads in place; NumPy's mmapped weights.bin plus any
+               dequantized float32 matrices it keeps (`resident_bytes`);
+* KV cache     layers x kv_heads x head_dim x context x dtype x 2, committed when the backend is built;
+* activations  a prefill chunk's hidden states, MLP and attention scores [heads, chunk, context] (+ the
+               allocator's slack, measured);
+* logits       the float32 vocabulary rows a step returns.
+
+Sizes that cannot be derived from the manifest are measured constants kept in CALIBRATION (one entry per
+backend); `bench/memory.py` prints plan against measurement to re-derive them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+from .config import ModelConfig
+from .errors import EdgeError, MemoryBudgetError
+from .stats import MB
+
+PREFILL_CHUNKS = (256, 128, 64, 32)  # tried largest first: a larger chunk prefills faster
+KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
+MIN_CONTEXT = 16
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured constants of one backend (bytes unless said otherwise); bench/memory.py re-measures them."""
+
+    runtime: int                 # RSS after importing Python, NumPy, edge_runtime, the backend library, tokenizers
+    runtime_no_tokenizers: int   # the same when the tokenizers package is not installed
+    session: int                 # the backend's fixed state once built (ORT: graph, kernels, thread pool)
+    prefill_base: int            # what the first prefill allocates whatever its size (ORT: arena, kernel buffers)
+    activation_slack: float      # measured / arithmetic size of a chunk's hidden states and MLP intermediates
+    scores_slack: float          # the same for the attention scores [heads, chunk, min(context, window)]
+    scores_window: int | None    # keys scored at once (ORT's GroupQueryAttention: measured flat past 2048)
+    workspace: int               # per-thread scratch of prefill (BLAS buffers, dequantized row chunks)
+
+
+# The one place for measured constants: SmolLM2-135M bundles on x86-64, Python 3.11, onnxruntime 1.32, NumPy 2.4,
+# fitted from fresh-process measurements (prefill chunks 64 and 256, contexts 64 to 8192; bench/memory.py).
+CALIBRATION = {
+    "ort": Calibration(runtime=53 * MB, runtime_no_tokenizers=47 * MB, session=5 * MB, prefill_base=0,
+                       activation_slack=0.5, scores_slack=1.15, scores_window=2048, workspace=0),
+    "numpy": Calibration(runtime=35 * MB, runtime_no_tokenizers=29 * MB, session=1 * MB, prefill_base=0,
+                         activation_slack=1.0, scores_slack=1.0, scores_window=None, workspace=2 * MB),
+}
+# Resident bytes of a parsed tokenizer per byte of tokenizer.json (measured on SmolLM2's 49k-token BPE).
+TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 16.0}
+TOKENIZER_BASE = 2 * MB  # the tokenizer module, its special-token tables and the JSON text itself
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    nbytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The planned peak of one session; `total` is what must fit the budget."""
+
+    backend: str
+    context: int
+    kv_dtype: str
+    prefill_chunk: int
+    components: tuple[Component, ...]   # the run phase, summed
+    load_transient: int = 0             # extra bytes held only while the backend is being built
+    budget: int | None = None
+    resident_bytes: int = 0             # NumPy backend: dequantized matrices kept as float32
+    notes: tuple[str, ...] = field(default=())
+
+    def __getitem__(self, name: str) -> int:
+        return next(c.nbytes for c in self.components if c.name == name)
+
+    @property
+    def run_peak(self) -> int:
+        return sum(c.nbytes for c in self.components)
+
+    @property
+    def load_peak(self) -> int:
+        fixed = sum(c.nbytes for c in self.components if c.name in ("runtime", "tokenizer", "weights"))
+        return fixed + self.load_transient
+
+    @property
+    def total(self) -> int:
+        return max(self.run_peak, self.load_peak)
+
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def summary(self) -> str:
+        """One line: 'runtime 53.0 + tokenizer 42.1 + ... = 250.3 MB (context 2048, kv float32, chunk 256)'."""
+        parts = " + ".join(f"{c.name} {c.nbytes / MB:.1f}" for c in self.components)
+        load = f"; load peak {self.load_peak / MB:.1f} MB" if self.load_peak > self.run_peak else ""
+        return (f"{parts} = {self.total / MB:.1f} MB (context {self.context}, kv {self.kv_dtype}, "
+                f"prefill chunk {self.prefill_chunk}, {self.backend}{load})")
+
+    def table(self) -> str:
+        rows = [f"  {c.name:<12}{c.nbytes / MB:8.1f} MB  {c.note}".rstrip() for c in self.components]
+        if self.load_transient:
+            rows.append(f"  {'(load peak)':<12}{self.load_peak / MB:8.1f} MB  "
+                        f"weights being prepacked: +{self.load_transient / MB:.1f} MB while loading")
+        rows.append(f"  {'peak':<12}{self.total / MB:8.1f} MB"
+                    + (f"  budget {self.budget / MB:.1f} MB" if self.budget is not None else ""))
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "context": self.context, "kv_dtype": self.kv_dtype,
+                "prefill_chunk": self.prefill_chunk, "total": self.total, "budget": self.budget,
+                "load_transient": self.load_transient, "resident_bytes": self.resident_bytes,
+                "components": {c.name: c.nbytes for c in self.components}}
+
+
+# -- what the manifest says ----------------------------------------------------------------------------------
+
+def _manifest(bundle) -> dict:
+    return bundle if isinstance(bundle, dict) else bundle.manifest
+
+
+def _tensors(manifest: dict) -> dict[str, dict]:
+    return manifest["weights"]["tensors"]
+
+
+def _file_bytes(manifest: dict, key: str, default_name: str) -> int:
+    name = (manifest.get(key) or {}).get("file", default_name)
+    return int(((manifest.get("files") or {}).get(name) or {}).get("bytes", 0))
+
+
+def _quantized(manifest: dict) -> dict[str, dict]:
+    return (manifest.get("quantization") or {}).get("tensors") or {}
+
+
+def _qbytes(tensors: dict, name: str, suffix: str) -> int:
+    meta = tensors.get(f"{name}.{suffix}")
+    return int(meta["nbytes"]) if meta else 0
+
+
+def tokenizer_impl() -> str:
+    """Which implementation Tokenizer.from_bundle will use ("tokenizers" or "python"), without importing it."""
+    forced = os.environ.get("EDGE_RUNTIME_TOKENIZER", "auto")
+    if forced in ("tokenizers", "python"):
+        return forced
+    return "tokenizers" if importlib.util.find_spec("tokenizers") is not None else "python"
+
+
+def import_runtime_libraries(backend: str) -> None:
+    """Import what a session of `backend` imports (for measurements that split libraries from the rest)."""
+    importlib.import_module("numpy")
+    if backend.startswith("ort"):
+        importlib.import_module("onnxruntime")
+    if tokenizer_impl() == "tokenizers":
+        importlib.import_module("tokenizers")
+
+
+# -- components ------------------------------------------------------------------------------------------------
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str) -> int:
+    """layers x kv_heads x head_dim x context x dtype x 2 (keys and values)."""
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * KV_DTYPE_BYTES[kv_dtype] * 2
+
+
+def ort_weight_bytes(manifest: dict) -> tuple[int, int, int]:
+    """(prepacked bytes, bytes read in place, prepack transient) of the weights under ONNX Runtime's CPU EP.
+
+    MatMulNBits prepacks each weight for its int8-activation kernel into codes + float scales + float block
+    sums (as large as the scales) at load and frees the original; the largest weight's codes are held twice
+    while it is packed. Float tensors (norms, rotary tables, the Q4_1 offsets' Gemm) are resident from load.
+    The quantized embedding that GatherBlockQuantized reads in place from the memory-mapped weights.bin
+    becomes resident on the first step (measured: all of it, not only the rows gathered).
+    """
+    tensors, quant = _tensors(manifest), _quantized(manifest)
+    tied = bool((manifest.get("config") or {}).get("tie_word_embeddings"))
+    packed, in_place, transient = 0, 0, 0
+    for name, meta in tensors.items():
+        if name.rpartition(".")[0] not in quant:
+            packed += int(meta["nbytes"])  # float tensor
+    for name in quant:
+        codes, scales = _qbytes(tensors, name, "qweight"), _qbytes(tensors, name, "scales")
+        offsets = _qbytes(tensors, name, "offsets")
+        if name == EMBED:
+            in_place += codes + scales + _qbytes(tensors, name, "zero_points") + offsets
+            if not tied:
+                continue  # gathered only, never multiplied
+        else:
+            packed += offsets
+        packed += codes + 2 * scales
+        transient = max(transient, codes)
+    return packed, in_place, transient
+
+
+def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
+    """(dequantized float32 copies made at load, the mmapped weights.bin, read whole from the first step)."""
+    mapped = sum(int(m["nbytes"]) for m in _tensors(manifest).values())
+    return int(resident_bytes), mapped
+
+
+def activation_bytes(cfg: ModelConfig, chunk: int, context: int, cal: Calibration) -> int:
+    """The peak of a prefill chunk at the end of a full context, over what is resident before it."""
+    s = min(chunk, context)
+    per_token = (3 * cfg.hidden_size                          # residual, normed input, attention output
+                 + cfg.q_dim + 2 * cfg.kv_dim                 # packed q/k/v
+                 + 3 * cfg.intermediate_size)                 # gate/up and their product
+    keys = min(context, cal.scores_window or context)
+    scores = cfg.num_attention_heads * s * keys               # [heads, chunk, keys]: a chunk at the end
+    return int(cal.prefill_base + 4 * s * per_token * cal.activation_slack + 4 * scores * cal.scores_slack)
+
+
+def logits_bytes(cfg: ModelConfig) -> int:
+    return 2 * 4 * cfg.vocab_size  # the step's output buffer and the copy handed to the sampler
+
+
+# -- the plan ----------------------------------------------------------------------------------------------------
+
+def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | None = None,
+                 prefill_chunk: int = PREFILL_CHUNKS[0], resident_bytes: int = 0, threads: int = 2,
+                 budget: int | None = None) -> MemoryPlan:
+    """The planned peak of a session of `context` tokens; pure arithmetic on the manifest."""
+    manifest = _manifest(bundle)
+    cfg = ModelConfig.from_dict(manifest["config"])
+    family = "ort" if backend.startswith("ort") else "numpy"
+    cal = CALIBRATION[family]
+    kv_dtype = kv_dtype or (manifest.get("graph") or {}).get("kv_dtype", "float32")
+    if kv_dtype not in KV_DTYPE_BYTES:
+        raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {kv_dtype!r}")
+    impl = tokenizer_impl()
+    runtime = cal.runtime if impl == "tokenizers" else cal.runtime_no_tokenizers
+    tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * _file_bytes(manifest, "tokenizer", "tokenizer.json"))
+    if family == "ort":
+        weights, mapped, transient = ort_weight_bytes(manifest)
+        wnote = "MatMulNBits prepacked at load"
+    else:
+        (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
+        wnote = f"float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
+    act = activation_bytes(cfg, prefill_chunk, context, cal) + cal.workspace * threads
+    components = (
+        Component("runtime", runtime, f"Python, NumPy, edge_runtime, {'onnxruntime, ' if family == 'ort' else ''}"
+                                      f"{'tokenizers' if impl == 'tokenizers' else 'no tokenizers'}"),
+        Component("tokenizer", tok, f"{impl} implementation"),
+        Component("weights", weights + cal.session, wnote + " + backend state"),
+        Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype), f"{kv_dtype}, {context} positions"),
+        Component("mapped", mapped, "weights.bin pages read in place, resident from the first step"),
+        Component("activations", act, f"prefill chunk {min(prefill_chunk, context)} at the end of the context"),
+        Component("logits", logits_bytes(cfg), f"vocab {cfg.vocab_size}"),
+    )
+    return MemoryPlan(backend, int(context), kv_dtype, int(prefill_chunk), components, transient, budget,
+                      int(resident_bytes))
+
+
+def kv_dtype_choices(bundle, backend: str) -> tuple[str, ...]:
+    """KV dtypes a backend can run, most precise first (an ONNX graph fixes its own)."""
+    if backend.startswith("ort"):
+        return ((_manifest(bundle).get("graph") or {}).get("kv_dtype", "float32"),)
+    return tuple(KV_DTYPE_BYTES)
+
+
+def largest_context(bundle, budget: int, backend: str = "ort", kv_dtype: str | None = None,
+                    prefill_chunk: int = PREFILL_CHUNKS[-1], **kw) -> int:
+    """The largest context (<= the bundle's max_context) whose plan fits `budget`; 0 if none does."""
+    hi = int(_manifest(bundle)["max_context"])
+
+    def fits(context: int) -> bool:
+        return plan_session(bundle, context, backend, kv_dtype, prefill_chunk, **kw).total <= budget
+
+    if not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:  # the plan grows with the context: bisect for the last one that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def plan(bundle, budget: int, context: int | None = None, backend: str = "ort", kv_dtype: str | None = None,
+         prefill_chunk: int | None = None, resident_bytes: int = 0, threads: int = 2) -> MemoryPlan:
+    """Choose context (when None: the largest that fits), KV dtype and prefill chunk so that the session's
+    planned peak fits `budget` bytes; raise MemoryBudgetError with the breakdown when nothing does."""
+    budget = int(budget)
+    manifest = _manifest(bundle)
+    max_ctx = int(manifest["max_context"])
+    if context is not None and not 0 < int(context) <= max_ctx:
+        raise EdgeError(f"context must be in 1..{max_ctx} for this bundle, got {context!r}")
+    dtypes = (kv_dtype,) if kv_dtype else kv_dtype_choices(bundle, backend)
+    chunks = (prefill_chunk,) if prefill_chunk else PREFILL_CHUNKS
+    kw = {"backend": backend, "resident_bytes": resident_bytes, "threads": threads}
+    best = {d: largest_context(bundle, budget, kv_dtype=d, prefill_chunk=chunks[-1], **kw) for d in dtypes}
+    if context is None:
+        reach = max(best.values())
+        if reach >= MIN_CONTEXT:
+            dtype = next(d for d in dtypes if best[d] == reach)  # ties go to the more precise dtype
+            return _with_largest_chunk(bundle, budget, reach, dtype, chunks, kw)
+        context = MIN_CONTEXT
+    for dtype in dtypes:
+        if best[dtype] >= context:
+            return _with_largest_chunk(bundle, budget, int(context), dtype, chunks, kw)
+    raise _over_budget(bundle, budget, int(context), dtypes[-1], chunks[-1], best, kw)
+
+
+def _with_largest_chunk(bundle, budget, context, dtype, chunks, kw) -> MemoryPlan:
+    for chunk in chunks:
+        p = plan_session(bundle, context, kv_dtype=dtype, prefill_chunk=chunk, budget=budget, **kw)
+        if p.fits():
+            return p
+    raise AssertionError("largest_context promised a fit")  # unreachable: chunks[-1] was checked
+
+
+def _over_budget(bundle, budget, context, dtype, chunk, best, kw) -> MemoryBudgetError:
+    p = plan_session(bundle, context, kv_dtype=dtype, prefill_chunk=chunk, budget=budget, **kw)
+    reach = max(best.values())
+    if reach >= MIN_CONTEXT:
+        d = next(d for d in best if best[d] == reach)
+        hint = f"the largest context that fits is {reach} (kv {d})"
+    else:
+        least = plan_session(bundle, MIN_CONTEXT, kv_dtype=dtype, prefill_chunk=chunk, **kw)
+        hint = f"no context fits: even context {MIN_CONTEXT} needs {least.total / MB:.1f} MB"
+    return MemoryBudgetError(f"memory plan {p.total / MB:.1f} MB exceeds the budget of {budget / MB:.1f} MB at "
+                             f"context {context}: {p.summary()}; {hint}", plan=p,
+                             max_context=reach if reach >= MIN_CONTEXT else None)
+
+
+def resolve_backend(bundle, backend: str = "auto") -> str:
+    """The backend name load() would build for `bundle` ("auto" -> "ort" when installed, else "numpy")."""
+    from . import backends
+
+    return backends.resolve(backend, bundle.contract)

@@ -1,0 +1,102 @@
+"""`edge-run budget BUNDLE --budget 200MB --context 2048`: the memory plan of a session, component by component,
+beside what a fresh process that loads the bundle and generates actually used (peak RSS, VmHWM)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import EdgeError
+from .stats import MB, parse_size
+
+# measured stage -> the plan components it holds
+STAGE_COMPONENTS = (
+    ("runtime", ("runtime",), "Python and libraries imported"),
+    ("tokenizer", ("tokenizer",), "tokenizer.json parsed"),
+    ("backend", ("weights", "kv_cache"), "load: weights resident, KV cache committed"),
+    ("prefill", ("mapped", "activations", "logits"), "peak of prefill over what load left"),
+    ("decode", (), "growth while decoding"),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import backends
+
+    p.add_argument("bundle", help="bundle folder (made by edge-export)")
+    p.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context, KV dtype and prefill "
+                                                    "chunk are chosen to fit)")
+    p.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens (default: the largest "
+                                                            "that fits the budget, else 2048)")
+    p.add_argument("--backend", default="auto", choices=backends.choices())
+    p.add_argument("--kv-dtype", choices=("float32", "float16"))
+    p.add_argument("--prompt-tokens", type=int, default=500, metavar="N")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--overflow", choices=("error", "truncate", "slide"), default="slide",
+                   help="context policy of the measured session (default slide)")
+    p.add_argument("--plan-only", action="store_true", help="print the plan, do not measure")
+
+
+def run(args) -> int:
+    """Print the memory plan of a session and, unless --plan-only, the measured peak of a fresh process."""
+    from . import budget
+    from .bundle import Bundle
+    from .testing import ChildError, measure_generation
+
+    bundle = Bundle.open(args.bundle, verify=False)
+    backend = budget.resolve_backend(bundle, args.backend)
+    limit = parse_size(args.budget) if args.budget is not None else None
+    if limit is not None:
+        plan = budget.plan(bundle, limit, context=args.context, backend=backend, kv_dtype=args.kv_dtype)
+    else:
+        context = args.context or min(bundle.max_context, 2048)
+        plan = budget.plan_session(bundle, context, backend, args.kv_dtype)
+    print(f"{args.bundle}: {backend}, context {plan.context}, kv {plan.kv_dtype}, prefill chunk "
+          f"{plan.prefill_chunk}" + (f", budget {limit / MB:.1f} MB" if limit is not None else ""))
+    if args.plan_only:
+        print(plan.table())
+        return 0
+    try:
+        m = measure_generation(args.bundle, args.prompt_tokens, args.new_tokens, context=plan.context,
+                               backend=backend, kv_dtype=plan.kv_dtype, overflow=args.overflow,
+                               memory_budget=limit)
+    except ChildError as e:
+        raise EdgeError(str(e)) from None
+    print(compare(plan, m))
+    print(f"measured: {args.prompt_tokens}-token prompt + {m.new_tokens} new tokens in a fresh process "
+          f"({m.backend}, context {m.context}"
+          + (f", decode {m.decode_tps:.1f} tok/s" if m.decode_tps else "") + ")")
+    if limit is not None and m.peak > limit:
+        print(f"over budget: measured peak {m.peak / MB:.1f} MB > {limit / MB:.1f} MB", file=sys.stderr)
+        return 1
+    return 0
+
+
+def compare(plan, m) -> str:
+    """Plan beside measurement, one row per measured stage with the plan components it holds."""
+    rows = [f"  {'stage':<11}{'plan MB':>9}{'measured MB':>13}  components"]
+    for stage, names, note in STAGE_COMPONENTS:
+        planned = sum(plan[n] for n in names)
+        shown = " + ".join(f"{n} {plan[n] / MB:.1f}" for n in names)
+        rows.append(f"  {stage:<11}{planned / MB:9.1f}{m.stages.get(stage, 0) / MB:13.1f}  "
+                    f"{shown + '; ' if shown else ''}{note}")
+    rows.append(f"  {'load peak':<11}{plan.load_peak / MB:9.1f}{'':>13}  load transient "
+                f"{plan.load_transient / MB:.1f} planned, {m.stages.get('load_transient', 0) / MB:.1f} measured")
+    delta = (m.peak / plan.total - 1) * 100 if plan.total else 0.0
+    rows.append(f"  {'peak':<11}{plan.total / MB:9.1f}{m.peak / MB:13.1f}  measured {delta:+.1f}% vs plan")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`edge-run budget ...` (also usable alone: python -m edge_runtime.budget_cli ...)."""
+    parser = argparse.ArgumentParser(prog="edge-run budget", description=(run.__doc__ or "").strip())
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run(args)
+    except EdgeError as e:
+        print(f"edge-run: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

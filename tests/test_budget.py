@@ -1,0 +1,150 @@
+"""The memory planner (arithmetic on tiny manifests), budgets at load, the `edge-run budget` command, and
+measured peaks of fresh processes against the plan (tiny bundles, and SmolLM2-135M int4)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import edge_runtime
+from edge_runtime import budget, cli, testing
+from edge_runtime.bundle import Bundle
+from edge_runtime.config import ModelConfig
+from edge_runtime.errors import EdgeError, MemoryBudgetError
+from edge_runtime.stats import MB
+from edge_runtime.testing import Measurement, assert_generation_within_budget, measure_generation
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bundle):
+    return tiny_bundle("tiny:llama", "int4")
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tiny):
+    return json.loads((tiny / "manifest.json").read_text())
+
+
+def test_kv_cache_is_layers_heads_dim_context_dtype_times_two():
+    cfg = ModelConfig("llama", 100, 576, 1536, 30, 9, 3, 64)
+    assert budget.kv_cache_bytes(cfg, 2048, "float32") == 30 * 3 * 64 * 2048 * 4 * 2  # 90 MiB: SmolLM2-135M
+    assert budget.kv_cache_bytes(cfg, 2048, "float16") == 30 * 3 * 64 * 2048 * 2 * 2
+
+
+def test_plan_is_the_sum_of_its_components_and_grows_with_context(tiny_manifest):
+    small = budget.plan_session(tiny_manifest, 64, "numpy")
+    big = budget.plan_session(tiny_manifest, 512, "numpy")
+    names = [c.name for c in small.components]
+    assert names == ["runtime", "tokenizer", "weights", "kv_cache", "mapped", "activations", "logits"]
+    assert small.total == max(sum(c.nbytes for c in small.components), small.load_peak)
+    assert big["kv_cache"] == 8 * small["kv_cache"]
+    assert big.total > small.total
+    assert small["mapped"] == sum(t["nbytes"] for t in tiny_manifest["weights"]["tensors"].values())
+
+
+def test_resident_dequantized_matrices_are_planned(tiny_manifest):
+    base = budget.plan_session(tiny_manifest, 64, "numpy")
+    more = budget.plan_session(tiny_manifest, 64, "numpy", resident_bytes=3 * MB)
+    assert more.total - base.total == 3 * MB
+
+
+def test_ort_weights_count_prepacked_copies_and_the_in_place_embedding(tiny_manifest):
+    packed, in_place, transient = budget.ort_weight_bytes(tiny_manifest)
+    t = tiny_manifest["weights"]["tensors"]
+    embed = "model.embed_tokens.weight"
+    assert in_place >= t[f"{embed}.qweight"]["nbytes"]  # gathered in place, tied: also prepacked for lm_head
+    assert packed > sum(m["nbytes"] for n, m in t.items() if n.endswith(".qweight") and not n.startswith(embed))
+    assert transient == max(m["nbytes"] for n, m in t.items() if n.endswith(".qweight"))
+
+
+def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):
+    limit = budget.plan_session(tiny_manifest, 300, "numpy", "float32", 32).total
+    p = budget.plan(tiny_manifest, limit, backend="numpy")
+    assert p.context >= 300 and p.total <= limit and p.kv_dtype in ("float32", "float16")
+    bigger = budget.plan_session(tiny_manifest, p.context + 1, "numpy", p.kv_dtype, 32)
+    assert p.context == tiny_manifest["max_context"] or bigger.total > limit
+
+
+def test_kv_dtype_and_chunk_are_chosen_to_fit(tiny_manifest):
+    fp16 = budget.plan_session(tiny_manifest, 512, "numpy", "float16", 32).total
+    p = budget.plan(tiny_manifest, fp16, context=512, backend="numpy")
+    assert p.kv_dtype == "float16" and p.total <= fp16
+    roomy = budget.plan(tiny_manifest, 10 * fp16, context=512, backend="numpy")
+    assert roomy.kv_dtype == "float32" and roomy.prefill_chunk == budget.PREFILL_CHUNKS[0]
+    assert budget.plan(tiny_manifest, 10 * fp16, context=512, backend="ort").kv_dtype == "float32"  # graph's
+
+
+def test_over_budget_error_is_one_line_with_breakdown_and_largest_context(tiny_manifest):
+    limit = budget.plan_session(tiny_manifest, 128, "numpy", "float16", 32).total
+    with pytest.raises(MemoryBudgetError) as info:
+        budget.plan(tiny_manifest, limit, context=512, backend="numpy")
+    msg = str(info.value)
+    assert "\n" not in msg and "kv_cache" in msg and "weights" in msg and "largest context that fits" in msg
+    assert 128 <= info.value.max_context < 512 and info.value.plan.context == 512
+    with pytest.raises(MemoryBudgetError, match="no context fits"):
+        budget.plan(tiny_manifest, 1 * MB, backend="numpy")
+
+
+def test_load_under_an_impossible_budget_fails_before_allocating(tiny, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("nothing large may be built before the plan is checked")
+
+    monkeypatch.setattr(edge_runtime.runtime.Tokenizer, "from_bundle", never)
+    monkeypatch.setattr(edge_runtime.runtime.backends, "make_backend", never)
+    t = time.perf_counter()
+    with pytest.raises(MemoryBudgetError, match="exceeds the budget of 1.0 MB"):
+        edge_runtime.load(tiny, backend="numpy", memory_budget="1MB", context=64)
+    assert time.perf_counter() - t < 5  # generous: the figure that matters is printed by bench/memory.py
+
+
+def test_load_with_a_budget_uses_the_planned_context_dtype_and_chunk(tiny):
+    limit = budget.plan_session(Bundle.open(tiny), 256, "numpy", "float16", 64).total
+    model = edge_runtime.load(tiny, backend="numpy", memory_budget=limit)
+    p = budget.plan(Bundle.open(tiny), limit, backend="numpy")
+    assert (model.context, model.backend.kv_dtype, model.prefill_chunk) == (p.context, p.kv_dtype,
+                                                                            p.prefill_chunk)
+    assert model.generate("hello", max_new_tokens=4).token_ids
+
+
+def test_cli_budget_plan_only_and_one_line_error(tiny, capsys):
+    assert cli.main(["budget", str(tiny), "--backend", "numpy", "--context", "64", "--plan-only"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_cache" in out and "peak" in out
+    assert cli.main(["budget", str(tiny), "--backend", "numpy", "--budget", "1MB", "--plan-only"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-run: error: memory plan") and "\n" not in err
+
+
+def test_measured_session_in_a_fresh_process_stays_within_the_plan(tiny):
+    plan = budget.plan_session(Bundle.open(tiny), 64, "numpy")
+    m = measure_generation(tiny, 40, 120, context=64, backend="numpy", overflow="slide")
+    assert m.new_tokens == 120 and m.slides >= 1 and m.context == 64
+    assert set(testing.STAGES) <= set(m.stages) and m.peak >= m.stages["runtime"] > 10 * MB
+    assert m.peak <= plan.total * 1.10  # a long slide session does not grow past the plan
+    assert m.stages["decode"] < 2 * MB
+
+
+def test_assert_within_budget_passes_and_reports_the_breakdown(tiny, monkeypatch):
+    limit = 2 * budget.plan_session(Bundle.open(tiny), 64, "numpy").total
+    m = assert_generation_within_budget(tiny, limit, prompt_tokens=20, new_tokens=8, context=64, backend="numpy")
+    assert m.peak <= limit
+    fat = Measurement(peak=limit + MB, stages=dict.fromkeys(testing.STAGES, MB), context=64, kv_dtype="float32",
+                      backend="numpy", prefill_chunk=256, new_tokens=8)
+    monkeypatch.setattr(testing, "measure_generation", lambda *a, **k: fat)
+    with pytest.raises(AssertionError, match=r"exceeds the budget(.|\n)*plan:(.|\n)*kv_cache(.|\n)*measured"):
+        assert_generation_within_budget(tiny, limit, prompt_tokens=20, new_tokens=8, context=64, backend="numpy")
+
+
+def test_unknown_kv_dtype_is_an_edge_error(tiny_manifest):
+    with pytest.raises(EdgeError, match="kv_dtype"):
+        budget.plan_session(tiny_manifest, 64, "numpy", "int3")
+
+
+def test_smollm2_int4_session_matches_its_plan(smollm2_bundle):
+    """The planner's calibration on the real model: a short ORT session in a fresh process, within +-10%."""
+    bundle = smollm2_bundle("int4")
+    plan = budget.plan_session(Bundle.open(bundle, verify=False), 256, "ort")
+    m = assert_generation_within_budget(bundle, plan.total * 1.10, prompt_tokens=200, new_tokens=8, context=256,
+                                        backend="ort")
+    assert abs(m.peak / plan.total - 1) <= 0.10, f"plan {plan.total / MB:.1f} MB, measured {m.peak / MB:.1f} MB"
