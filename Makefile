@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(MAKE) model
 	$(PY) bench/bench.py --threads 2 --runs 3
+	$(PY) bench/memory.py
 
 fidelity: $(STAMP)
 	$(MAKE) model

@@ -34,11 +34,10 @@ SCENARIOS = {"short": (16, 128), "long": (500, 128)}  # prompt tokens, new token
 
 
 def ensure_bundles(quants, log) -> None:
+    from export.version import ensure_bundle
+
     for q in quants:
-        out = BUNDLES / f"smollm2-{q}"
-        if not (out / "manifest.json").is_file():
-            log(f"exporting {out.name} ...")
-            subprocess.run([PY, "-m", "export.cli", str(MODEL), "--quant", q, "--out", str(out)], check=True)
+        ensure_bundle(str(MODEL), BUNDLES / f"smollm2-{q}", "--quant", q)
 
 
 def ensure_naive(log) -> None:
@@ -70,7 +69,7 @@ def measure(cmd, runs, timeout) -> list[dict]:
     out = []
     env = dict(os.environ, OMP_NUM_THREADS="2")
     for _ in range(runs):
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
         out.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--numpy-new-tokens", type=int, default=24, help="fewer tokens for the slow NumPy rows")
     ap.add_argument("--json-out", default=str(ROOT / "reports/bench.json"))
     args = ap.parse_args(argv)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr, flush=True)
 
     systems = [s for s in SYSTEMS if not args.only or any(o in s[0] for o in args.only)]
     ensure_bundles(sorted({t[0].split("-")[1] for _, k, t in systems if k == "edge"}), log)

@@ -24,21 +24,17 @@ from edge_runtime.bundle import Bundle
 from edge_runtime.errors import MemoryBudgetError
 from edge_runtime.stats import MB
 from edge_runtime.testing import measure_generation
+from export.version import ensure_bundle as ensure_exported
 
 MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLES = ROOT / "build/budget"
+BUNDLES = ROOT / "bundles"
 CONTEXTS = (512, 2048, 8192)
 FULL_NEW = 16
 TOLERANCE = 0.10
 
 
 def ensure_bundle(quant: str) -> Path:
-    out = BUNDLES / quant
-    if not (out / "manifest.json").is_file():
-        print(f"exporting {out} ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "export.cli", str(MODEL), "--quant", quant, "--out", str(out),
-                        "--quiet"], check=True, cwd=ROOT)
-    return out
+    return ensure_exported(str(MODEL), BUNDLES / f"smollm2-{quant}", "--quant", quant)
 
 
 def row(quant, bundle, context, prompt, new, backend, threads) -> tuple[str, bool]:
