@@ -61,7 +61,8 @@ def test_run_subcommand_stdin_stop_and_sampling_flags(bundle):
                     "--max-new-tokens", "20", "--temperature", "0.5", "--top-k", "5", "--top-p", "0.9",
                     "--seed", "1", stdin="hello")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, " world\n", "")
-    assert _split_command(["verify", "b"]) == ("run", ["verify", "b"])  # only "run" is registered so far
+    assert _split_command(["verify", "b"]) == ("verify", ["b"])
+    assert _split_command(["mybundle", "hi"]) == ("run", ["mybundle", "hi"])  # no subcommand: run
     assert _split_command(["run", "b"]) == ("run", ["b"])
 
 
