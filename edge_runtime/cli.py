@@ -14,6 +14,8 @@ from .errors import EdgeError
 # `edge-run BUNDLE ...` without a subcommand means `run`.
 COMMANDS = {
     "run": "edge_runtime.cli",
+    "verify": "edge_runtime.verify",
+    "budget": "edge_runtime.budget_cli",
 }
 
 
@@ -99,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=(module.run.__doc__ or "").strip(),
         epilog=f"other commands: {others}" if others else None)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = parser.parse_intermixed_args(rest)
     try:
         return module.run(args)
     except EdgeError as e:

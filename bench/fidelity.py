@@ -1,0 +1,183 @@
+"""`make fidelity`: per quantization preset of SmolLM2-135M, bundle bytes, decode speed and distance from the
+fp32 reference (held-out KLD, top-1, PPL ratio as recorded by the exporter), plus a bytes-vs-KLD plot.
+
+Bundles go to build/fidelity/<name> and are reused when their export arguments are unchanged. Decode speed is
+the best of several fresh processes (a shared machine only ever slows a run down).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+OUT = ROOT / "build/fidelity"
+REPORTS = ROOT / "reports"
+SENS_CACHE = ROOT / "cache/sensitivity"
+
+# name -> edge-export arguments. "re-quant" presets re-quantize the fp32 weights (--no-transcode): SmolLM2's
+# GGUF is Q4_1 and the fp32 reference is its dequantization, so the transcoded presets are exact by design.
+PRESETS = {
+    "int8": ["--quant", "int8"],
+    "int8-acc0": ["--quant", "int8", "--accuracy-level", "0"],
+    "int8-requant": ["--quant", "int8", "--no-transcode"],
+    "int8-requant-acc0": ["--quant", "int8", "--no-transcode", "--accuracy-level", "0"],
+    "int4": ["--quant", "int4"],
+    "int4-acc0": ["--quant", "int4", "--accuracy-level", "0"],
+    # the re-quantized Q8_0 embedding (lm_head) at block 16 with float offsets; Q4_1 layers still transcoded
+    "int4-embed-offs16": ["--quant", "int4", "--block-size", "16", "--offsets"],
+    "int4-requant-rtn": ["--quant", "int4", "--no-transcode", "--method", "rtn", "--no-act-aware"],
+    "int4-requant-search": ["--quant", "int4", "--no-transcode", "--no-act-aware"],
+    "int4-requant": ["--quant", "int4", "--no-transcode"],
+    "int4-requant-offsets": ["--quant", "int4", "--no-transcode", "--offsets"],
+    "auto-0.05-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.05"],
+    "auto-0.02-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.02"],
+    "auto-0.01-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.01"],
+    "auto-0.02-requant-offsets": ["--quant", "auto", "--no-transcode", "--offsets", "--max-kld", "0.02"],
+}
+SPEED_PROMPT = "In two sentences, why do small language models run well on phones?"
+SPEED_CODE = """
+import json, sys, edge_runtime
+m = edge_runtime.load(sys.argv[1], backend="ort", threads=int(sys.argv[2]), context=512)
+g = m.generate([{"role": "user", "content": sys.argv[3]}], max_new_tokens=int(sys.argv[4]))
+print(json.dumps({"decode_tps": g.stats.decode_tps, "new_tokens": g.stats.new_tokens}))
+"""
+
+
+def export(name: str, args: list, threads: int, rebuild: bool, log) -> Path:
+    out = OUT / name
+    stamp = OUT / f"{name}.args.json"
+    wanted = json.dumps(args)
+    fresh = (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == wanted
+    if fresh and not rebuild:
+        return out
+    log(f"exporting {name}: edge-export {' '.join(args)}")
+    # --force: a preset missing its own --max-kld is still written, so the table can show by how much.
+    cmd = [PY, "-m", "export.cli", str(MODEL), *args, "--out", str(out), "--threads", str(threads), "--quiet",
+           "--sensitivity-cache", str(SENS_CACHE), "--force"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    stamp.write_text(wanted)
+    return out
+
+
+def decode_speed(bundle: Path, threads: int, runs: int, tokens: int) -> float:
+    best = 0.0
+    for _ in range(runs):
+        res = subprocess.run([PY, "-c", SPEED_CODE, str(bundle), str(threads), SPEED_PROMPT, str(tokens)],
+                             check=True, cwd=ROOT, capture_output=True, text=True)
+        best = max(best, json.loads(res.stdout.strip().splitlines()[-1])["decode_tps"] or 0.0)
+    return best
+
+
+def row(name: str, bundle: Path, speed: float) -> dict:
+    m = json.loads((bundle / "manifest.json").read_text())
+    h, probe = m["fidelity"]["heldout"], m["fidelity"].get("probe") or {}
+    q = m["quantization"]
+    bits = [t["bits"] for t in q["tensors"].values()]
+    return {"name": name, "bytes": sum(f["bytes"] for f in m["files"].values()),
+            "weights_bytes": m["files"]["weights.bin"]["bytes"], "decode_tps": speed,
+            "kl": h["kl"], "top1": h["top1"], "ppl_ratio": h["ppl_ratio"], "positions": h["positions"],
+            "accuracy_level": m["graph"].get("accuracy_level"), "int4_tensors": bits.count(4),
+            "int8_tensors": bits.count(8), "target_kld": q.get("target_kld"),
+            "greedy_prefix": sum(probe.get("greedy_prefix") or []), "greedy_tokens": sum(probe.get("greedy_tokens") or [])}
+
+
+def print_table(rows: list) -> None:
+    print(f"{'preset':<27}{'MB':>8}{'tok/s':>8}{'KLD':>9}{'top-1':>8}{'PPL x':>8}{'greedy':>9}{'int4/int8':>11}")
+    for r in rows:
+        print(f"{r['name']:<27}{r['bytes'] / 2**20:>8.1f}{r['decode_tps']:>8.1f}{r['kl']:>9.4f}"
+              f"{100 * r['top1']:>7.1f}%{r['ppl_ratio']:>8.3f}{r['greedy_prefix']:>5}/{r['greedy_tokens']:<3}"
+              f"{r['int4_tensors']:>6}/{r['int8_tensors']}")
+
+
+def acceptance(rows: dict) -> list[str]:
+    """The issue's acceptance figures, one line each."""
+    lines = []
+    for name in ("int8", "int8-acc0", "int8-requant", "int8-requant-acc0"):
+        if name in rows:
+            r = rows[name]
+            ok = r["kl"] <= 0.002 and r["top1"] >= 0.98
+            lines.append(f"{name}: KLD {r['kl']:.4f} <= 0.002, top-1 {100 * r['top1']:.1f}% >= 98%: "
+                         f"{'PASS' if ok else 'FAIL'}")
+    base = rows.get("int4")
+    for name in ("int4", "int4-embed-offs16", "int4-requant", "auto-0.02-requant", "auto-0.02-requant-offsets"):
+        if name in rows and base:
+            r = rows[name]
+            ok = (r["kl"] <= 0.02 and r["top1"] >= 0.93 and r["decode_tps"] >= 0.9 * base["decode_tps"]
+                  and r["bytes"] <= 1.3 * base["bytes"])
+            lines.append(f"{name}: KLD {r['kl']:.4f} <= 0.02, top-1 {100 * r['top1']:.1f}% >= 93%, decode "
+                         f"{r['decode_tps'] / base['decode_tps']:.2f}x >= 0.9x int4, bytes "
+                         f"{r['bytes'] / base['bytes']:.2f}x <= 1.3x int4: {'PASS' if ok else 'FAIL'}")
+    return lines
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5))
+    for r in rows:
+        mb = r["bytes"] / 2**20
+        color = "tab:red" if r["name"].startswith("auto") else "tab:blue" if "int4" in r["name"] else "tab:green"
+        ax1.scatter(mb, max(r["kl"], 1e-6), color=color)
+        ax1.annotate(r["name"], (mb, max(r["kl"], 1e-6)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.scatter(mb, r["decode_tps"], color=color)
+        ax2.annotate(r["name"], (mb, r["decode_tps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax1.set_yscale("log")
+    ax1.axhline(0.02, color="gray", ls="--", lw=0.8)
+    ax1.set(xlabel="bundle size (MiB)", ylabel="mean KLD vs fp32 (nats, log)",
+            title="SmolLM2-135M: size vs distance from float")
+    ax2.set(xlabel="bundle size (MiB)", ylabel="decode tok/s (ORT, best of runs)", title="size vs decode speed")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def merge_rows(path: Path, rows: list) -> list:
+    old = {r["name"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    old.update({r["name"]: r for r in rows})
+    return [old[n] for n in PRESETS if n in old]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", nargs="+", choices=list(PRESETS), help="presets to run (default: all)")
+    ap.add_argument("--rebuild", action="store_true", help="re-export even when a bundle is up to date")
+    ap.add_argument("--export-threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="decode threads for the speed figure")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    rows = []
+    for name in args.only or PRESETS:
+        bundle = export(name, PRESETS[name], args.export_threads, args.rebuild, log)
+        rows.append(row(name, bundle, decode_speed(bundle, args.threads, args.runs, args.tokens)))
+        log(f"{name}: {rows[-1]['bytes'] / 2**20:.1f} MiB, KLD {rows[-1]['kl']:.4f}, "
+            f"{rows[-1]['decode_tps']:.1f} tok/s")
+    if args.only:  # keep the other presets' rows of the last full run, in PRESETS order
+        rows = merge_rows(REPORTS / "fidelity.json", rows)
+    print_table(rows)
+    print()
+    for line in acceptance({r["name"]: r for r in rows}):
+        print(line)
+    REPORTS.mkdir(exist_ok=True)
+    (REPORTS / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, REPORTS / "fidelity.png")
+    print(f"\nwrote {REPORTS / 'fidelity.png'} and {REPORTS / 'fidelity.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

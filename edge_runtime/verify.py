@@ -1,0 +1,227 @@
+"""`edge-run verify`: re-run a bundle's stored float-reference probes and compare with its export baseline.
+
+reference.json (written at export) holds the float model's top-k log-probs on a probe window and its greedy
+continuations of a few chat prompts. The bundle runs the same inputs here, and the figures are checked against
+the ones the exporter measured on the same bundle (manifest `fidelity.probe`), within TOLERANCES: a broken
+kernel, an altered weights file or a runtime regression shows up as a metric past its limit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BundleError, EdgeError
+from .fidelity import FidelityReport, common_prefix_len, compare_topk
+
+# metric -> (relative, absolute) slack on the export baseline. Another CPU or backend rounds differently
+# (MatMulNBits' int8 activations, NumPy vs ORT), so a healthy bundle drifts a little; a damaged one does not
+# stay within these. greedy_prefix compares the total common prefix over the reference prompts.
+TOLERANCES = {
+    "kl": (0.5, 0.01),            # kl <= base * 1.5 + 0.01 nats
+    "top1": (0.0, 0.05),          # top1 >= base - 0.05
+    "ppl_ratio": (0.05, 0.02),    # ppl_ratio <= base * 1.05 + 0.02
+    "greedy_prefix": (0.5, 0.0),  # total prefix >= base * 0.5
+}
+# Without an export baseline (older bundle): limits any usable quantization meets.
+ABSOLUTE_LIMITS = {"kl": 0.5, "top1": 0.6, "ppl_ratio": 1.5}
+
+
+@dataclass
+class Check:
+    metric: str
+    value: float
+    limit: float
+    higher_is_better: bool
+    baseline: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        base = "" if self.baseline is None else f"export {_fmt(self.metric, self.baseline)}, "
+        status = "ok" if self.ok else "FAIL"
+        return (f"  {self.metric:<14}{_fmt(self.metric, self.value):>10}  "
+                f"({base}limit {op} {_fmt(self.metric, self.limit)})  {status}")
+
+
+@dataclass
+class VerifyResult:
+    """The probe figures of a bundle, the export baseline they were held to, and each check."""
+
+    bundle: str
+    backend: str
+    report: FidelityReport
+    baseline: FidelityReport | None
+    checks: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.metric for c in self.checks if not c.ok]
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric == "top1":
+        return f"{100 * v:.1f}%"
+    if metric == "greedy_prefix":
+        return f"{v:.0f}"
+    return f"{v:.4f}"
+
+
+# -- running the probes --------------------------------------------------------------------------------------
+
+
+def all_logits(backend, ids: Sequence[int]) -> np.ndarray:
+    """float32 [S, vocab] logits of every position of `ids`, from an empty cache."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return backend.forward(ids, 0, np.arange(len(ids), dtype=np.int64))
+
+
+def greedy_ids(backend, prompt_ids: Sequence[int], n: int) -> list[int]:
+    """n argmax tokens after prompt_ids (no early stop: the reference's length decides)."""
+    ids = np.asarray(prompt_ids, dtype=np.int64)
+    logits = backend.forward(ids, 0, np.array([len(ids) - 1], np.int64))
+    out, past = [], len(ids)
+    for _ in range(n):
+        token = int(np.argmax(logits[-1]))
+        out.append(token)
+        if len(out) == n:
+            break
+        logits = backend.forward(np.array([token], np.int64), past, np.zeros(1, np.int64))
+        past += 1
+    return out
+
+
+def probe_context(reference: dict) -> int:
+    """KV-cache size the probes need."""
+    lengths = [len(reference["probe"]["ids"])]
+    lengths += [len(p["ids"]) + len(p["greedy_ids"]) for p in reference.get("prompts", [])]
+    return max(lengths)
+
+
+def probe_report(backend, reference: dict) -> FidelityReport:
+    """The bundle's figures on reference.json: top-k KL / top-1 / PPL on the probe, greedy prefix per prompt."""
+    probe = reference["probe"]
+    ids = probe["ids"]
+    top_ids = np.asarray(probe["top_ids"], dtype=np.int64)[:-1]          # [T-1, k]: rows with a next token
+    top_lp = np.asarray(probe["top_logprobs"], dtype=np.float64)[:-1]
+    q_logits = all_logits(backend, ids)[:-1]                              # [T-1, V]
+    report = compare_topk(top_ids, top_lp, q_logits, targets=ids[1:],
+                          ref_target_logprobs=probe.get("target_logprobs"))
+    prompts = reference.get("prompts", [])
+    report.greedy_prefix = [common_prefix_len(greedy_ids(backend, p["ids"], len(p["greedy_ids"])), p["greedy_ids"])
+                            for p in prompts]
+    report.greedy_tokens = [len(p["greedy_ids"]) for p in prompts]
+    return report
+
+
+# -- checking against the baseline ---------------------------------------------------------------------------
+
+
+def checks_against(report: FidelityReport, baseline: FidelityReport | None) -> list[Check]:
+    """One Check per metric: baseline-relative within TOLERANCES, or ABSOLUTE_LIMITS without a baseline."""
+    checks = []
+    for metric, higher in (("kl", False), ("top1", True), ("ppl_ratio", False)):
+        value = getattr(report, metric)
+        base = None if baseline is None else getattr(baseline, metric)
+        if value is None:
+            continue
+        if base is None:
+            checks.append(Check(metric, value, ABSOLUTE_LIMITS[metric], higher))
+            continue
+        rel, abs_ = TOLERANCES[metric]
+        limit = base - abs_ if higher else base * (1 + rel) + abs_
+        checks.append(Check(metric, value, limit, higher, base))
+    if report.greedy_prefix and baseline is not None and baseline.greedy_prefix:
+        base = float(sum(baseline.greedy_prefix))
+        checks.append(Check("greedy_prefix", float(sum(report.greedy_prefix)),
+                            base * TOLERANCES["greedy_prefix"][0], True, base))
+    return checks
+
+
+def baseline_of(manifest: dict) -> FidelityReport | None:
+    probe = (manifest.get("fidelity") or {}).get("probe")
+    return FidelityReport.from_dict(probe) if probe else None
+
+
+def verify(bundle_path, backend: str = "auto", threads: int | None = None) -> VerifyResult:
+    """Open the bundle (checksums checked), run its reference probes on `backend`, check against the baseline."""
+    from . import backends
+    from .runtime import default_threads
+
+    bundle = Bundle.open(bundle_path, verify=True)
+    ref_file = (bundle.manifest.get("reference") or {}).get("file")
+    if not ref_file:
+        raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
+    reference = bundle.read_json(ref_file)
+    name = backends.resolve(backend, bundle.contract)
+    engine = backends.make_backend(name, bundle, min(probe_context(reference), bundle.max_context),
+                                   threads or default_threads())
+    report = probe_report(engine, reference)
+    baseline = baseline_of(bundle.manifest)
+    return VerifyResult(str(bundle.root), name, report, baseline, checks_against(report, baseline))
+
+
+# -- command line (dispatched by edge_runtime.cli) -----------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import backends
+
+    p.add_argument("bundle", help="bundle folder (made by edge-export)")
+    p.add_argument("--backend", default="auto", choices=backends.choices())
+    p.add_argument("--threads", type=int, metavar="N")
+
+
+def print_result(res: VerifyResult, out=None) -> None:
+    out = out or sys.stdout
+    r = res.report
+    print(f"verify {res.bundle}: backend {res.backend}, {r.positions} probe positions ({r.kl_method} KL), "
+          f"{len(r.greedy_prefix or [])} greedy prompts", file=out)
+    for c in res.checks:
+        print(c.line(), file=out)
+    if r.greedy_prefix:
+        pairs = " ".join(f"{a}/{b}" for a, b in zip(r.greedy_prefix, r.greedy_tokens))
+        print(f"  greedy prefix per prompt: {pairs}", file=out)
+    if res.baseline is None:
+        print("  (no export baseline in the manifest: absolute limits used)", file=out)
+
+
+def run(args) -> int:
+    """Re-run the bundle's float-reference probes and compare with the figures recorded at export."""
+    if args.threads is not None and args.threads < 1:
+        raise EdgeError(f"--threads must be a positive integer, got {args.threads}")
+    res = verify(args.bundle, backend=args.backend, threads=args.threads)
+    print_result(res)
+    if res.ok:
+        print("verify: PASS")
+        return 0
+    worst = next(c for c in res.checks if not c.ok)
+    print(f"verify: FAIL: {', '.join(res.failed)} ({worst.metric} {_fmt(worst.metric, worst.value)} "
+          f"past limit {_fmt(worst.metric, worst.limit)})", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-run verify", description=run.__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except EdgeError as e:
+        print(f"edge-run verify: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`edge-export`: turn a GGUF file, a Hugging Face folder or a tiny test config into a bundle."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edge_runtime.errors import EdgeError
+
+PRESETS = ("fp32", "int8", "int4", "auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-export", description=__doc__)
+    ap.add_argument("source", help="a .gguf file, a Hugging Face model folder, or tiny:llama|qwen2|mistral")
+    ap.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    ap.add_argument("--quant", default="int4", choices=PRESETS,
+                    help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
+                         "--max-kld (default 0.02)")
+    ap.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128))
+    ap.add_argument("--method", default="search", choices=("search", "rtn"),
+                    help="int4 scale/zero-point choice for float weights")
+    ap.add_argument("--offsets", action="store_true",
+                    help="int4 of float weights with a per-block float offset (asymmetric float minimum)")
+    ap.add_argument("--no-transcode", action="store_true",
+                    help="re-quantize GGUF blocks instead of transcoding them exactly")
+    ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
+                    help="KV-cache precision (default float16; float32 for --quant fp32)")
+    ap.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                    help="MatMulNBits activation precision: 4 = int8 (fast), 0 = fp32")
+    ap.add_argument("--max-context", type=int, default=None, help="largest context the bundle supports")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-reference", action="store_true", help="do not store the float model's probes")
+    f = ap.add_argument_group("fidelity (held-out comparison with the float model, stored in the manifest)")
+    f.add_argument("--eval-text", metavar="FILE", help="held-out text (default: CPython's pydoc topics)")
+    f.add_argument("--max-kld", type=float, metavar="X",
+                   help="fail (nothing written) if the bundle's mean KLD from float exceeds X")
+    f.add_argument("--force", action="store_true", help="write the bundle even if it misses --max-kld")
+    f.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    f.add_argument("--no-act-aware", action="store_true",
+                   help="int4 of float weights: plain squared error (no calibration activation weighting)")
+    f.add_argument("--sensitivity-cache", metavar="DIR",
+                   help="--quant auto: cache per-matmul sensitivities here (reused across targets)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .pipeline import ExportOptions, export_bundle
+
+        if args.max_kld is not None and not args.max_kld > 0:
+            raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
+        if args.max_context is not None and args.max_context < 16:
+            raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
+        opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level, block_size=args.block_size,
+                             method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
+                             max_context=args.max_context, threads=args.threads,
+                             reference=not args.no_reference, progress=not args.quiet,
+                             evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
+                             force=args.force, act_aware=not args.no_act_aware,
+                             sensitivity_cache=args.sensitivity_cache)
+        out = export_bundle(args.source, args.out, opts)
+    except EdgeError as e:
+        print(f"edge-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edge-export: interrupted (nothing written)", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"edge-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"bundle written: {out}")
+    fidelity = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("fidelity")
+    if fidelity and "heldout" in fidelity:
+        from .evaluate import summary
+
+        print(summary(fidelity))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

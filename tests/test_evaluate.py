@@ -1,0 +1,104 @@
+"""Held-out evaluation at export: windows, aggregated figures, the manifest's `fidelity`, the --max-kld gate."""
+from __future__ import annotations
+
+import functools
+import json
+import operator
+
+import numpy as np
+import pytest
+
+from edge_runtime.fidelity import compare_logits
+from export import evaluate as E
+from export.cli import main as edge_export
+
+EVAL_TEXT = "Names are bound by assignment; a while loop repeats its body while the test is true. " * 12
+
+
+def test_default_text_is_long_enough_and_excludes_the_probe():
+    from export.probes import probe_text
+
+    text = E.default_eval_text()
+    assert probe_text() not in text and len(text) > 100_000
+
+
+def test_windows_are_spread_disjoint_from_calibration_and_cover_short_texts():
+    ids = list(range(10_000))
+    ev = E.token_windows(ids, 6, 256)
+    cal = E.calibration_windows(ids, 2)
+    assert [len(w) for w in ev] == [256] * 6 and ev[0][0] == 0 and ev[-1][0] > 8000
+    assert len(cal) == 2 and not set(functools.reduce(operator.iadd, ev, [])) & set(functools.reduce(operator.iadd, cal, []))
+    short = E.token_windows(list(range(600)), 6, 256)
+    assert [len(w) for w in short] == [256, 256, 88]
+    with pytest.raises(Exception, match="too short"):
+        E.token_windows([1], 6, 256)
+
+
+def test_heldout_report_equals_the_pooled_comparison():
+    rng = np.random.default_rng(0)
+    windows = [list(rng.integers(0, 50, n)) for n in (9, 17, 5)]
+    p = {tuple(w): rng.normal(size=(len(w), 50)).astype(np.float32) for w in windows}
+    q = {k: (v + rng.normal(scale=0.3, size=v.shape)).astype(np.float32) for k, v in p.items()}
+    r = E.heldout_report(lambda ids: p[tuple(ids)], lambda ids: q[tuple(ids)], windows)
+    pooled = compare_logits(np.concatenate([p[tuple(w)][:-1] for w in windows]),
+                            np.concatenate([q[tuple(w)][:-1] for w in windows]),
+                            functools.reduce(operator.iadd, (w[1:] for w in windows), []))
+    assert r.positions == pooled.positions == 28
+    for f in ("kl", "top1", "rms_top_prob_diff", "ppl_float", "ppl_quant", "ppl_ratio"):
+        assert getattr(r, f) == pytest.approx(getattr(pooled, f), rel=1e-9), f
+    same = E.heldout_report(lambda ids: p[tuple(ids)], lambda ids: p[tuple(ids)], windows)
+    assert same.kl == pytest.approx(0.0, abs=1e-12) and same.top1 == 1.0 and same.ppl_ratio == pytest.approx(1.0)
+
+
+def test_cached_float_logits_run_once_per_window():
+    calls = []
+    f = E.cached(lambda ids: calls.append(ids) or np.zeros((len(ids), 3)))
+    f([1, 2]), f([1, 2]), f([2, 1])
+    assert calls == [(1, 2), (2, 1)]
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evaltext") / "heldout.txt"
+    path.write_text(EVAL_TEXT)
+    return path
+
+
+def export(out, eval_file, *extra):
+    return edge_export(["tiny:llama", "--out", str(out), "--threads", "1", "--quiet", "--max-context", "256",
+                        "--eval-text", str(eval_file), *map(str, extra)])
+
+
+def test_export_records_fidelity_and_the_gate_refuses_a_far_bundle(tmp_path, eval_file, capsys):
+    out = tmp_path / "b"
+    assert export(out, eval_file, "--quant", "int4") == 0
+    assert "fidelity vs float on" in capsys.readouterr().out
+    fid = json.loads((out / "manifest.json").read_text())["fidelity"]
+    h = fid["heldout"]
+    assert h["text"] == "heldout.txt" and h["kl_method"] == "full" and h["positions"] > 100
+    assert 0 < h["kl"] < 1 and 0 < h["top1"] <= 1 and h["ppl_ratio"] > 0
+    assert fid["probe"]["greedy_prefix"] is not None and fid["backend"] == "ort"
+
+    # Too far from float: nothing written, one line naming the figure, exit != 0; the old bundle stays.
+    before = (out / "manifest.json").read_bytes()
+    assert export(out, eval_file, "--quant", "int4", "--max-kld", "1e-6") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-export: error: the bundle is further from float than --max-kld 1e-06: KLD ")
+    assert err.count("\n") == 1
+    assert (out / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging folder left behind
+    fresh = tmp_path / "c"
+    assert export(fresh, eval_file, "--quant", "int4", "--max-kld", "1e-6") == 2 and not fresh.exists()
+
+    # --force writes it anyway; a generous limit passes.
+    assert export(fresh, eval_file, "--quant", "int4", "--max-kld", "1e-6", "--force") == 0
+    assert export(tmp_path / "d", eval_file, "--quant", "int8", "--max-kld", "0.5") == 0
+
+
+def test_bad_max_kld_and_unreadable_eval_text_are_one_line_errors(tmp_path, capsys):
+    assert edge_export(["tiny:llama", "--out", str(tmp_path / "x"), "--max-kld", "0"]) == 2
+    assert edge_export(["tiny:llama", "--out", str(tmp_path / "x"), "--quiet", "--threads", "1",
+                        "--eval-text", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--max-kld must be positive" in err[0] and "cannot read --eval-text" in err[1]
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,82 @@
+"""Quality-budgeted quantization: units, calibration statistics, the perturbed-KL shortcut and the int4/int8 plan."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_runtime.config import tensor_names
+from edge_runtime.quant import BlockQuant
+from export import sensitivity as S
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from export.reference import FloatReference
+    from export.sources import load_source
+
+    source = load_source("tiny:llama")
+    rng = np.random.default_rng(0)
+    windows = [list(rng.integers(3, source.config.vocab_size, 48)) for _ in range(2)]
+    return source, FloatReference(source, threads=1), windows
+
+
+def test_units_cover_every_linear_weight_once_fused_like_the_graph(tiny):
+    source = tiny[0]
+    us = S.units(source.config)
+    names = [n for u in us for n in u.names]
+    linear = [n for n in tensor_names(source.config) if n.endswith("proj.weight") or "embed" in n]
+    assert sorted(names) == sorted(linear) and len(names) == len(set(names))
+    assert [u.label for u in us[:4]] == ["layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down"]
+    assert us[-1].label == "embed"  # tied: the embedding is the lm_head too
+
+
+def test_activation_scales_are_input_rms_per_channel(tiny):
+    import torch
+
+    _source, ref, windows = tiny
+    act = S.activation_scales(ref.torch_model, windows, tied=True)
+    q, k = act["model.layers.0.self_attn.q_proj.weight"], act["model.layers.0.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(q, k)  # one input, one statistic
+    assert "model.embed_tokens.weight" in act and act["model.layers.0.mlp.down_proj.weight"].shape == (128,)
+    # layer 0's q/k/v input is input_layernorm(embedding): recompute it by hand
+    with torch.no_grad():
+        layer = ref.torch_model.model.layers[0]
+        xs = [layer.input_layernorm(ref.torch_model.model.embed_tokens(torch.tensor([w])))[0] for w in windows]
+    x = torch.cat(xs).double().numpy()
+    np.testing.assert_allclose(q, np.sqrt((x * x).mean(0)), rtol=1e-5)
+
+
+def test_partial_rerun_matches_the_full_forward(tiny):
+    source, ref, windows = tiny
+    kl = S.PerturbedKL(ref.torch_model, windows)
+    assert kl.kl({}, None) == pytest.approx(0.0, abs=1e-12)
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = source.tensors[name] + np.random.default_rng(1).normal(0, 0.05, source.tensors[name].shape).astype(np.float32)
+    full, partial = kl.kl({name: w}, None), kl.kl({name: w}, 1)
+    assert full > 1e-4 and partial == pytest.approx(full, rel=1e-6)
+    assert kl.kl({}, None) == pytest.approx(0.0, abs=1e-12)  # the float weights are back
+
+
+def test_choose_bits_takes_the_cheapest_kld_per_byte_first():
+    sens = {"a": 0.010, "b": 0.001, "c": 0.004, "d": 0.0}
+    saved = {"a": 100, "b": 10, "c": 100, "d": 5}
+    assert S.choose_bits(sens, saved, 0.0) == {"a": 8, "b": 8, "c": 8, "d": 4}
+    assert S.choose_bits(sens, saved, 0.005) == {"a": 8, "b": 4, "c": 4, "d": 4}
+    assert S.choose_bits(sens, saved, 1.0) == {"a": 4, "b": 4, "c": 4, "d": 4}
+
+
+def test_auto_quantize_meets_its_budget_with_a_mix_and_caches_sensitivity(tiny, tmp_path):
+    source, ref, windows = tiny
+    logs = []
+    weights, _specs, plan = S.auto_quantize(source, ref.torch_model, windows, 0.05, transcode=False,
+                                           cache_dir=tmp_path, log=logs.append)
+    assert set(plan.bits.values()) == {4, 8}
+    assert plan.measured_kl <= 0.05 * S.WEIGHT_BUDGET_SHARE
+    for u in S.units(source.config):
+        for n in u.names:
+            assert isinstance(weights[n], BlockQuant) and weights[n].bits == plan.bits[u.label]
+    assert len(list(tmp_path.glob("sensitivity-*.json"))) == 1
+    logs.clear()
+    _, _, again = S.auto_quantize(source, ref.torch_model, windows, 0.05, transcode=False, cache_dir=tmp_path,
+                                  log=logs.append)
+    assert logs[0].startswith("sensitivity: cached") and again.bits == plan.bits
