@@ -1,0 +1,202 @@
+"""Distillation: a shallower / narrower student cut from the teacher, trained on the teacher's cached top-k.
+
+    out = distill("cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", layers=18, minutes=30, out_dir="build/student")
+    load_source(out)  # a Hugging Face folder, exported like any model
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from edge_runtime.config import tensor_names
+
+from . import train as training
+from .data import (
+    TeacherCache,
+    build_cache,
+    fingerprint,
+    overlapping_rows,
+    pack,
+    pydoc_split,
+    read_texts,
+    synthesize,
+)
+from .prune import drop_layers, prune_mlp, select_layers
+from .train import CHECKPOINT, TrainConfig
+
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache" / "distill"
+PLAN = "distill.json"
+CALIBRATION_ROWS = 16  # training rows whose hidden states rank the layers (16 x 256 tokens for the demo)
+DataItem = Union[str, Path]  # "pydoc", "synthetic", or a UTF-8 text file
+
+
+@dataclass
+class Teacher:
+    source: object  # export.sources.SourceModel
+    model: torch.nn.Module  # transformers causal LM, fp32, eval mode
+    tokenizer: object  # tokenizers.Tokenizer
+    fingerprint: str
+
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.source.tokenizer_meta.get("eos_token_ids") or []
+        return eos[0] if eos else None
+
+
+def load_teacher(spec) -> Teacher:
+    """The teacher from a load_source() spec (GGUF, HF folder, tiny:<arch>) or an already loaded SourceModel."""
+    from tokenizers import Tokenizer
+
+    from ..reference import build_torch_model
+    from ..sources import load_source
+
+    source = load_source(spec) if isinstance(spec, (str, Path)) else spec
+    model = build_torch_model(source)
+    model.config._attn_implementation = "sdpa"  # same math as eager, faster on CPU for training
+    return Teacher(source, model, Tokenizer.from_str(source.tokenizer_json), fingerprint(model))
+
+
+def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, seed: int, cache_root: Path,
+                  synthetic_samples: int, synthetic_tokens: int) -> np.ndarray:
+    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with the held-out text."""
+    texts: list[str] = []
+    for item in data:
+        if item == "pydoc":
+            texts += pydoc_split()[0]
+        elif item == "synthetic":
+            texts += synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
+        else:
+            texts += read_texts([Path(item)])
+    rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
+    heldout = pack(pydoc_split()[1], teacher.tokenizer, seq_len, teacher.eos_id).ravel()
+    return rows[~overlapping_rows(rows, heldout)]
+
+
+def synthetic_texts(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path) -> list[str]:
+    """Teacher-written texts, generated once and kept as JSON next to the top-k caches."""
+    path = Path(cache_root) / f"synthetic-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    texts = synthesize(teacher.model, teacher.tokenizer, n, new_tokens, seed=seed,
+                       pad_id=teacher.source.tokenizer_meta.get("pad_token_id") or 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(texts), encoding="utf-8")
+    return texts
+
+
+def make_student(teacher: Teacher, calib: Sequence[torch.Tensor], keep: Sequence[int] | None,
+                 layers: int | None, mlp_ratio: float | None, iterative: int) -> tuple[torch.nn.Module, list[int]]:
+    """The teacher minus its least influential layers (or exactly `keep`), MLPs narrowed to mlp_ratio."""
+    n_layers = teacher.model.config.num_hidden_layers
+    if keep is None:
+        keep = select_layers(teacher.model, calib, layers or n_layers, step=iterative)
+    student = drop_layers(teacher.model, keep)
+    if mlp_ratio is not None:
+        prune_mlp(student, calib, mlp_ratio)
+    return student, list(keep)
+
+
+def near_removed(keep: Sequence[int], n_layers: int) -> list[int]:
+    """Student layer indices next to a removed teacher layer: where the residual stream changed most."""
+    gone = set(range(n_layers)) - set(keep)
+    return [j for j, i in enumerate(keep) if i - 1 in gone or i + 1 in gone]
+
+
+def trained_layers(spec: str | Sequence[int], keep: Sequence[int], n_layers: int) -> list[int] | None:
+    """Student layers to train for the `train_layers` argument (None: all of them)."""
+    if spec == "all":
+        return None
+    if spec == "near":
+        return near_removed(keep, n_layers)
+    return [int(i) for i in spec]
+
+
+def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | None = None,
+            data: DataItem | Sequence[DataItem] = ("pydoc",), minutes: float | None = None,
+            steps: int | None = None, out_dir, seed: int = 0, resume: bool = True, temperature: float = 1.0,
+            alpha: float = 0.5, loss: str = "fkl", lr: float = 5e-4, batch_size: int = 4, seq_len: int = 256,
+            top_k: int = 64, iterative: int = 0, train_layers: str | Sequence[int] = "all",
+            train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
+            threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
+            warmup_steps: int = 10, progress: bool = True) -> Path:
+    """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
+
+    layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
+    and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
+    data: "pydoc" (all but the held-out tail of pydoc topics), "synthetic" (teacher-sampled text) and/or text
+    file paths. Budget: `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
+    loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE.
+    train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
+    resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG).
+    """
+    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+
+    teacher = load_teacher(teacher_source)
+    rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
+                         synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
+    if len(rows) == 0:
+        raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
+    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint)
+
+    plan_file = out_dir / PLAN
+    resuming = resume and (out_dir / CHECKPOINT).exists() and plan_file.exists()
+    keep = json.loads(plan_file.read_text())["keep"] if resuming else None
+    calib = [torch.from_numpy(cache.tokens[i:i + batch_size].astype(np.int64))
+             for i in range(0, min(CALIBRATION_ROWS, len(cache)), batch_size)]
+    student, keep = make_student(teacher, calib, keep, layers, mlp_ratio, iterative)
+    chosen = trained_layers(train_layers, keep, teacher.model.config.num_hidden_layers)
+
+    prep = time.perf_counter() - start
+    cfg = TrainConfig(steps=steps, minutes=None if minutes is None else max(minutes - prep / 60.0, 0.0),
+                      batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, temperature=temperature,
+                      alpha=alpha, loss=loss, train_embeddings=train_embeddings, train_layers=chosen,
+                      checkpoint_every=checkpoint_every, seed=seed)
+    plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
+            "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
+            "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}}
+    plan_file.write_text(json.dumps(plan, indent=1, default=str))
+    state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress)
+    plan.update(steps_done=state["step"], train_seconds=state["elapsed"], prep_seconds=prep,
+                final_loss=state["history"][-1][1:] if state["history"] else None,
+                wall_seconds=time.perf_counter() - start)
+    plan_file.write_text(json.dumps(plan, indent=1, default=str))
+    save_student(student, teacher, out_dir, plan)
+    return out_dir
+
+
+def student_source(student: torch.nn.Module, teacher: Teacher, plan: dict):
+    """The trained student as a SourceModel: the teacher's config with fewer layers / a narrower MLP."""
+    from ..sources import SourceModel
+
+    cfg = dataclasses.replace(teacher.source.config, num_hidden_layers=student.config.num_hidden_layers,
+                              intermediate_size=student.config.intermediate_size)
+    state = student.state_dict()
+    tensors = {n: state[n].detach().float().numpy().copy() for n in tensor_names(cfg)}
+    origin = {"format": "distilled", "teacher": teacher.source.origin, "keep": plan["keep"]}
+    return SourceModel(cfg, tensors, teacher.source.tokenizer_json, dict(teacher.source.tokenizer_meta), origin)
+
+
+def save_student(student: torch.nn.Module, teacher: Teacher, out_dir: Path, plan: dict) -> None:
+    """config.json, model.safetensors, tokenizer.json, tokenizer_config.json (readable by load_source)."""
+    from ..sources.hf import save_hf_folder
+
+    save_hf_folder(student_source(student, teacher, plan), out_dir)
+
+
+__all__ = ["TeacherCache", "TrainConfig", "distill", "load_teacher", "make_student", "student_source"]

@@ -1,0 +1,207 @@
+"""Distillation data: training text (pydoc topics, user files, teacher-written text) and the teacher's top-k cache.
+
+The teacher runs once per token: its top-k log-probs are written to disk (raw .npy, no pickle, plus a JSON index)
+under a key hashed from the teacher's weights and the token ids, and every epoch reads them back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+HELDOUT_FRACTION = 0.1  # the last 10% of pydoc topics (by key order) are the held-out evaluation text
+
+# Seed prompts for teacher-written text ("textbooks are all you need"): a document opening the teacher continues.
+SYNTHETIC_SUBJECTS = (
+    "Python lists and tuples", "dictionaries and hashing", "reading and writing files", "exceptions",
+    "classes and inheritance", "generators and iterators", "regular expressions", "unit testing",
+    "the command line", "recursion", "sorting algorithms", "binary search", "HTTP and web servers",
+    "SQL databases", "version control with git", "floating point numbers", "unicode strings",
+    "concurrency and threads", "memory management", "the photosynthesis process", "the water cycle",
+    "the French Revolution", "prime numbers", "probability", "linear algebra", "healthy cooking",
+    "the solar system", "electric circuits", "writing a good essay", "the history of computing",
+)
+SYNTHETIC_OPENINGS = (
+    "Chapter 3: {s}\n\nIn this chapter we explain {s} step by step.",
+    "A beginner's guide to {s}\n\n",
+    "Lecture notes: {s}\n\n1. Introduction\n",
+    "Question: Can you explain {s} with an example?\nAnswer:",
+    "# {s}\n\nThis tutorial covers",
+)
+
+
+def pydoc_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
+    """(train texts, held-out texts) from CPython's pydoc topics, split by sorted key: held-out is the tail."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    cut = int(len(keys) * (1.0 - heldout_fraction))
+    return [topics[k] for k in keys[:cut]], [topics[k] for k in keys[cut:]]
+
+
+def read_texts(paths: Iterable[Path]) -> list[str]:
+    return [Path(p).read_text(encoding="utf-8") for p in paths]
+
+
+def pack(texts: Sequence[str], tokenizer, seq_len: int, eos_id: int | None) -> np.ndarray:
+    """Token ids of the texts, each followed by eos, concatenated and cut into [n, seq_len] int32 rows.
+
+    The tail that does not fill a row is dropped.
+    """
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer.encode(text).ids
+        if eos_id is not None:
+            ids.append(eos_id)
+    n = len(ids) // seq_len
+    return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+
+
+def synthetic_prompts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    subjects = rng.choice(len(SYNTHETIC_SUBJECTS), size=n)
+    openings = rng.choice(len(SYNTHETIC_OPENINGS), size=n)
+    return [SYNTHETIC_OPENINGS[o].format(s=SYNTHETIC_SUBJECTS[s]) for s, o in zip(subjects, openings)]
+
+
+@torch.no_grad()
+def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 8,
+               temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0) -> list[str]:
+    """n texts sampled from the teacher, each a seed prompt followed by `new_tokens` generated tokens."""
+    prompts = synthetic_prompts(n, seed)
+    torch.manual_seed(seed)
+    texts = []
+    for start in tqdm(range(0, n, batch), desc="synthetic text", unit="batch"):
+        ids, mask = _left_pad([tokenizer.encode(p).ids for p in prompts[start:start + batch]], pad_id)
+        out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
+                             top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+        for row, row_mask in zip(out, mask):
+            texts.append(tokenizer.decode(row[int((row_mask == 0).sum()):].tolist()))
+    return texts
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, padded on the left so that generation continues every row at once."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def fingerprint(model) -> str:
+    """A hash of a torch model's parameters and buffers (names, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TeacherCache:
+    """Token rows and the teacher's top-k next-token log-probs for every position, memory-mapped from disk.
+
+    tokens [n, T] int32; top_ids [n, T, k] int32; top_logp [n, T, k] float16, log-probs of the full softmax
+    at temperature 1 (so exp(top_logp).sum(-1) <= 1; the rest is the mass outside the top k).
+    """
+
+    path: Path
+    tokens: np.ndarray
+    top_ids: np.ndarray
+    top_logp: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.top_ids.shape[-1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def cache_key(teacher_fp: str, tokens: np.ndarray, k: int) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{teacher_fp}|k={k}|shape={tokens.shape}|".encode())
+    h.update(np.ascontiguousarray(tokens, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
+def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, batch: int = 4,
+                teacher_fp: str | None = None) -> TeacherCache:
+    """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache."""
+    teacher_fp = teacher_fp or fingerprint(teacher)
+    path = Path(cache_root) / cache_key(teacher_fp, tokens, k)
+    path.mkdir(parents=True, exist_ok=True)
+    index_file = path / "index.json"
+    n, seq = tokens.shape
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    if index is None:
+        np.save(path / "tokens.npy", np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
+        np.lib.format.open_memmap(path / "top_ids.npy", mode="w+", dtype=np.int32, shape=(n, seq, k)).flush()
+        np.lib.format.open_memmap(path / "top_logp.npy", mode="w+", dtype=np.float16, shape=(n, seq, k)).flush()
+        index = {"teacher": teacher_fp, "k": k, "rows": n, "seq_len": seq, "filled": 0, "seconds": 0.0}
+        index_file.write_text(json.dumps(index, indent=1))
+    if index["filled"] < n:
+        _fill(teacher, path, index, batch)
+    return load_cache(path)
+
+
+@torch.no_grad()
+def _fill(teacher, path: Path, index: dict, batch: int) -> None:
+    tokens = np.load(path / "tokens.npy", allow_pickle=False)
+    top_ids = np.load(path / "top_ids.npy", mmap_mode="r+", allow_pickle=False)
+    top_logp = np.load(path / "top_logp.npy", mmap_mode="r+", allow_pickle=False)
+    k, n = index["k"], index["rows"]
+    bar = tqdm(total=n * tokens.shape[1], initial=index["filled"] * tokens.shape[1], desc="teacher top-k",
+               unit="tok", unit_scale=True)
+    for start in range(index["filled"], n, batch):
+        t0 = time.perf_counter()
+        ids = torch.from_numpy(tokens[start:start + batch].astype(np.int64))  # [B, T]
+        logp = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # [B, T, V]
+        vals, idx = torch.topk(logp, k, dim=-1)  # [B, T, k], best first
+        top_ids[start:start + len(ids)] = idx.numpy().astype(np.int32)
+        top_logp[start:start + len(ids)] = vals.numpy().astype(np.float16)
+        top_ids.flush()
+        top_logp.flush()
+        index["filled"] = start + len(ids)
+        index["seconds"] += time.perf_counter() - t0
+        (path / "index.json").write_text(json.dumps(index, indent=1))  # after the data: a crash only redoes work
+        bar.update(ids.numel())
+    bar.close()
+
+
+def load_cache(path: Path) -> TeacherCache:
+    path = Path(path)
+    index = json.loads((path / "index.json").read_text())
+    if index["filled"] < index["rows"]:
+        raise ValueError(f"teacher cache {path} is incomplete ({index['filled']}/{index['rows']} rows)")
+
+    def load(name):
+        return np.load(path / name, mmap_mode="r", allow_pickle=False)
+
+    return TeacherCache(path, load("tokens.npy"), load("top_ids.npy"), load("top_logp.npy"))
+
+
+def ngrams(rows: np.ndarray, n: int) -> set[bytes]:
+    """Every contiguous n-token window of the rows [r, T] as bytes (for set membership)."""
+    rows = np.ascontiguousarray(np.atleast_2d(rows), dtype=np.int32)
+    if rows.shape[1] < n:
+        return set()
+    windows = np.lib.stride_tricks.sliding_window_view(rows, n, axis=1).reshape(-1, n)  # [r * (T-n+1), n]
+    return {w.tobytes() for w in np.ascontiguousarray(windows)}
+
+
+def overlapping_rows(rows: np.ndarray, heldout_ids: Sequence[int], n: int = 32) -> np.ndarray:
+    """Boolean [r]: which rows share an n-token window with the held-out ids (so must not be trained on)."""
+    held = ngrams(np.asarray(heldout_ids, dtype=np.int32)[None], n)
+    return np.array([not held.isdisjoint(ngrams(row[None], n)) for row in rows], dtype=bool)

@@ -1,0 +1,273 @@
+"""Distillation on a tiny random teacher: layer selection, MLP pruning, the top-k cache, KD training, resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_runtime.config import ModelConfig, tensor_names
+from export.distill import data as ddata
+from export.distill import train as dtrain
+from export.distill.prune import block_influence, drop_layers, mlp_width, prune_mlp, select_layers
+from export.distill.report import compare, heldout_windows
+from export.distill.train import TrainConfig, batch_rows, ce_loss, kd_loss
+
+SEQ = 32
+SHARPEN = 20.0  # scales the final norm so the random teacher is confident (logit std ~3), like a trained LM
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(ddata.pydoc_split()[0][:20], trainer)
+    return tok
+
+
+def make_teacher_source(tok, layers: int = 4):
+    """A random Llama (sharpened so its next-token distributions are far from uniform) as a SourceModel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.reference import hf_config_dict
+    from export.sources import SourceModel
+
+    cfg = ModelConfig(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=256,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=256, tie_word_embeddings=True)
+    d = hf_config_dict(cfg)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")}))
+    state = model.state_dict()
+    scale = {"model.norm.weight": SHARPEN}
+    tensors = {n: (state[n] * scale.get(n, 1.0)).numpy().copy() for n in tensor_names(cfg)}
+    meta = {"bos_token_id": None, "eos_token_ids": [0], "pad_token_id": 0, "special_tokens": {},
+            "chat_template": None, "add_bos_token": False}
+    return SourceModel(cfg, tensors, tok.to_str(), meta, {"format": "test"})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def teacher(tok):
+    from export.distill import load_teacher
+
+    return load_teacher(make_teacher_source(tok))
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    return ddata.pack(ddata.pydoc_split()[0][:6], tok, SEQ, 0)[:48]
+
+
+def test_kd_losses_vanish_for_identical_full_distributions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    top_logp, top_ids = torch.topk(torch.log_softmax(logits, -1), 11, dim=-1)
+    for kind in ("fkl", "rkl", "jsd"):
+        assert kd_loss(logits, top_ids, top_logp, 2.0, kind).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(2, 5, 11)
+    want = F.kl_div(torch.log_softmax(other, -1), torch.log_softmax(logits, -1), log_target=True,
+                    reduction="none").sum(-1).mean()
+    assert kd_loss(other, top_ids, top_logp, 1.0, "fkl").item() == pytest.approx(want.item(), rel=1e-5)
+    assert kd_loss(other, top_ids, top_logp, 1.0, "rkl").item() > 0
+    assert kd_loss(other, top_ids, top_logp, 1.0, "jsd").item() > 0
+    ids = torch.randint(0, 11, (2, 5))
+    want_ce = F.cross_entropy(other[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    assert ce_loss(other, ids).item() == pytest.approx(want_ce.item(), rel=1e-6)
+
+
+def test_kd_keeps_the_teachers_tail_mass():
+    """With only the top 2 of 4 tokens cached, the student matching the full teacher is the optimum (loss 0)."""
+    teacher = torch.log_softmax(torch.tensor([[[2.0, 1.0, 0.5, 0.4]]]), -1)
+    top_logp, top_ids = torch.topk(teacher, 2, dim=-1)
+    assert kd_loss(teacher, top_ids, top_logp, 1.0, "fkl").item() == pytest.approx(0.0, abs=1e-6)
+    confident = torch.tensor([[[2.0, 1.0, -9.0, -9.0]]])  # all mass on the cached two: penalized
+    assert kd_loss(confident, top_ids, top_logp, 1.0, "fkl").item() > 0.1
+
+
+def test_block_influence_matches_hidden_states(teacher, rows):
+    model = teacher.model
+    ids = torch.from_numpy(rows[:2].astype(np.int64))
+    bi = block_influence(model, [ids])
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    # hidden_states[i] enters layer i; the last entry is after the final norm, so compare all but the last layer
+    for i in range(len(hs) - 2):
+        want = (1 - F.cosine_similarity(hs[i], hs[i + 1], dim=-1)).mean()
+        assert bi[i].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_drop_layers_equals_a_model_built_from_the_kept_weights(teacher, rows):
+    from transformers import LlamaForCausalLM
+
+    keep = select_layers(teacher.model, [torch.from_numpy(rows[:4].astype(np.int64))], 2)
+    assert len(keep) == 2 and keep == sorted(keep)
+    assert teacher.model.config.num_hidden_layers == 4 and len(teacher.model.model.layers) == 4
+    student = drop_layers(teacher.model, keep)
+    conf = type(teacher.model.config)(**{**teacher.model.config.to_dict(), "num_hidden_layers": 2})
+    ref = LlamaForCausalLM(conf)
+    state = {}
+    for name, t in teacher.model.state_dict().items():
+        if ".layers." in name:
+            i = int(name.split(".")[2])
+            if i not in keep:
+                continue
+            name = name.replace(f".layers.{i}.", f".layers.{keep.index(i)}.")
+        state[name] = t
+    ref.load_state_dict(state)
+    ids = torch.from_numpy(rows[:2].astype(np.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
+
+
+def test_prune_mlp_drops_exactly_the_dead_channels(teacher, rows):
+    model = drop_layers(teacher.model, range(4))  # a private copy
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 1::2] = 0.0  # odd channels contribute nothing
+    ids = torch.from_numpy(rows[:2].astype(np.int64))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    prune_mlp(model, [ids], 0.5)
+    assert model.config.intermediate_size == 128
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (128, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    assert mlp_width(1536, 0.7) == 1024 and mlp_width(1536, 1.0) == 1536
+
+
+def test_cache_holds_teacher_topk_and_is_reused(teacher, rows, tmp_path, monkeypatch):
+    cache = ddata.build_cache(teacher.model, rows[:6], tmp_path, k=8, batch=4, teacher_fp=teacher.fingerprint)
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher.model(input_ids=torch.from_numpy(rows[:2].astype(np.int64))).logits, -1)
+    want_vals, want_ids = torch.topk(logp, 8, dim=-1)
+    np.testing.assert_array_equal(cache.top_ids[:2], want_ids.numpy())
+    np.testing.assert_allclose(cache.top_logp[:2].astype(np.float32), want_vals.numpy(), rtol=2e-3, atol=2e-3)
+    assert json.loads((cache.path / "index.json").read_text())["filled"] == 6
+
+    def boom(*a, **k):
+        raise AssertionError("the teacher ran again")
+
+    monkeypatch.setattr(ddata, "_fill", boom)
+    again = ddata.build_cache(teacher.model, rows[:6], tmp_path, k=8, teacher_fp=teacher.fingerprint)
+    assert again.path == cache.path
+    # a partial cache (crash after the first batch) is completed, not restarted
+    monkeypatch.undo()
+    index_file = cache.path / "index.json"
+    index = json.loads(index_file.read_text())
+    index["filled"] = 4
+    index_file.write_text(json.dumps(index))
+    calls = []
+    real = teacher.model.forward
+    monkeypatch.setattr(teacher.model, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    done = ddata.build_cache(teacher.model, rows[:6], tmp_path, k=8, batch=4, teacher_fp=teacher.fingerprint)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(done.top_ids, cache.top_ids)
+
+
+def test_batches_cover_each_epoch_once():
+    seen = np.concatenate([batch_rows(10, 4, s, seed=3) for s in range(5)])  # 20 rows = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    np.testing.assert_array_equal(batch_rows(10, 4, 2, seed=3), batch_rows(10, 4, 2, seed=3))
+
+
+def _student(teacher, rows):
+    return drop_layers(teacher.model, select_layers(teacher.model, [torch.from_numpy(rows[:8].astype(np.int64))], 2))
+
+
+def _kld(teacher, student, windows) -> float:
+    return compare(teacher.model, student, windows)["kld"]
+
+
+def test_training_lowers_loss_and_kld(teacher, rows, tok, tmp_path):
+    cache = ddata.build_cache(teacher.model, rows, tmp_path / "cache", k=16, teacher_fp=teacher.fingerprint)
+    student = _student(teacher, rows)
+    windows = heldout_windows(tok, 0, window=SEQ, max_windows=8)
+    kld0 = _kld(teacher, student, windows)
+    cfg = TrainConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=2, temperature=1.0, alpha=1.0)
+    state = dtrain.train(student, cache, cfg, tmp_path / "run", progress=False)
+    losses = np.array([h[1] for h in state["history"]])
+    assert losses[-5:].mean() < 0.8 * losses[:5].mean()
+    assert _kld(teacher, student, windows) < 0.8 * kld0
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_path, monkeypatch):
+    cache = ddata.build_cache(teacher.model, rows, tmp_path / "cache", k=16, teacher_fp=teacher.fingerprint)
+    cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=2, alpha=0.5, checkpoint_every=3)
+    whole = _student(teacher, rows)
+    dtrain.train(whole, cache, cfg, tmp_path / "whole", progress=False)
+
+    real_step = dtrain.train_step
+
+    def crash_at_5(model, opt, cache_, cfg_, step, lr):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_step(model, opt, cache_, cfg_, step, lr)
+
+    monkeypatch.setattr(dtrain, "train_step", crash_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        dtrain.train(_student(teacher, rows), cache, cfg, tmp_path / "split", progress=False)
+    monkeypatch.undo()
+    blob = torch.load(tmp_path / "split" / dtrain.CHECKPOINT, weights_only=True)
+    assert blob["step"] == 3 and blob["optimizer"]["state"]
+    resumed = _student(teacher, rows)
+    state = dtrain.train(resumed, cache, cfg, tmp_path / "split", progress=False)
+    assert state["step"] == 8 and [h[0] for h in state["history"]] == list(range(1, 9))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_heldout_text_is_never_trained_on(teacher, tok, tmp_path):
+    from export.distill import training_rows
+
+    train_texts, heldout = ddata.pydoc_split()
+    assert not set(train_texts) & set(heldout) and len(heldout) >= 7
+    leak = tmp_path / "leak.txt"
+    leak.write_text("Some harmless words. " * 40 + heldout[0][:3000] + " More words." * 40)
+    rows_ = training_rows(teacher, ["pydoc", leak], SEQ, seed=0, cache_root=tmp_path,
+                          synthetic_samples=0, synthetic_tokens=0)
+    held_ids = ddata.pack(heldout, tok, SEQ, 0).ravel()
+    assert not ddata.overlapping_rows(rows_, held_ids).any()
+    assert len(rows_) > 100
+
+
+def test_distill_end_to_end_writes_a_loadable_student(teacher, tok, tmp_path):
+    from export.distill import distill
+    from export.sources import load_source
+
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(ddata.pydoc_split()[0][:3]))
+    out = distill(teacher.source, layers=2, mlp_ratio=0.5, data=["synthetic", text], steps=6, seq_len=SEQ,
+                  batch_size=4, top_k=16, out_dir=tmp_path / "student", cache_dir=tmp_path / "cache",
+                  synthetic_samples=4, synthetic_tokens=24, progress=False)
+    src = load_source(str(out))
+    assert src.config.num_hidden_layers == 2 and src.config.intermediate_size == 128
+    plan = json.loads((out / "distill.json").read_text())
+    assert plan["steps_done"] == 6 and len(plan["keep"]) == 2
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).exists()
+
+
+def test_report_metrics_agree_with_plain_numpy(teacher, tok):
+    from export.distill import report
+
+    rng = np.random.default_rng(0)
+    logits, ids = rng.normal(size=(6, 11)) * 3, rng.integers(0, 11, size=6)
+    kld_fn, top1_fn, nll_fn, _ = report._metrics()
+    assert nll_fn(logits, ids) == pytest.approx(report.nll_sum(logits, ids), rel=1e-9)
+    other = rng.normal(size=(6, 11))
+    assert kld_fn(logits, other) == pytest.approx(report.kl_divergence(logits, other), rel=1e-9)
+    assert top1_fn(logits, other) == report.top1_agreement(logits, other)
+    same = report.compare(teacher.model, teacher.model, heldout_windows(tok, 0, window=SEQ, max_windows=2))
+    assert same["ppl_ratio"] == pytest.approx(1.0) and same["kld"] == pytest.approx(0.0, abs=1e-9)
+    assert same["top1"] == 1.0 and same["teacher_params"] == same["student_params"]
