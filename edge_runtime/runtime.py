@@ -40,12 +40,8 @@ def default_threads() -> int:
 def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype):
     """(context, kv_dtype, prefill_chunk): from the memory planner when there is a budget, else as given."""
     if memory_budget is not None:
-        try:
-            from . import budget
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.budget":
-                raise
-            raise EdgeError("memory budgets need edge_runtime/budget.py, which this install lacks") from None
+        from . import budget
+
         plan = budget.plan(bundle, parse_size(memory_budget), context=context, backend=backend,
                            kv_dtype=kv_dtype)
         return int(plan.context), plan.kv_dtype, plan.prefill_chunk

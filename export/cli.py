@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
-                    help="KV-cache precision (default float16; float32 for --quant fp32)")
+                    help="KV-cache precision (default float16 for int4/auto, float32 for fp32/int8)")
     ap.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                     help="MatMulNBits activation precision: 4 = int8 (fast), 0 = fp32")
     ap.add_argument("--max-context", type=int, default=None, help="largest context the bundle supports")

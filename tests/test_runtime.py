@@ -194,13 +194,6 @@ def test_load_rejects_tampered_and_missing_bundles(tmp_path):
         edge_runtime.load(tmp_path / "bundle", backend="fake", verify=False)
 
 
-def test_memory_budget_without_planner_is_a_clear_error(tmp_path, monkeypatch):
-    make_model(tmp_path, ids_of("the cat"))
-    monkeypatch.setitem(sys.modules, "edge_runtime.budget", None)  # as if budget.py were absent
-    with pytest.raises(EdgeError, match="memory budgets need edge_runtime/budget.py"):
-        edge_runtime.load(tmp_path / "bundle", backend="fake", memory_budget="200MB")
-
-
 def test_backend_resolution(monkeypatch):
     assert backends.resolve("numpy", "edge-llama-v1") == "numpy"
     assert backends.resolve("ort", "optimum-kv-v1") == "ort-optimum"

@@ -95,11 +95,13 @@ def test_hf_folder_round_trip_matches_transformers(spec, tmp_path):
     np.testing.assert_allclose(FloatReference(src).logits(ids), want, rtol=1e-5, atol=1e-5)
 
 
-def test_hf_folder_rejects_unknown_architecture(tmp_path):
+def test_hf_folder_outside_llama_family_goes_to_optimum_or_is_rejected(tmp_path):
     save_hf_folder(load_source("tiny:llama"), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
-    with pytest.raises(UnsupportedModelError, match="gpt2"):
+    assert load_source(str(tmp_path)).origin["exporter"] == "optimum"  # known to transformers: fallback path
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="made-up-arch")))
+    with pytest.raises(UnsupportedModelError, match="made-up-arch"):
         load_source(str(tmp_path))
 
 
