@@ -1,0 +1,55 @@
+"""Teacher vs distilled student as int4 bundles: bytes and decode speed (the part of the distillation report
+that needs the exporter and the runtime). Run after `python -m export.distill.demo --out build/student`.
+
+Both bundles are quantized the same way (int4 search from float weights, --no-transcode), so the speed ratio
+reflects the smaller model, not a different weight format.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def decode_tps(bundle: Path, runs: int, threads: int) -> tuple[float, float]:
+    out = []
+    for _ in range(runs):
+        p = subprocess.run([sys.executable, str(ROOT / "bench/run_one.py"), str(bundle), "--prompt-tokens", "16",
+                            "--new-tokens", "128", "--threads", str(threads), "--json"],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return statistics.median(r["decode_tps"] for r in out), out[0]["bundle_mb"]
+
+
+def main(argv=None) -> int:
+    from export.version import ensure_bundle
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--student", default=str(ROOT / "build/student"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    common = ("--quant", "int4", "--no-transcode", "--no-eval")
+    teacher = ensure_bundle(str(MODEL), ROOT / "build/distill/teacher-int4", *common)
+    student = ensure_bundle(args.student, ROOT / "build/distill/student-int4", *common)
+    t_tps, t_mb = decode_tps(teacher, args.runs, args.threads)
+    s_tps, s_mb = decode_tps(student, args.runs, args.threads)
+    report = Path(args.student) / "report.json"
+    if report.is_file():
+        print(report.read_text())
+    print(f"| int4 bundle | MB | decode tok/s (median of {args.runs}, {args.threads} threads) |")
+    print("|---|---|---|")
+    print(f"| teacher (30 layers) | {t_mb:.1f} | {t_tps:.1f} |")
+    print(f"| student | {s_mb:.1f} | {s_tps:.1f} |")
+    print(f"student decodes {s_tps / t_tps:.2f}x the teacher's speed at {s_mb / t_mb:.2f}x the bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
