@@ -33,6 +33,10 @@ SYSTEMS = [
 SCENARIOS = {"short": (16, 128), "long": (500, 128)}  # prompt tokens, new tokens
 
 
+def log(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
 def ensure_bundles(quants, log) -> None:
     from export.version import ensure_bundle
 
@@ -94,7 +98,6 @@ def main(argv=None) -> int:
     ap.add_argument("--numpy-new-tokens", type=int, default=24, help="fewer tokens for the slow NumPy rows")
     ap.add_argument("--json-out", default=str(ROOT / "reports/bench.json"))
     args = ap.parse_args(argv)
-    log = lambda s: print(s, file=sys.stderr, flush=True)
 
     systems = [s for s in SYSTEMS if not args.only or any(o in s[0] for o in args.only)]
     ensure_bundles(sorted({t[0].split("-")[1] for _, k, t in systems if k == "edge"}), log)

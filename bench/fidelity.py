@@ -83,7 +83,8 @@ def row(name: str, bundle: Path, speed: float) -> dict:
             "kl": h["kl"], "top1": h["top1"], "ppl_ratio": h["ppl_ratio"], "positions": h["positions"],
             "accuracy_level": m["graph"].get("accuracy_level"), "int4_tensors": bits.count(4),
             "int8_tensors": bits.count(8), "target_kld": q.get("target_kld"),
-            "greedy_prefix": sum(probe.get("greedy_prefix") or []), "greedy_tokens": sum(probe.get("greedy_tokens") or [])}
+            "greedy_prefix": sum(probe.get("greedy_prefix") or []),
+            "greedy_tokens": sum(probe.get("greedy_tokens") or [])}
 
 
 def print_table(rows: list) -> None:

@@ -155,11 +155,24 @@ def row_chunks(n: int, k: int, threads: int) -> list[tuple[int, int]]:
 
 # -- quantized matrix -----------------------------------------------------------------------------
 
+def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x [S, K] rounded to int8 per block of `block` values with scale absmax/127 (what MatMulNBits does to its
+    input at accuracy_level 4), returned in float32."""
+    s_rows, k = x.shape
+    xb = x.reshape(s_rows, k // block, block)
+    scale = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+    return (np.rint(xb * inv) * scale).reshape(s_rows, k).astype(np.float32, copy=False)
+
+
 class QuantMatrix:
     """A block-quantized weight W [N, K] (the mmapped arrays of a BlockQuant) times float activations."""
 
-    def __init__(self, bq: BlockQuant, pool: RowPool):
+    def __init__(self, bq: BlockQuant, pool: RowPool, int8_activations: bool = False):
         self.bq, self.pool = bq, pool
+        # ORT's MatMulNBits at accuracy_level 4 quantizes activations to int8 per weight block before the
+        # product (and its zero-point term); emulating it keeps the two backends on the same numbers.
+        self.int8_activations = int8_activations
         self.n, self.k = bq.shape
         self.bits, self.bs, self.kb = bq.bits, bq.block_size, bq.n_blocks
         self.bounds = row_chunks(self.n, self.k, pool.threads)
@@ -173,10 +186,10 @@ class QuantMatrix:
         if self.bits == 4:
             half = np.r_[half[0::2], half[1::2]]
         self.perm = (np.arange(self.kb)[:, None] * self.bs + half[None, :]).reshape(-1)  # [K]
-        # c = offset - zp*scale [N, kb]: kept only when zero points are stored (else made from the mmap).
-        self._bias = None
+        # -zp*scale [N, kb]: kept only when zero points are stored (else made from the mmapped scales).
+        self._zp_bias = None
         if bq.zero_points is not None:
-            self._bias = self.block_bias(slice(None))
+            self._zp_bias = self.zero_point_bias(slice(None))
 
     @property
     def shape(self) -> tuple:
@@ -185,18 +198,22 @@ class QuantMatrix:
     @property
     def resident_nbytes(self) -> int:
         """Bytes this matrix holds in RAM besides the mmapped bundle arrays."""
-        return 0 if self._bias is None else int(self._bias.nbytes)
+        return 0 if self._zp_bias is None else int(self._zp_bias.nbytes)
+
+    def zero_point_bias(self, rows: Rows) -> np.ndarray:
+        """-zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
+        bq = self.bq
+        scales = bq.scales[rows]
+        if bq.zero_points is None:
+            return scales * np.float32(-bq.qtype.default_zp)
+        zp = bq.zero_points[rows]
+        zp = unpack_4bit(zp)[:, :self.kb] if self.bits == 4 else zp
+        return zp.astype(np.float32) * -scales
 
     def block_bias(self, rows: Rows) -> np.ndarray:
         """c = offset - zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
         bq = self.bq
-        scales = bq.scales[rows]
-        if bq.zero_points is None:
-            bias = scales * np.float32(-bq.qtype.default_zp)
-        else:
-            zp = bq.zero_points[rows]
-            zp = unpack_4bit(zp)[:, :self.kb] if self.bits == 4 else zp
-            bias = zp.astype(np.float32) * -scales
+        bias = self.zero_point_bias(rows)
         if bq.offsets is not None:
             bias += bq.offsets[rows]
         return bias.astype(np.float32, copy=False)
@@ -214,24 +231,24 @@ class QuantMatrix:
         """x [S, K] float32 -> x @ W.T [S, N] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         s_rows = x.shape[0]
-        xp = x[:, self.perm] if self.bits == 4 else x  # [S, K] in code column order
+        xq = int8_blocks(x, self.bs) if self.int8_activations else x  # what the codes multiply
+        xp = xq[:, self.perm] if self.bits == 4 else xq  # [S, K] in code column order
         y = np.empty((s_rows, self.n), np.float32)
         if s_rows <= BLOCKWISE_MAX_ROWS:
             xbt = np.ascontiguousarray(xp.reshape(s_rows, self.kb, self.bs).transpose(1, 2, 0))  # [kb, bs, S]
             self.pool.run(lambda i: self._blockwise(xbt, y.T, i), len(self.bounds))
         else:
             self.pool.run(lambda i: self._dequant_gemm(xp, y, i), len(self.bounds))
-        y += self._bias_product(x.reshape(s_rows, self.kb, self.bs).sum(axis=2))
+        y += self._bias_product(xq.reshape(s_rows, self.kb, self.bs).sum(axis=2))
+        if self.bq.offsets is not None:  # the graph sums the float activations for this term (ReduceSum)
+            y += x.reshape(s_rows, self.kb, self.bs).sum(axis=2) @ self.bq.offsets.T
         return y
 
     def _bias_product(self, xs: np.ndarray) -> np.ndarray:
-        """xs [S, kb] block sums -> sum_b c[n, b] * xs[t, b]: [S, N]."""
-        if self._bias is not None:
-            return xs @ self._bias.T
-        out = (xs @ self.bq.scales.T) * np.float32(-self.bq.qtype.default_zp)
-        if self.bq.offsets is not None:
-            out += xs @ self.bq.offsets.T
-        return out
+        """xs [S, kb] block sums -> sum_b (-zp*scale)[n, b] * xs[t, b]: [S, N]."""
+        if self._zp_bias is not None:
+            return xs @ self._zp_bias.T
+        return (xs @ self.bq.scales.T) * np.float32(-self.bq.qtype.default_zp)
 
     def _frame(self, n: int, s_rows: int) -> _Frame:
         ws = self.pool.local

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
         if args.max_context is not None and args.max_context < 16:
             raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
-        opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level, block_size=args.block_size,
+        opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
+                             block_size=args.block_size,
                              method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
                              max_context=args.max_context, threads=args.threads,
                              reference=not args.no_reference, progress=not args.quiet,

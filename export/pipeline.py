@@ -218,7 +218,7 @@ def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
     path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
-def export_bundle(spec: str, out_dir, opts: ExportOptions = ExportOptions()) -> Path:
+def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
     """Export `spec` (GGUF path, HF folder or tiny:<arch>) to a bundle folder `out_dir`, atomically.
 
     The bundle is written to a staging folder next to out_dir, evaluated against the float model there (its

@@ -255,7 +255,8 @@ def cache_key(source, specs4: Mapping, act_aware: bool, windows: Sequence[Sequen
 
 
 def auto_quantize(source, torch_model, windows: Sequence[Sequence[int]], target: float, *, transcode: bool = True,
-                  method: str = "search", offsets: bool = False, block_size: int = 32, act_aware: bool = True, cache_dir: Path | None = None,
+                  method: str = "search", offsets: bool = False, block_size: int = 32, act_aware: bool = True,
+                  cache_dir: Path | None = None,
                   log: Callable[[str], None] = lambda s: None) -> tuple[dict, dict, Plan]:
     """Mixed int4/int8 weights for `source` meeting `target` KLD: (HF name -> BlockQuant, specs, Plan).
 

@@ -10,12 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import edge_runtime
 import edge_runtime.bundle
 from export.probes import probe_text
-
-from conftest import ROOT
 
 
 def run_cli(*args, module="export.cli"):

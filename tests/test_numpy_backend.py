@@ -323,3 +323,36 @@ def test_imports_only_numpy(bundles):
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 64])
+def test_int8_activation_emulation_matches_matmulnbits_accuracy_level_4(bits, rows):
+    """The NumPy kernel with int8_activations reproduces ORT's MatMulNBits at accuracy_level 4 (the bundle's
+    contract), whose fp32 result would differ by O(1) on inputs with outliers."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_runtime.kernels import QuantMatrix, RowPool
+    from export.quantize import quantize_int4, quantize_int8
+
+    rng = np.random.default_rng(bits + rows)
+    k, n = 576, 256
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = (rng.standard_normal((rows, k)) * np.where(rng.random(k) < 0.02, 20, 1)).astype(np.float32)
+    q = quantize_int4(w, 32, "rtn") if bits == 4 else quantize_int8(w, 32, symmetric=False)
+    inits = [numpy_helper.from_array(q.qweight, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S"),
+             numpy_helper.from_array(q.zero_points.reshape(-1), "Z")]
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=32, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    y_ort = ort.InferenceSession(model.SerializeToString()).run(None, {"A": x})[0]
+    pool = RowPool(1)
+    emulated = QuantMatrix(q, pool, int8_activations=True).matmul(x)
+    plain = QuantMatrix(q, pool).matmul(x)
+    scale = np.abs(y_ort).max()
+    assert np.abs(emulated - y_ort).max() <= 2e-5 * scale
+    assert np.abs(plain - y_ort).max() > 100 * np.abs(emulated - y_ort).max()

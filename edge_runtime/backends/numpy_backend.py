@@ -55,6 +55,8 @@ class BundleWeights:
         self.bundle, self.pool = bundle, pool
         self.cfg: ModelConfig = bundle.config
         self.qmeta = (bundle.manifest.get("quantization") or {}).get("tensors") or {}
+        # The graph's MatMulNBits rounds activations to int8 at accuracy_level 4: do the same (same contract).
+        self.int8_activations = int((bundle.manifest.get("graph") or {}).get("accuracy_level", 0)) == 4
         self.head_name = EMBED if self.cfg.tie_word_embeddings else "lm_head.weight"
         self.groups: dict[tuple, Matrix] = {}          # names stored together -> one matrix
         self.rows: dict[str, tuple[tuple, int, int]] = {}  # name -> (its group, its rows r0:r1 in the group)
@@ -91,7 +93,8 @@ class BundleWeights:
     def _quant(self, name: str, arrays: dict) -> QuantMatrix:
         bits, bs = int(self.qmeta[name]["bits"]), int(self.qmeta[name]["block_size"])
         n, kb = arrays["scales"].shape
-        return QuantMatrix(BlockQuant.from_arrays(bits, bs, (n, kb * bs), arrays), self.pool)
+        return QuantMatrix(BlockQuant.from_arrays(bits, bs, (n, kb * bs), arrays), self.pool,
+                           int8_activations=self.int8_activations)
 
     def _load(self, name: str) -> Matrix:
         if name not in self.qmeta:

@@ -76,7 +76,8 @@ class OrtBackend:
         if kv_dtype != graph_kv:
             raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this graph's KV cache is {graph_kv}")
         if not 0 < context <= bundle.max_context:
-            raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
+            raise ContextOverflowError(
+                f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
         self.context, self.threads, self.kv_dtype = int(context), int(threads), kv_dtype
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config

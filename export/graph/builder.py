@@ -92,7 +92,8 @@ class GraphBuilder:
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key not in self._constants:
             flat = "_".join(str(v) for v in arr.reshape(-1)[:8].tolist())
-            name = f"/const/{arr.dtype.name}_{flat}" if arr.size <= 8 else f"/const/{arr.dtype.name}_{len(self._constants)}"
+            suffix = flat if arr.size <= 8 else len(self._constants)
+            name = f"/const/{arr.dtype.name}_{suffix}"
             self._constants[key] = name
             self.initializers[name] = arr
         return self._constants[key]
