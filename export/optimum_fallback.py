@@ -312,7 +312,7 @@ class HFReference(FloatReference):
 def export_fallback_bundle(source, out_dir, opts) -> Path:
     """Bundle a non-Llama source through optimum (called by pipeline.export_bundle with its ExportOptions)."""
     from .bundle_writer import write_bundle
-    from .pipeline import Steps, chat_encoder, tokenizer_manifest, tokenizer_of
+    from .pipeline import Steps, bundle_contents, chat_encoder, tokenizer_of
     from .probes import build_reference
 
     if source.hf_dir is None:
@@ -334,19 +334,8 @@ def export_fallback_bundle(source, out_dir, opts) -> Path:
             steps.done()
             steps.start("write bundle")
             max_context = int(min(opts.max_context or 1 << 62, fallback.config.max_position_embeddings))
-            fields = {
-                "architecture": fallback.config.model_type,
-                "graph": fallback.graph,
-                "quantization": fallback.quantization,
-                "tokenizer": tokenizer_manifest(source),
-                "max_context": max_context,
-                "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
-                **opts.extra_manifest,
-            }
-            extra = {"tokenizer.json": source.tokenizer_json}
-            if reference is not None:
-                fields["reference"] = {"file": "reference.json"}
-                extra["reference.json"] = json.dumps(reference)
+            fields, extra = bundle_contents(source, fallback.graph, fallback.quantization, max_context, reference,
+                                            opts)
             path = write_bundle(out_dir, config=fallback.config, graph=fallback.model, manifest_fields=fields,
                                 extra_files=extra)
             steps.done()

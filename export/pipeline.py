@@ -133,6 +133,25 @@ def tokenizer_manifest(source: SourceModel) -> dict:
             "add_bos_token": bool(meta.get("add_bos_token", False))}
 
 
+def bundle_contents(source: SourceModel, graph_fields: dict, quantization: dict, max_context: int,
+                    reference: Optional[dict], opts: ExportOptions) -> tuple[dict, dict]:
+    """The manifest keys the exporter owns, and the bundle's files besides the graph and weights."""
+    fields = {
+        "architecture": source.config.model_type,
+        "graph": graph_fields,
+        "quantization": quantization,
+        "tokenizer": tokenizer_manifest(source),
+        "max_context": max_context,
+        "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
+        **opts.extra_manifest,
+    }
+    extra = {"tokenizer.json": source.tokenizer_json}
+    if reference is not None:
+        fields["reference"] = {"file": "reference.json"}
+        extra["reference.json"] = json.dumps(reference)
+    return fields, extra
+
+
 def reference_probes(source: SourceModel, threads: int, ref=None) -> dict:
     """reference.json of `source` (ref: an export.reference.FloatReference to reuse)."""
     from .probes import build_reference
@@ -261,19 +280,8 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         reference = reference_probes(source, opts.threads, ref) if opts.reference else None
         steps.done()
         steps.start("write bundle")
-        fields = {
-            "architecture": source.config.model_type,
-            "graph": {"contract": CONTRACT, "kv_dtype": kv_dtype_of(opts), "accuracy_level": opts.accuracy_level},
-            "quantization": quantization,
-            "tokenizer": tokenizer_manifest(source),
-            "max_context": max_context,
-            "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
-            **opts.extra_manifest,
-        }
-        extra = {"tokenizer.json": source.tokenizer_json}
-        if reference is not None:
-            fields["reference"] = {"file": "reference.json"}
-            extra["reference.json"] = json.dumps(reference)
+        graph_fields = {"contract": CONTRACT, "kv_dtype": kv_dtype_of(opts), "accuracy_level": opts.accuracy_level}
+        fields, extra = bundle_contents(source, graph_fields, quantization, max_context, reference, opts)
         write_bundle(staging, config=source.config, graph=graph, manifest_fields=fields, extra_files=extra)
         steps.done()
         steps.start("evaluate vs float")

@@ -7,7 +7,6 @@ side by side (q/k/v, gate/up) are multiplied as one matrix.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Union
 
@@ -20,7 +19,6 @@ from ..llama_numpy import KV_DTYPES, LlamaForward
 from ..quant import SUFFIXES, BlockQuant
 
 CONTRACT = "edge-llama-v1"
-MAX_DEFAULT_THREADS = 4
 EMBED = "model.embed_tokens.weight"
 
 
@@ -195,14 +193,6 @@ class BundleWeights:
         return f"{note}, resident float32: {shown} ({sum(b for _, b in self.resident) / 2**20:.0f} MB)"
 
 
-def default_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))  # the cores this process may actually use
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, MAX_DEFAULT_THREADS))
-
-
 class NumpyBackend:
     """The Backend protocol (backends.base.Backend) in pure NumPy; see the module docstring.
 
@@ -227,6 +217,8 @@ class NumpyBackend:
         if not 0 < self.context <= bundle.max_context:
             raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} "
                                        "for this bundle")
+        from ..runtime import default_threads
+
         self.threads = int(threads) if threads else default_threads()
         self.blas_limited = set_blas_threads(1)  # the pool's threads share every product (kernels.py)
         self.kv_dtype = kv_dtype
