@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kv-dtype", default=None)
+    ap.add_argument("--prefill-chunk", type=int, default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
                               kv_dtype=args.kv_dtype)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(model.tokenizer, args.prompt_tokens)
-    tokens = generate_tokens(model.backend, ids, make_sampler(0.0), max_new_tokens=args.new_tokens)
+    tokens = generate_tokens(model.backend, ids, make_sampler(0.0), max_new_tokens=args.new_tokens,
+                             prefill_chunk=args.prefill_chunk or model.prefill_chunk)
     t1 = time.perf_counter()
     next(tokens)  # prefill + first token
     t2 = time.perf_counter()
