@@ -145,4 +145,4 @@ class OrtBackend:
         return sum(buf.nbytes for buf, _ in self.kv)
 
     def describe(self) -> str:
-        return f"ort threads={self.threads} kv={self.kv_dtype} ctx={self.context}"
+        return f"ort threads={self.threads} kv={self.kv_dtype}"
