@@ -114,7 +114,7 @@ def test_argparse_errors_use_the_same_format(bundle):
 
 
 def test_ctrl_c_exits_130_quietly(tmp_path):
-    slow = write_bundle(tmp_path / "slow", list(range(40, 70)), max_context=256, delay_s=0.05)
+    slow = write_bundle(tmp_path / "slow", list(range(40, 70)), max_context=256, delay_s=0.2)
     cmd = [sys.executable, "-m", "edge_runtime.cli", str(slow), "a", "--raw", "--backend", "fake",
            "--max-new-tokens", "200"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
