@@ -112,13 +112,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def render_chat(tokenizer_meta: dict, user_text: str, system: str | None = None) -> str:
-    """One user turn rendered with the model's chat template, ready for generation (like HF apply_chat_template)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """One user turn rendered with the model's chat template, ready for generation (like HF apply_chat_template).
 
-    template = tokenizer_meta.get("chat_template")
-    if not template:
+    The runtime's sandboxed renderer (edge_runtime.chat) is the one implementation; this only builds the turn.
+    """
+    from edge_runtime.chat import render
+
+    if not tokenizer_meta.get("chat_template"):
         raise UnsupportedModelError("this model has no chat template")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
-    specials = tokenizer_meta.get("special_tokens", {})
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **specials)
+    return render(tokenizer_meta["chat_template"], messages, tokenizer_meta.get("special_tokens", {}))
