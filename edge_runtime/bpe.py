@@ -7,36 +7,134 @@ ByteLevel/Sequence. Anything else raises UnsupportedModelError when the file is 
 """
 from __future__ import annotations
 
+import array
 import heapq
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Callable
 
+from . import tokenizer_json
 from .errors import UnsupportedModelError
 from .pretokenize import CHAR_BYTES, ONIG_LETTER, WHITE_SPACE, build_pre_tokenizer, class_body, parse_ranges
 
 CACHE_SIZE = 50_000  # words; like `tokenizers`, a full cache stops taking new words (no eviction)
 
 
+class TokenTable:
+    """id -> token string, stored as one UTF-8 blob and its offsets rather than 49k Python strings (~0.6 MB
+    instead of ~6 MB resident: the runtime's memory budget counts every MB)."""
+
+    def __init__(self, tokens: list[str | None]):
+        encoded = [(t or "").encode("utf-8") for t in tokens]
+        self.present = bytearray(t is not None for t in tokens)
+        self.blob = b"".join(encoded)
+        self.offsets = array.array("q", [0]) * (len(encoded) + 1)
+        pos = 0
+        for i, e in enumerate(encoded):
+            pos += len(e)
+            self.offsets[i + 1] = pos
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def get(self, token_id: int) -> str | None:
+        if not 0 <= token_id < len(self.present) or not self.present[token_id]:
+            return None
+        return self.blob[self.offsets[token_id]:self.offsets[token_id + 1]].decode("utf-8")
+
+    def to_dict(self) -> dict[str, int]:
+        """token -> id, built on demand (lookups by string are rare at run time); a repeated string keeps its
+        last id, as the JSON object it came from did."""
+        return {self.get(i): i for i in range(len(self)) if self.present[i]}
+
+
+class MergeTable:
+    """(left id, right id) -> (rank, merged id) as an open-addressing hash over two flat int64 arrays.
+
+    A dict of tuples costs ~300 bytes a merge in Python objects (~15 MB for 49k merges); this is 32 bytes a
+    slot, ~3 MB, and one lookup is a few integer operations.
+    """
+
+    EMPTY = -1
+
+    def __init__(self, shift: int, capacity: int):
+        self.shift = shift
+        size = 1 << max(4, (2 * capacity).bit_length())  # load factor <= 1/2
+        self.mask = size - 1
+        self.keys = array.array("q", [self.EMPTY]) * size
+        self.values = array.array("q", [0]) * size
+
+    def _slot(self, key: int) -> int:
+        i = (key * 0x9E3779B97F4A7C15 >> 17) & self.mask
+        keys = self.keys
+        while keys[i] != self.EMPTY and keys[i] != key:
+            i = (i + 1) & self.mask
+        return i
+
+    def put(self, left: int, right: int, rank: int, merged: int) -> None:
+        key = left << self.shift | right
+        i = self._slot(key)
+        self.keys[i] = key
+        self.values[i] = rank << self.shift | merged
+
+    def get(self, left: int, right: int) -> tuple[int, int] | None:
+        key = left << self.shift | right
+        i = self._slot(key)
+        if self.keys[i] == self.EMPTY:
+            return None
+        v = self.values[i]
+        return v >> self.shift, v & ((1 << self.shift) - 1)
+
+
 class BpeModel:
-    """The `model` section: vocab + ranked merges, merging one word at a time (tokenizers' models/bpe)."""
+    """The `model` section: vocab + ranked merges, merging one word at a time (tokenizers' models/bpe).
+
+    The vocab dict is only needed while building; what stays is compact: the id -> token table, the merge
+    table, and the few short tokens words start from (single characters, with the subword prefix/suffix).
+    """
 
     def __init__(self, vocab: dict[str, int], merges: Iterable, unk_token: str | None = None,
                  continuing_subword_prefix: str | None = None, end_of_word_suffix: str | None = None,
                  fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False):
-        self.vocab = vocab
-        self.vocab_r = {i: t for t, i in vocab.items()}
         self.unk_token = unk_token
         self.prefix = continuing_subword_prefix
         self.suffix = end_of_word_suffix
         self.fuse_unk = fuse_unk
         self.byte_fallback = byte_fallback
         self.ignore_merges = ignore_merges
-        self.merges = self._merge_table(merges)  # (left id, right id) -> (rank, merged id)
+        size = max(vocab.values(), default=-1) + 1
+        tokens: list[str | None] = [None] * size
+        for token, token_id in vocab.items():
+            tokens[token_id] = token
+        self.tokens = TokenTable(tokens)
+        self.merges = self._merge_table(vocab, merges, size)
+        short = 1 + len(self.prefix or "") + len(self.suffix or "")
+        wanted = [i for t, i in vocab.items() if len(t) <= short or t.startswith("<0x") or t == unk_token]
+        # Only ids are kept now; the dict is made on first use from the table, so that no string of the parsed
+        # JSON outlives it and pins its memory pool (the parse's ~15 MB would otherwise stay resident).
+        self._symbol_ids = array.array("q", wanted)
+        self._symbols: dict[str, int] | None = None
+        # ignore_merges looks whole words up, and two strings sharing an id cannot be rebuilt from the table:
+        # only then is the full dict worth keeping
+        shared_ids = len(vocab) != sum(self.tokens.present)
+        self._vocab: dict[str, int] | None = dict(vocab) if ignore_merges or shared_ids else None
         self.cache: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def symbols(self) -> dict[str, int]:
+        """The short tokens a word starts from (characters, byte fallbacks, unk) -> id."""
+        if self._symbols is None:
+            self._symbols = {self.tokens.get(i): i for i in self._symbol_ids}
+        return self._symbols
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = self.tokens.to_dict()
+        return self._vocab
 
     @classmethod
     def from_spec(cls, spec: dict) -> BpeModel:
@@ -49,9 +147,10 @@ class BpeModel:
                    bool(spec.get("fuse_unk")), bool(spec.get("byte_fallback")),
                    bool(spec.get("ignore_merges")))
 
-    def _merge_table(self, merges: Iterable) -> dict[tuple[int, int], tuple[int, int]]:
+    def _merge_table(self, vocab: dict[str, int], merges, size: int) -> MergeTable:
         cut = len(self.prefix or "")
-        table = {}
+        merges = merges if hasattr(merges, "__len__") else list(merges)
+        table = MergeTable(max(1, size - 1).bit_length(), len(merges))
         for rank, merge in enumerate(merges):
             parts = merge.split(" ") if isinstance(merge, str) else list(merge)
             if len(parts) != 2:
@@ -59,11 +158,17 @@ class BpeModel:
             left, right = parts
             merged = left + right[cut:]
             for token in (left, right, merged):
-                if token not in self.vocab:
+                if token not in vocab:
                     raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
             # A repeated pair keeps its last rank, as the Rust HashMap collect does.
-            table[(self.vocab[left], self.vocab[right])] = (rank, self.vocab[merged])
+            table.put(vocab[left], vocab[right], rank, vocab[merged])
         return table
+
+    def token_id(self, token: str) -> int | None:
+        return self.vocab.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokens.get(token_id)
 
     def tokenize(self, word: str) -> tuple[int, ...]:
         if not word:
@@ -88,7 +193,7 @@ class BpeModel:
                 piece = self.prefix + piece
             if i == last and self.suffix:
                 piece = piece + self.suffix
-            known = self.vocab.get(piece)
+            known = self.symbols.get(piece)
             if known is not None:
                 if unk is not None:
                     out.append(unk)
@@ -96,12 +201,12 @@ class BpeModel:
                 out.append(known)
                 continue
             if self.byte_fallback:
-                byte_ids = [self.vocab.get(f"<0x{b:02X}>") for b in piece.encode("utf-8")]
+                byte_ids = [self.symbols.get(f"<0x{b:02X}>") for b in piece.encode("utf-8")]
                 if None not in byte_ids:
                     out.extend(byte_ids)  # a pending unk stays pending here, as in tokenizers
                     continue
             if self.unk_token is not None:
-                unk_id = self.vocab.get(self.unk_token)
+                unk_id = self.symbols.get(self.unk_token)
                 if unk_id is None:
                     raise UnsupportedModelError(f"tokenizer unk_token {self.unk_token!r} is not in the vocab")
                 if unk is not None and not self.fuse_unk:
@@ -120,7 +225,7 @@ class BpeModel:
         alive = [True] * n
         heap = []
         for pos in range(n - 1):
-            hit = merges.get((symbols[pos], symbols[pos + 1]))
+            hit = merges.get(symbols[pos], symbols[pos + 1])
             if hit is not None:
                 heap.append((hit[0], pos, hit[1]))
         heapq.heapify(heap)
@@ -129,7 +234,7 @@ class BpeModel:
             right = nxt[pos]
             if not alive[pos] or right >= n:
                 continue
-            hit = merges.get((symbols[pos], symbols[right]))
+            hit = merges.get(symbols[pos], symbols[right])
             if hit is None or hit[1] != new_id:  # stale entry: a neighbour changed since it was queued
                 continue
             symbols[pos] = new_id
@@ -138,11 +243,11 @@ class BpeModel:
             if nxt[pos] < n:
                 prv[nxt[pos]] = pos
             if prv[pos] >= 0:
-                hit = merges.get((symbols[prv[pos]], new_id))
+                hit = merges.get(symbols[prv[pos]], new_id)
                 if hit is not None:
                     heapq.heappush(heap, (hit[0], prv[pos], hit[1]))
             if nxt[pos] < n:
-                hit = merges.get((new_id, symbols[nxt[pos]]))
+                hit = merges.get(new_id, symbols[nxt[pos]])
                 if hit is not None:
                     heapq.heappush(heap, (hit[0], pos, hit[1]))
         return [s for s, keep in zip(symbols, alive) if keep]
@@ -229,27 +334,27 @@ class AddedToken:
 class AddedVocabulary:
     """Tokens matched in the text before pre-tokenization (tokenizer/added_vocabulary.rs)."""
 
-    def __init__(self, specs: list[dict], model: BpeModel, normalize: Normalizer):
+    def __init__(self, specs: list[dict], vocab: Mapping[str, int], normalize: Normalizer):
         self.by_content: dict[str, AddedToken] = {}
         self.by_id: dict[int, AddedToken] = {}
         self.special: set = set()
         for spec in specs:
-            self._add(spec, model)
+            self._add(spec, vocab)
         tokens = list(self.by_content.values())
         self.raw_matcher = self._matcher([t for t in tokens if not t.normalized], lambda s: s)
         self.normalized_matcher = self._matcher([t for t in tokens if t.normalized], normalize)
 
-    def _add(self, spec: dict, model: BpeModel) -> None:
+    def _add(self, spec: dict, vocab: Mapping[str, int]) -> None:
         content = spec["content"]
         if not content:
             return
         if spec.get("special"):
             self.special.add(content)
         # Ids as AddedVocabulary::add_tokens assigns them (equal to the file's ids in a sane file).
-        token_id = self.by_content[content].id if content in self.by_content else model.vocab.get(content)
+        token_id = self.by_content[content].id if content in self.by_content else vocab.get(content)
         if token_id is None:
             top = max(self.by_id, default=None)
-            size = len(model.vocab)
+            size = len(vocab)
             token_id = size if top is None or (top < size and size) else top + 1
         old = self.by_content.get(content)
         if old is not None:
@@ -386,15 +491,17 @@ class PurePythonTokenizer:
             if spec.get(key) is not None:
                 raise UnsupportedModelError(f"tokenizer.json sets {key}; the runtime expects it null")
         self.model = BpeModel.from_spec(spec["model"])
+        vocab = spec["model"]["vocab"]  # the parsed dict: used while building, then dropped with `spec`
         self.normalize = build_normalizer(spec.get("normalizer"))
         self.pre_tokenize = build_pre_tokenizer(spec.get("pre_tokenizer"))
         self.post_process = build_post_processor(spec.get("post_processor"))
         self.decoder = build_decoder(spec.get("decoder"))
-        self.added = AddedVocabulary(spec.get("added_tokens") or [], self.model, self.normalize)
+        self.added = AddedVocabulary(spec.get("added_tokens") or [], vocab, self.normalize)
+        self._vocab_size = len(vocab.keys() | self.added.by_content.keys())
 
     @classmethod
     def from_json(cls, json_str: str) -> PurePythonTokenizer:
-        return cls(json.loads(json_str))
+        return cls(tokenizer_json.loads(json_str))
 
     @classmethod
     def from_file(cls, path) -> PurePythonTokenizer:
@@ -404,15 +511,15 @@ class PurePythonTokenizer:
     @property
     def vocab_size(self) -> int:
         """Distinct tokens, added ones included (Tokenizer::get_vocab_size(true))."""
-        return len(self.model.vocab.keys() | self.added.by_content.keys())
+        return self._vocab_size
 
     def token_to_id(self, token: str) -> int | None:
         added = self.added.by_content.get(token)
-        return added.id if added is not None else self.model.vocab.get(token)
+        return added.id if added is not None else self.model.token_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
         added = self.added.by_id.get(token_id)
-        return added.content if added is not None else self.model.vocab_r.get(token_id)
+        return added.content if added is not None else self.model.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text` (Tokenizer::encode for one sequence, ids only)."""

@@ -26,7 +26,7 @@ from .stats import MB, GenerationStats, peak_rss_bytes
 from .tokenizer import StreamDecoder, Tokenizer
 
 OVERFLOW_POLICIES = ("error", "truncate", "slide")
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128  # tokens per prefill pass: see budget.PREFILL_CHUNKS for the speed/memory trade
 _LAST = np.zeros(1, dtype=np.int64)  # logits_index of a one-token step
 _LAST.flags.writeable = False
 

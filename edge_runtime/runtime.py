@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
-from . import backends, chat
+from . import backends, chat, pages
 from .bundle import Bundle
 from .errors import ContextOverflowError, EdgeError
 from .generate import (
@@ -72,9 +72,11 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     name = backends.resolve(backend, bundle.contract)
     # Planned before anything large (tokenizer, weights, KV cache) is allocated.
     context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
-    tokenizer = Tokenizer.from_bundle(bundle)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
     engine = backends.make_backend(name, bundle, context, threads or default_threads(), **opts)
+    # After the backend: its load transient (weights being prepacked) then peaks without the tokenizer on top.
+    tokenizer = Tokenizer.from_bundle(bundle)
+    pages.trim_heap()  # the tokenizer's parse garbage and the prepacking buffers ONNX Runtime freed
     return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
                  prefill_chunk=chunk)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .stats import MB, parse_size
 
-STAGES = ("runtime", "tokenizer", "backend", "prefill", "decode")  # in the order the child measures them
+STAGES = ("runtime", "backend", "tokenizer", "prefill", "decode")  # in the order the child measures them
 CHILD_TIMEOUT_S = 1800
 
 
@@ -139,7 +139,7 @@ def _child(spec: dict) -> dict:
 
 
     import edge_runtime
-    from edge_runtime import backends, runtime
+    from edge_runtime import backends
     from edge_runtime.generate import fit_prompt, generate_tokens
     from edge_runtime.sampling import make_sampler
     from edge_runtime.stats import GenerationStats
@@ -148,21 +148,23 @@ def _child(spec: dict) -> dict:
     planner.import_runtime_libraries(spec["backend"])  # what a real app has imported before it loads a model
     mark()  # runtime
 
-    real_tok, real_make = runtime.Tokenizer.from_bundle, backends.make_backend
+    real_make = backends.make_backend
 
-    def tokenizer_then_mark(*a, **k):
-        tok = real_tok(*a, **k)
-        mark()  # tokenizer
-        return tok
+    def backend_then_mark(*a, **k):
+        engine = real_make(*a, **k)
+        mark()  # backend (load() builds it before the tokenizer)
+        return engine
 
-    runtime.Tokenizer.from_bundle = tokenizer_then_mark
+    backends.make_backend = backend_then_mark
     t0 = time.perf_counter()
-    model = edge_runtime.load(spec["bundle"], backend=spec["backend"], context=spec["context"],
-                              memory_budget=spec["memory_budget"], kv_dtype=spec["kv_dtype"], verify=False,
-                              overflow=spec["overflow"], threads=spec["threads"])
+    try:
+        model = edge_runtime.load(spec["bundle"], backend=spec["backend"], context=spec["context"],
+                                  memory_budget=spec["memory_budget"], kv_dtype=spec["kv_dtype"], verify=False,
+                                  overflow=spec["overflow"], threads=spec["threads"])
+    finally:
+        backends.make_backend = real_make
     load_s = time.perf_counter() - t0
-    runtime.Tokenizer.from_bundle, backends.make_backend = real_tok, real_make
-    mark()  # backend (and everything else load() does after the tokenizer)
+    mark()  # tokenizer (and everything else load() does after the backend)
 
     cfg = model.bundle.config
     meta = model.bundle.manifest.get("tokenizer") or {}
@@ -207,7 +209,7 @@ def _stage_sizes(marks: list[tuple[int, int]]) -> dict[str, int]:
     for i, name in enumerate(STAGES):
         (_, rss0), (hwm1, rss1) = marks[i], marks[i + 1]
         out[name] = hwm1 - rss0 if name == "prefill" else rss1 - rss0
-    out["load_transient"] = max(0, marks[3][0] - marks[3][1])
+    out["load_transient"] = max(0, marks[2][0] - marks[2][1])
     return out
 
 if __name__ == "__main__":

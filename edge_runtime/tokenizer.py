@@ -1,5 +1,5 @@
-"""Text <-> token ids for a bundle: the `tokenizers` library when installed, else the pure-Python BPE; plus a
-streaming decoder that never emits half a UTF-8 character."""
+"""Text <-> token ids for a bundle: the compact pure-Python BPE by default (the `tokenizers` library on request);
+plus a streaming decoder that never emits half a UTF-8 character."""
 from __future__ import annotations
 
 import os
@@ -31,21 +31,23 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, json_str: str, impl: str = "auto", **special) -> Tokenizer:
-        """impl: "auto" (tokenizers if importable), "tokenizers" or "python"; the environment variable
-        EDGE_RUNTIME_TOKENIZER overrides "auto" (to compare the two)."""
+        """impl: "auto", "python" or "tokenizers"; the environment variable EDGE_RUNTIME_TOKENIZER overrides "auto".
+
+        "auto" is the pure-Python BPE: it gives the same ids and text (tests hold it to `tokenizers` on the
+        held-out corpus and a unicode fuzz) in ~12 MB resident against ~45 MB for the Rust library, and a
+        prompt of a few hundred tokens encodes in milliseconds either way. `tokenizers` is faster on bulk text.
+        """
         if impl == "auto":
             impl = os.environ.get("EDGE_RUNTIME_TOKENIZER", "auto")
-        if impl in ("auto", "tokenizers"):
+        if impl == "tokenizers":
             try:
                 import tokenizers
             except ImportError:
-                if impl == "tokenizers":
-                    raise EdgeError("the tokenizers package is not installed") from None
-            else:
-                try:
-                    return cls(tokenizers.Tokenizer.from_str(json_str), "tokenizers", **special)
-                except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception on a malformed file
-                    raise BundleError(f"cannot read tokenizer.json: {e}") from None
+                raise EdgeError("the tokenizers package is not installed") from None
+            try:
+                return cls(tokenizers.Tokenizer.from_str(json_str), "tokenizers", **special)
+            except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception on a malformed file
+                raise BundleError(f"cannot read tokenizer.json: {e}") from None
         if impl not in ("auto", "python"):
             raise EdgeError(f"unknown tokenizer implementation {impl!r} (auto, tokenizers, python)")
         from .bpe import PurePythonTokenizer

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import ContextOverflowError, UnsupportedModelError
+from ..pages import release_file_pages, reserve
 
 CONTRACT = "edge-llama-v1"
 
@@ -87,14 +88,16 @@ class OrtBackend:
                                             providers=["CPUExecutionProvider"])
         self._ov = ort.OrtValue.ortvalue_from_numpy
         self.binding = self.session.io_binding()
-        # [1, kv_heads, context, head_dim] per layer and per K/V, allocated once for the session and committed
-        # now (filled, not just calloc'ed) so that RSS never grows past the memory plan while generating.
+        # The initializers GatherBlockQuantized reads in place stay mapped, fully read by prepacking: let the
+        # pages go, a decode step faults back in only the embedding rows it gathers.
+        release_file_pages(bundle.path(bundle.manifest["weights"]["file"]))
+        # [1, kv_heads, context, head_dim] per layer and per K/V, reserved once for the whole context (the memory
+        # plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
         kv_shape = (1, cfg.num_key_value_heads, self.context, cfg.head_dim)
         self.kv = []
         for i in range(cfg.num_hidden_layers):
             for kv in ("key", "value"):
-                buf = np.empty(kv_shape, dtype=np.dtype(kv_dtype))
-                buf.fill(0)
+                buf = reserve(kv_shape, kv_dtype)
                 value = self._ov(buf)
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kv}", value)

@@ -1,0 +1,104 @@
+"""Page-level memory helpers (edge_runtime.pages) and the streaming tokenizer.json reader they pair with."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from edge_runtime import pages, tokenizer_json
+
+MB = 2**20
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux features")
+
+
+def _rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def _mapping_rss(path) -> int:
+    target, total, cur = str(path.resolve()), 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and len(line.split()) >= 5 and ":" not in line.split()[0]:
+                cur = line.rstrip("\n").endswith(target)
+            elif cur and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@linux
+def test_reserve_is_zeroed_writable_and_resident_only_where_written():
+    before = _rss()
+    buf = pages.reserve((2, 64, 8192, 16), np.float16)  # 32 MiB, the shape of a small KV cache
+    assert buf.shape == (2, 64, 8192, 16) and buf.dtype == np.float16 and buf.flags.c_contiguous
+    assert buf.flags.writeable and not buf[:, :, ::512].any()
+    assert _rss() - before < 4 * MB  # reserved, not resident
+    buf[0] = 1.0  # half of it
+    grown = _rss() - before
+    assert 14 * MB < grown < 20 * MB
+    assert (buf[0] == 1).all() and not buf[1].any()
+
+
+def test_reserve_of_nothing():
+    assert pages.reserve((0, 4), np.float32).shape == (0, 4)
+
+
+@linux
+def test_release_file_pages_drops_residency_and_keeps_the_data(tmp_path):
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 255, size=16 * MB, dtype=np.uint8)
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read once
+    assert _mapping_rss(path) > 12 * MB
+    assert pages.release_file_pages(path) >= 16 * MB
+    assert _mapping_rss(path) < 1 * MB
+    assert np.array_equal(mapped[::4096], data[::4096])  # pages come back from the file, identical
+    assert pages.release_file_pages(tmp_path / "not-mapped.bin") == 0
+
+
+@linux
+def test_a_mapping_with_private_changes_is_left_alone(tmp_path):
+    path = tmp_path / "w.bin"
+    np.zeros(MB, np.uint8).tofile(path)
+    cow = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: changes live only in this process
+    cow[:4096] = 7
+    pages.release_file_pages(path)
+    assert cow[0] == 7
+
+
+def test_trim_heap_never_raises():
+    assert pages.trim_heap() in (True, False)
+
+
+@pytest.mark.parametrize("doc", [
+    {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}, "added_tokens": []},
+    {"added_tokens": [{"id": 3, "content": "<s>"}], "model": {"merges": [["a", "b"], ["ab", "c"]], "vocab": {}}},
+    {"model": {"merges": [], "vocab": {"\u0120x\"y\\": 0}}, "decoder": None, "x": [1, 2.5, True, None]},
+    {"model": {"type": "WordPiece", "vocab": {}}},
+])
+def test_streaming_reader_equals_json_loads(doc):
+    for text in (json.dumps(doc), json.dumps(doc, indent=2, ensure_ascii=False)):
+        got = tokenizer_json.loads(text)
+        if "merges" in got.get("model", {}):
+            assert len(got["model"]["merges"]) == len(doc["model"]["merges"])
+            got["model"]["merges"] = list(got["model"]["merges"])
+            assert got["model"]["merges"] == list(got["model"]["merges"])  # re-iterable
+        assert got == doc
+
+
+def test_streaming_reader_on_the_real_tokenizer(smollm2_bundle):
+    text = (smollm2_bundle("int4") / "tokenizer.json").read_text(encoding="utf-8")
+    got, ref = tokenizer_json.loads(text), json.loads(text)
+    got["model"]["merges"] = list(got["model"]["merges"])
+    assert got == ref
+
+
+@pytest.mark.parametrize("bad", ['{"model": {"merges": ["a b",]}}', '{"model": {"merges": ["a b"', "[1]",
+                                 '{"a": 1} x', '{"a" 1}'])
+def test_streaming_reader_rejects_malformed_json(bad):
+    with pytest.raises(ValueError):
+        tokenizer_json.loads(bad)
