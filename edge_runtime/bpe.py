@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import heapq
-import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
