@@ -120,12 +120,22 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _prompt_ids(vocab: int, n: int, special: set[int]) -> list[int]:
-    """n ordinary token ids, deterministic (what they say does not change the memory a session needs)."""
-    import numpy as np
+def _prompt_ids(tokenizer, n: int, special: set[int]) -> list[int]:
+    """n ids of English text (CPython's pydoc topics, repeated if need be), deterministic.
 
-    ids = np.random.default_rng(0).integers(vocab // 8, vocab, size=n + len(special) + 1)
-    return [int(i) for i in ids if int(i) not in special][:n]
+    Text rather than random ids: a quantized embedding is read in place from the mapped weights file, so the
+    pages a prompt brings in depend on how many distinct tokens it holds, and text is what prompts are.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    ids: list[int] = []
+    start = 0
+    while len(ids) < n:
+        piece = text[start:start + 8 * (n - len(ids)) + 64] or text
+        start = (start + len(piece)) % len(text)
+        ids += [i for i in tokenizer.encode(piece, add_bos=False) if i not in special]
+    return ids[:n]
 
 
 def _child(spec: dict) -> dict:
@@ -166,10 +176,9 @@ def _child(spec: dict) -> dict:
     load_s = time.perf_counter() - t0
     mark()  # tokenizer (and everything else load() does after the backend)
 
-    cfg = model.bundle.config
     meta = model.bundle.manifest.get("tokenizer") or {}
     special = {int(t) for t in meta.get("eos_token_ids") or ()}
-    ids = fit_prompt(_prompt_ids(cfg.vocab_size, spec["prompt_tokens"], special), model.context,
+    ids = fit_prompt(_prompt_ids(model.tokenizer, spec["prompt_tokens"], special), model.context,
                      spec["new_tokens"], model.overflow)
     stats = GenerationStats()
     tokens = generate_tokens(model.backend, ids, make_sampler(0.0, 0, 1.0, 0.0, None), (), spec["new_tokens"],
