@@ -160,8 +160,11 @@ def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
     input at accuracy_level 4), returned in float32."""
     s_rows, k = x.shape
     xb = x.reshape(s_rows, k // block, block)
-    scale = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
-    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale > 0)
+    amax = np.abs(xb).max(axis=2, keepdims=True)
+    scale = amax / np.float32(127)
+    # MLAS multiplies by 127/amax, not by 1/scale: the two differ by an ulp, which flips exact .5 ties
+    # (common: inputs built from quantized embeddings land on them) and moves whole output rows.
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
     return (np.rint(xb * inv) * scale).reshape(s_rows, k).astype(np.float32, copy=False)
 
 

@@ -3,6 +3,11 @@
 It matches Hugging Face's LlamaForCausalLM in float32: RMSNorm, rotary embeddings in the `rotate_half`
 convention, grouped-query attention, SwiGLU MLP. Weights come from a `Weights` lookup, so the same code runs
 on a dict of float arrays (tests) or on a bundle's quantized matrices (the NumPy backend).
+
+With a float16 KV cache the attention follows the `edge-llama-v1` graph's float16 GroupQueryAttention: q/k/v
+and the rotary tables rounded to float16, the rotation and the softmax computed in float32 on those values,
+the rotated q/k and the attention output rounded to float16 (what ONNX Runtime's CPU kernel returns, bit for
+bit on the graph's own q/k/v).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .config import ModelConfig
+from .pages import reserve
 
 KV_DTYPES = ("float32", "float16")
 
@@ -93,6 +99,11 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rotated * sin
 
 
+def to_half(x: np.ndarray) -> np.ndarray:
+    """x rounded to float16, returned as float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x), with sigmoid written via tanh so that large |x| neither overflows nor warns."""
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))
@@ -124,8 +135,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, context: int, dtype: str = "float32"):
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, context, cfg.head_dim)
-        self.keys = np.zeros(shape, np.dtype(dtype))
-        self.values = np.zeros(shape, np.dtype(dtype))
+        self.keys = reserve(shape, dtype)  # resident as positions fill; the memory plan counts all of it
+        self.values = reserve(shape, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -149,6 +160,11 @@ class LlamaForward:
         self.cfg, self.w = cfg, weights
         self.cache = KVCache(cfg, context, kv_dtype)
         self.cos, self.sin = rope_tables(cfg.head_dim, cfg.rope_theta, context)  # [C, D] each
+        # A float16 cache means half-precision attention, as the graph's GroupQueryAttention does it: q/k/v
+        # and the rotary tables in float16, rotated q/k and the output rounded to float16 (module docstring).
+        self.half = np.dtype(kv_dtype) == np.float16
+        if self.half:
+            self.cos, self.sin = to_half(self.cos), to_half(self.sin)
         self.eps = cfg.rms_norm_eps
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
@@ -175,11 +191,18 @@ class LlamaForward:
         s_len = x.shape[0]
         cos, sin = self.cos[past_len:past_len + s_len], self.sin[past_len:past_len + s_len]  # [S, D]
         q, k, v = self.w.linears([p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], x)
-        q = apply_rotary(self.heads(q, p + "q_proj.bias", cfg.num_attention_heads), cos, sin)  # [H, S, D]
-        k = apply_rotary(self.heads(k, p + "k_proj.bias", cfg.num_key_value_heads), cos, sin)  # [KVH, S, D]
-        v = self.heads(v, p + "v_proj.bias", cfg.num_key_value_heads)                          # [KVH, S, D]
+        q = self.heads(q, p + "q_proj.bias", cfg.num_attention_heads)   # [H, S, D]
+        k = self.heads(k, p + "k_proj.bias", cfg.num_key_value_heads)   # [KVH, S, D]
+        v = self.heads(v, p + "v_proj.bias", cfg.num_key_value_heads)   # [KVH, S, D]
+        if self.half:
+            q, k, v = to_half(q), to_half(k), to_half(v)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.half:
+            q = to_half(q)  # k is rounded by the float16 cache
         keys, values = self.cache.update(layer, k, v, past_len)     # [KVH, T, D] each
         o = attention(q, keys, values, past_len)                    # [H, S, D]
+        if self.half:
+            o = to_half(o)
         return self.w.linear(p + "o_proj.weight", o.transpose(1, 0, 2).reshape(s_len, cfg.q_dim))
 
     def mlp(self, layer: int, x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,10 @@
 """NumPy backend: quantized kernels vs plain NumPy, the forward pass vs transformers, the backend vs ORT.
 
-Three tiers: unit (kernels.QuantMatrix against BlockQuant.dequantize), reference (llama_numpy against Hugging
-Face's float Llama / Qwen2 / Mistral: prefill, chunked prefill, decode), parity (NumpyBackend against the ORT
-backend on tiny bundles of each preset, and against the bundle's own weights dequantized by quant.py).
+Four tiers: unit (kernels.QuantMatrix against BlockQuant.dequantize, the int8 activation rounding and the float16
+attention against single ORT nodes), reference (llama_numpy against Hugging Face's float Llama / Qwen2 / Mistral:
+prefill, chunked prefill, decode), parity (NumpyBackend against the ORT backend on tiny bundles of each preset,
+and against the bundle's own weights dequantized by quant.py), and issue #5's figures on the SmolLM2 bundles
+(bench/parity.py prints the same figures for any bundle).
 """
 from __future__ import annotations
 
@@ -131,7 +133,8 @@ def test_forward_matches_transformers(model_type, tied):
 # -- bundles --------------------------------------------------------------------------------------
 
 def build_bundle(out: Path, cfg: ModelConfig, tensors: dict, preset: str, accuracy_level: int = 4,
-                 fuse: bool = True, int4_method: str = "search", offsets: bool = False) -> Path:
+                 fuse: bool = True, int4_method: str = "search", offsets: bool = False,
+                 kv_dtype: str = "float32") -> Path:
     """A tiny edge-llama-v1 bundle written by the exporter's graph builder and bundle writer."""
     from export.bundle_writer import write_bundle
     from export.graph.llama import GraphOptions, build_llama_graph
@@ -145,14 +148,15 @@ def build_bundle(out: Path, cfg: ModelConfig, tensors: dict, preset: str, accura
         if spec is not None:
             qmeta[name] = weights[name].manifest_entry(spec.method)
     graph = build_llama_graph(cfg, weights, GraphOptions(accuracy_level=accuracy_level, max_context=CONTEXT,
-                                                         fuse_qkv=fuse, fuse_gate_up=fuse))
+                                                         fuse_qkv=fuse, fuse_gate_up=fuse, kv_dtype=kv_dtype))
     fields = {"max_context": CONTEXT, "quantization": {"preset": preset, "tensors": qmeta},
-              "graph": {"contract": "edge-llama-v1"}}
+              "graph": {"contract": "edge-llama-v1", "kv_dtype": kv_dtype, "accuracy_level": accuracy_level}}
     return write_bundle(out, config=cfg, graph=graph, manifest_fields=fields, extra_files={})
 
 
-BUNDLES = {  # name -> (model_type, tied, preset, accuracy_level, fused, int4 offsets)
+BUNDLES = {  # name -> (model_type, tied, preset, accuracy_level, fused, int4 offsets[, kv dtype])
     "llama-fp32": ("llama", True, "fp32", 0, True, False),
+    "llama-int4-kv16": ("llama", True, "int4", 0, True, False, "float16"),
     "llama-int8": ("llama", True, "int8", 0, True, False),
     "llama-int4": ("llama", True, "int4", 0, True, False),
     "qwen2-int4-offsets": ("qwen2", False, "int4", 0, True, True),
@@ -169,10 +173,10 @@ def bundles(tmp_path_factory):
 
     def get(name: str) -> Bundle:
         if name not in cache:
-            model_type, tied, preset, acc, fused, offsets = BUNDLES[name]
+            model_type, tied, preset, acc, fused, offsets, *kv = BUNDLES[name]
             cfg = tiny_config(model_type, tied)
             path = build_bundle(root / name, cfg, tiny_tensors(cfg, seed=5), preset, acc, fused,
-                                offsets=offsets)
+                                offsets=offsets, kv_dtype=(kv or ["float32"])[0])
             cache[name] = Bundle.open(path)
         return cache[name]
 
@@ -340,6 +344,11 @@ def test_int8_activation_emulation_matches_matmulnbits_accuracy_level_4(bits, ro
     k, n = 576, 256
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = (rng.standard_normal((rows, k)) * np.where(rng.random(k) < 0.02, 20, 1)).astype(np.float32)
+    # Half the rows sit on rounding ties (x*127/amax = j + 1/2 up to an ulp), where MLAS' x * (127/amax)
+    # and x * (1/(amax/127)) round apart: activations made from quantized embeddings land there.
+    ties = (rng.integers(-126, 126, (rows, k)) + 0.5) * np.float32(2.0 / 127)
+    ties[:, ::32] = 2.0                                            # the block maximum
+    x[::2] = ties[::2]
     q = quantize_int4(w, 32, "rtn") if bits == 4 else quantize_int8(w, 32, symmetric=False)
     inits = [numpy_helper.from_array(q.qweight, "B"), numpy_helper.from_array(q.scales.reshape(-1), "S"),
              numpy_helper.from_array(q.zero_points.reshape(-1), "Z")]
@@ -356,3 +365,134 @@ def test_int8_activation_emulation_matches_matmulnbits_accuracy_level_4(bits, ro
     scale = np.abs(y_ort).max()
     assert np.abs(emulated - y_ort).max() <= 2e-5 * scale
     assert np.abs(plain - y_ort).max() > 100 * np.abs(emulated - y_ort).max()
+
+
+class _QKV:
+    """A Weights stub for LlamaForward.self_attn: q/k/v come from a given [S, (H + 2 KVH) D] array, o_proj is
+    the identity, so self_attn returns the attention output itself."""
+
+    def __init__(self, cfg: ModelConfig, qkv: np.ndarray):
+        q, kv = cfg.q_dim, cfg.kv_dim
+        self.parts = [qkv[:, :q], qkv[:, q:q + kv], qkv[:, q + kv:]]
+
+    def linears(self, names, x):
+        return self.parts
+
+    def linear(self, name, x):
+        return x
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_attention_matches_group_query_attention(kv_dtype):
+    """LlamaForward's attention against ORT's GroupQueryAttention node as the graph uses it (packed qkv, rotary
+    from the cos/sin caches, causal prefill); with a float16 cache the node runs in float16, and the NumPy side
+    rounds where it does: then nearly every output is bit for bit ORT's."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.graph.ops import rotary_tables
+
+    cfg, s_len = tiny_config(), 40
+    h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dt, onnx_dt = np.dtype(kv_dtype), (TensorProto.FLOAT16 if kv_dtype == "float16" else TensorProto.FLOAT)
+    qkv = (2 * np.random.default_rng(8).standard_normal((s_len, (h + 2 * kvh) * d))).astype(np.float32)
+    cos, sin = rotary_tables(CONTEXT, d, cfg.rope_theta)
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "seqlens_k", "total", "cos", "sin"],
+                            ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=h,
+                            kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)
+    kv_shape = [1, kvh, CONTEXT, d]
+    graph = helper.make_graph(
+        [node], "gqa",
+        [helper.make_tensor_value_info("qkv", onnx_dt, [1, s_len, qkv.shape[1]]),
+         helper.make_tensor_value_info("pk", onnx_dt, kv_shape), helper.make_tensor_value_info("pv", onnx_dt, kv_shape),
+         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+         helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info(n, onnx_dt, None) for n in ("out", "present_k", "present_v")],
+        [numpy_helper.from_array(cos.astype(dt), "cos"), numpy_helper.from_array(sin.astype(dt), "sin")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    zeros = np.zeros(kv_shape, dt)
+    ref = ort.InferenceSession(model.SerializeToString()).run(["out"], {
+        "qkv": qkv.astype(dt)[None], "pk": zeros, "pv": zeros, "seqlens_k": np.array([s_len - 1], np.int32),
+        "total": np.array(s_len, np.int32)})[0][0].astype(np.float32)      # [S, H*D]
+
+    model_np = LlamaForward(cfg, _QKV(cfg, qkv), CONTEXT, kv_dtype)
+    ours = model_np.self_attn(0, qkv, 0)                                     # [S, H*D]
+    scale = np.abs(ref).max()
+    if kv_dtype == "float16":
+        assert (ours == ref).mean() > 0.99 and np.abs(ours - ref).max() <= 2e-3 * scale
+    else:
+        assert np.abs(ours - ref).max() <= 1e-5 * scale
+
+
+def test_float16_kv_follows_the_graph(bundles):
+    """A float16-KV graph attends in float16: the backend takes the graph's KV precision by default and then
+    agrees with ORT more closely than a float32 cache would (what is left: float16 roundings of q/k/v that a
+    one-ulp float32 difference in the projections tips the other way)."""
+    bundle = bundles("llama-int4-kv16")
+    ids = np.random.default_rng(9).integers(0, bundle.config.vocab_size, 48)
+    theirs = run_steps(ort_backend(bundle), ids, prefill=20)
+    default, f32 = numpy_backend(bundle), numpy_backend(bundle, kv_dtype="float32")
+    assert default.kv_dtype == "float16" and "kv float16" in default.describe()
+    err16 = np.abs(run_steps(default, ids, prefill=20) - theirs).max()
+    err32 = np.abs(run_steps(f32, ids, prefill=20) - theirs).max()
+    assert err16 < 0.4 * err32, (err16, err32)  # measured: 2.5e-3 against 8.6e-3
+
+
+# -- issue #5: the SmolLM2 bundles ----------------------------------------------------------------
+
+def parity_figures(path: Path, greedy_steps: int = 0) -> dict:
+    """NumPy against ORT on the bundle's reference probe window (and greedy prompts when greedy_steps > 0)."""
+    from edge_runtime.backends.numpy_backend import NumpyBackend
+    from edge_runtime.backends.ort import OrtBackend
+    from edge_runtime.verify import all_logits, greedy_ids
+
+    bundle = Bundle.open(path)
+    reference = bundle.read_json("reference.json")
+    probe, prompts = reference["probe"]["ids"], reference["prompts"]
+    context = max([len(probe)] + [len(p["ids"]) + greedy_steps for p in prompts])
+    ours, theirs = NumpyBackend(bundle, context, threads=2), OrtBackend(bundle, context, threads=2)
+    a, b = all_logits(ours, probe), all_logits(theirs, probe)            # [T, vocab]
+    top2 = np.sort(b, axis=-1)[:, -2:]
+    out = {"top1": a.argmax(-1) == b.argmax(-1), "gap": top2[:, 1] - top2[:, 0], "max_diff": np.abs(a - b).max(),
+           "ort": b, "greedy": []}
+    if greedy_steps:
+        out["greedy"] = [(greedy_ids(ours, p["ids"], greedy_steps), greedy_ids(theirs, p["ids"], greedy_steps))
+                         for p in prompts]
+    return out
+
+
+def test_smollm2_fp32_logits_match_ort(smollm2_bundle):
+    f = parity_figures(smollm2_bundle("fp32", "--accuracy-level", "0"))
+    assert f["max_diff"] <= 1e-3 and f["top1"].all()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_smollm2_quantized_parity_with_fp32_activations(smollm2_bundle, quant):
+    """Issue #5's figures hold where the graph is a continuous function (accuracy_level 0): >= 99% top-1 on the
+    probe window and the same 32 greedy tokens on the 3 reference prompts (the int4 bundle: float16 KV).
+    int8's greedy figure (also 3 x 32/32) is left to bench/parity.py: ORT has no fp32-activation kernel for
+    8-bit MatMulNBits and decodes ~1.5 s per token there."""
+    f = parity_figures(smollm2_bundle(quant, "--accuracy-level", "0"), greedy_steps=32 if quant == "int4" else 0)
+    assert f["top1"].mean() >= 0.99 and f["top1"][f["gap"] > 0.05].all()
+    if quant == "int4":
+        assert len(f["greedy"]) == 3 and all(ours == theirs for ours, theirs in f["greedy"])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_smollm2_default_graph_agrees_up_to_int8_rounding(smollm2_bundle, quant):
+    """At the default accuracy_level 4, MatMulNBits rounds every activation to int8: a one-ulp difference
+    anywhere (a float sum in another order) flips some roundings and the flips compound over 30 layers, so
+    top-1 may differ only where ORT's own top-2 gap is small. The bound is measured, not wished: ORT itself
+    moves as far between accuracy levels 4 and 0 on the same weights (bench/parity.py --compare-to)."""
+    f = parity_figures(smollm2_bundle(quant))
+    assert f["top1"].mean() >= 0.85 and f["top1"][f["gap"] > 0.5].all()
+    if quant == "int8":
+        from edge_runtime.backends.ort import OrtBackend
+        from edge_runtime.verify import all_logits
+
+        exact = Bundle.open(smollm2_bundle(quant, "--accuracy-level", "0"))
+        probe = exact.read_json("reference.json")["probe"]["ids"]
+        fp32_acts = all_logits(OrtBackend(exact, len(probe), threads=2), probe)
+        ort_vs_ort = (fp32_acts.argmax(-1) == f["ort"].argmax(-1)).mean()
+        assert f["top1"].mean() >= ort_vs_ort - 0.05

@@ -198,12 +198,13 @@ class NumpyBackend:
 
     threads: the row chunks of every matrix product are shared by this many threads, each calling NumPy's
     BLAS single-threaded (set process-wide; where that BLAS cannot be reached, set OPENBLAS_NUM_THREADS=1
-    before numpy is imported). resident_bytes: budget for dequantized float32 copies of matrices.
+    before numpy is imported). kv_dtype: None takes the graph's (manifest graph.kv_dtype). resident_bytes:
+    budget for dequantized float32 copies of matrices.
     """
 
     name = "numpy"
 
-    def __init__(self, bundle, context: int, threads: int | None = None, kv_dtype: str = "float32",
+    def __init__(self, bundle, context: int, threads: int | None = None, kv_dtype: str | None = None,
                  resident_bytes: int = 0):
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"the numpy backend runs {CONTRACT} bundles, not {bundle.contract}")
@@ -211,6 +212,9 @@ class NumpyBackend:
         if cfg.model_type not in LLAMA_FAMILY:
             raise UnsupportedModelError(f"the numpy backend runs {', '.join(LLAMA_FAMILY)}, "
                                         f"not {cfg.model_type}")
+        # Default: the graph's own KV precision, so both backends run the same contract (a float16 cache
+        # also means float16 attention, llama_numpy.py).
+        kv_dtype = kv_dtype or (bundle.manifest.get("graph") or {}).get("kv_dtype", "float32")
         if kv_dtype not in KV_DTYPES:
             raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.context = int(context)
