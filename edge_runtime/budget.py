@@ -40,30 +40,44 @@ EMBED = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
+class Attention:
+    """How a backend's attention over a KV cache of one dtype allocates its scores (measured)."""
+
+    slack: float                 # measured / arithmetic size of the scores [heads, chunk, keys] in float32
+    window: int | None           # keys scored at once (None: all of them)
+    base: int = 0                # fixed buffers of that attention path (e.g. float16 <-> float32 copies)
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Measured constants of one backend (bytes unless said otherwise); bench/memory.py re-measures them."""
 
     runtime: int                 # RSS after importing Python, NumPy, edge_runtime, the backend library, tokenizers
-    runtime_no_tokenizers: int   # the same when the tokenizers package is not installed
-    session: int                 # the backend's fixed state once built (ORT: graph, kernels, thread pool)
+    runtime_no_tokenizers: int   # the same when the tokenizers package is not imported (the default)
+    session: int                 # the backend's fixed state once built (ORT: graph, kernels, prepack padding)
     prefill_base: int            # what the first prefill allocates whatever its size (ORT: arena, kernel buffers)
     activation_slack: float      # measured / arithmetic size of a chunk's hidden states and MLP intermediates
-    scores_slack: float          # the same for the attention scores [heads, chunk, min(context, window)]
-    scores_window: int | None    # keys scored at once (ORT's GroupQueryAttention: measured flat past 2048)
+    attention: dict              # KV dtype -> Attention
     workspace: int               # per-thread scratch of prefill (BLAS buffers, dequantized row chunks)
 
 
 # The one place for measured constants: SmolLM2-135M bundles on x86-64, Python 3.11, onnxruntime 1.32, NumPy 2.4,
-# fitted from fresh-process measurements (prefill chunks 64 and 256, contexts 64 to 8192; bench/memory.py).
+# fitted from fresh-process measurements (full-context sessions at 512, 2048 and 8192, prefill chunk 128;
+# bench/memory.py). ORT's float32 GroupQueryAttention scores keys in windows (flat past 2048); its float16 path
+# scores all keys at once and keeps float32 copies.
 CALIBRATION = {
-    "ort": Calibration(runtime=53 * MB, runtime_no_tokenizers=47 * MB, session=5 * MB, prefill_base=0,
-                       activation_slack=0.5, scores_slack=1.15, scores_window=2048, workspace=0),
+    "ort": Calibration(runtime=56 * MB, runtime_no_tokenizers=51 * MB, session=19 * MB, prefill_base=0,
+                       activation_slack=0.5,
+                       attention={"float32": Attention(1.15, 2048), "float16": Attention(1.5, None, 7 * MB)},
+                       workspace=0),
     "numpy": Calibration(runtime=35 * MB, runtime_no_tokenizers=29 * MB, session=1 * MB, prefill_base=0,
-                         activation_slack=1.0, scores_slack=1.0, scores_window=None, workspace=2 * MB),
+                         activation_slack=1.0,
+                         attention={"float32": Attention(1.0, None), "float16": Attention(1.0, None)},
+                         workspace=2 * MB),
 }
 # Resident bytes of a parsed tokenizer per byte of tokenizer.json (measured on SmolLM2's 49k-token BPE).
-TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 16.0}
-TOKENIZER_BASE = 2 * MB  # the tokenizer module, its special-token tables and the JSON text itself
+TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 1.0}
+TOKENIZER_BASE = 2 * MB  # the tokenizer module, its special-token tables and its word cache
 
 
 @dataclass(frozen=True)
@@ -210,15 +224,16 @@ def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
     return int(resident_bytes), mapped
 
 
-def activation_bytes(cfg: ModelConfig, chunk: int, context: int, cal: Calibration) -> int:
+def activation_bytes(cfg: ModelConfig, chunk: int, context: int, cal: Calibration, kv_dtype: str) -> int:
     """The peak of a prefill chunk at the end of a full context, over what is resident before it."""
     s = min(chunk, context)
     per_token = (3 * cfg.hidden_size                          # residual, normed input, attention output
                  + cfg.q_dim + 2 * cfg.kv_dim                 # packed q/k/v
                  + 3 * cfg.intermediate_size)                 # gate/up and their product
-    keys = min(context, cal.scores_window or context)
+    att = cal.attention[kv_dtype]
+    keys = min(context, att.window or context)
     scores = cfg.num_attention_heads * s * keys               # [heads, chunk, keys]: a chunk at the end
-    return int(cal.prefill_base + 4 * s * per_token * cal.activation_slack + 4 * scores * cal.scores_slack)
+    return int(cal.prefill_base + att.base + 4 * s * per_token * cal.activation_slack + 4 * scores * att.slack)
 
 
 def logits_bytes(cfg: ModelConfig) -> int:
@@ -247,14 +262,14 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
         wnote = f"float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
-    act = activation_bytes(cfg, prefill_chunk, context, cal) + cal.workspace * threads
+    act = activation_bytes(cfg, prefill_chunk, context, cal, kv_dtype) + cal.workspace * threads
     components = (
         Component("runtime", runtime, f"Python, NumPy, edge_runtime, {'onnxruntime, ' if family == 'ort' else ''}"
                                       f"{'tokenizers' if impl == 'tokenizers' else 'no tokenizers'}"),
         Component("tokenizer", tok, f"{impl} implementation"),
         Component("weights", weights + cal.session, wnote + " + backend state"),
         Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype), f"{kv_dtype}, {context} positions"),
-        Component("mapped", mapped, "weights.bin pages read in place, resident from the first step"),
+        Component("mapped", mapped, "weights.bin pages read in place (at most all of them)"),
         Component("activations", act, f"prefill chunk {min(prefill_chunk, context)} at the end of the context"),
         Component("logits", logits_bytes(cfg), f"vocab {cfg.vocab_size}"),
     )
