@@ -22,7 +22,8 @@ SENS_CACHE = ROOT / "cache/sensitivity"
 # name -> edge-export arguments. "re-quant" presets re-quantize the fp32 weights (--no-transcode): SmolLM2's
 # GGUF is Q4_1 and the fp32 reference is its dequantization, so the transcoded presets are exact by design.
 PRESETS = {
-    "int8": ["--quant", "int8"],
+    "int8": ["--quant", "int8"],  # smoothed (export/smooth.py), blocks of 16
+    "int8-nosmooth": ["--quant", "int8", "--no-smooth", "--block-size", "32"],  # the exact transcode
     "int8-acc0": ["--quant", "int8", "--accuracy-level", "0"],
     "int8-requant": ["--quant", "int8", "--no-transcode"],
     "int8-requant-acc0": ["--quant", "int8", "--no-transcode", "--accuracy-level", "0"],
@@ -98,7 +99,7 @@ def print_table(rows: list) -> None:
 def acceptance(rows: dict) -> list[str]:
     """The issue's acceptance figures, one line each."""
     lines = []
-    for name in ("int8", "int8-acc0", "int8-requant", "int8-requant-acc0"):
+    for name in ("int8", "int8-nosmooth", "int8-acc0", "int8-requant", "int8-requant-acc0"):
         if name in rows:
             r = rows[name]
             ok = r["kl"] <= 0.002 and r["top1"] >= 0.98

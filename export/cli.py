@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quant", default="int4", choices=PRESETS,
                     help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
                          "--max-kld (default 0.02)")
-    ap.add_argument("--block-size", type=int, default=32, choices=(16, 32, 64, 128))
+    ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
+                    help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
+                         "else 32)")
     ap.add_argument("--method", default="search", choices=("search", "rtn"),
                     help="int4 scale/zero-point choice for float weights")
     ap.add_argument("--offsets", action="store_true",
@@ -28,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache precision (default float16 for int4/auto, float32 for fp32/int8)")
     ap.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                     help="MatMulNBits activation precision: 4 = int8 (fast), 0 = fp32")
+    ap.add_argument("--no-smooth", action="store_true",
+                    help="int8: do not fold per-channel activation scales into the weights (SmoothQuant-style "
+                         "smoothing, on by default at accuracy level 4)")
+    ap.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+                    help="int8 smoothing strength in [0, 1] (default 0.5)")
     ap.add_argument("--max-context", type=int, default=None, help="largest context the bundle supports")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="do not store the float model's probes")
@@ -52,6 +59,8 @@ def main(argv=None) -> int:
 
         if args.max_kld is not None and not args.max_kld > 0:
             raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
+        if not 0.0 <= args.smooth_alpha <= 1.0:
+            raise EdgeError(f"--smooth-alpha must be in [0, 1] (got {args.smooth_alpha})")
         if args.max_context is not None and args.max_context < 16:
             raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
         opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
@@ -61,7 +70,8 @@ def main(argv=None) -> int:
                              reference=not args.no_reference, progress=not args.quiet,
                              evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
                              force=args.force, act_aware=not args.no_act_aware,
-                             sensitivity_cache=args.sensitivity_cache)
+                             sensitivity_cache=args.sensitivity_cache,
+                             smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha)
         out = export_bundle(args.source, args.out, opts)
     except EdgeError as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
