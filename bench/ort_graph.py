@@ -3,8 +3,10 @@
     .venv/bin/python bench/ort_graph.py build --out build/ort-bench            # int4 / int8 / q4_1 bundles
     .venv/bin/python bench/ort_graph.py run build/ort-bench/int4 --threads 2 [--option disable_prepacking=1]
     .venv/bin/python bench/ort_graph.py sweep build/ort-bench/int4             # every memory option, one process each
+    .venv/bin/python bench/ort_graph.py profile bundles/smollm2-int4 --threads 1  # per-op time of a decode step
 
-Each `run` is a fresh process so that VmHWM (peak RSS) belongs to that one configuration.
+Each `run` is a fresh process so that VmHWM (peak RSS) belongs to that one configuration. `profile` uses ONNX
+Runtime's profiler, which adds a few microseconds to every node: read its shares, not its absolute times.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 GGUF = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("int4", "int8", "q4_1")
-SWEEP = [{}, {"enable_cpu_mem_arena": 0}, {"use_env_allocators": 1}, {"disable_prepacking": 1},
+SWEEP = [{}, {"enable_cpu_mem_arena": 0}, {"use_env_allocators": 1}, {"disable_prepacking": 1}, {"constant_folding": 1},
          {"use_device_allocator_for_initializers": 1}, {"enable_mem_pattern": 0}, {"allow_spinning": 0}]
 
 
@@ -109,6 +111,46 @@ def run(args) -> dict:
     return res
 
 
+def profile(args) -> None:
+    """Per-op-type kernel time of `--decode` decode steps after a `--prefill`-token prompt."""
+    import collections
+
+    import numpy as np
+
+    from edge_runtime.backends import ort as ort_backend
+    from edge_runtime.bundle import Bundle
+
+    make = ort_backend.make_session_options
+
+    def profiled(*a, **k):
+        so = make(*a, **k)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(args.out) / "ort-profile")
+        return so
+
+    ort_backend.make_session_options = profiled
+    be = ort_backend.OrtBackend(Bundle.open(args.bundle, verify=False), context=args.context, threads=args.threads)
+    ort_backend.make_session_options = make
+    prompt = np.random.default_rng(0).integers(100, 40000, size=args.prefill).astype(np.int64)
+    logits = be.forward(prompt, 0, np.array([len(prompt) - 1]))
+    for pos in range(len(prompt), len(prompt) + args.decode):
+        logits = be.forward(np.array([int(np.argmax(logits))]), pos, np.zeros(1, np.int64))
+    path = Path(be.session.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
+    runs = [e for e in events if e.get("name") == "model_run"][-args.decode:]
+    per_op, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[0]["ts"]:
+            per_op[e["args"]["op_name"]] += e["dur"] / args.decode
+            count[e["args"]["op_name"]] += 1
+    total = sum(per_op.values())
+    print(f"{args.bundle}: model_run {sum(r['dur'] for r in runs) / args.decode:.0f} us/token, kernels {total:.0f} us, "
+          f"{sum(count.values()) // args.decode} nodes")
+    for op, us in per_op.most_common():
+        print(f"  {op:34s} {us:8.1f} us/token {100 * us / total:5.1f}%  x{count[op] // args.decode}")
+
+
 def sweep(args) -> None:
     for opts in SWEEP:
         cmd = [sys.executable, __file__, "run", args.bundle, "--threads", str(args.threads), "--runs", str(args.runs)]
@@ -129,7 +171,7 @@ def main(argv=None) -> None:
     b.add_argument("--block-size", type=int, default=32)
     b.add_argument("--kv-dtype", default="float32", choices=("float32", "float16"))
     b.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls")
-    for name in ("run", "sweep"):
+    for name in ("run", "sweep", "profile"):
         r = sub.add_parser(name)
         r.add_argument("bundle")
         r.add_argument("--threads", type=int, default=2)
@@ -138,8 +180,9 @@ def main(argv=None) -> None:
         r.add_argument("--prefill", type=int, default=500)
         r.add_argument("--decode", type=int, default=64)
         r.add_argument("--option", action="append", default=[])
+        r.add_argument("--out", default="/tmp", help="profile: where ORT writes its (deleted) trace")
     args = ap.parse_args(argv)
-    {"build": build, "run": run, "sweep": sweep}[args.cmd](args)
+    {"build": build, "run": run, "sweep": sweep, "profile": profile}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from edge_runtime.backends.ort import OrtBackend
+from edge_runtime.backends.ort import OrtBackend, make_session_options
 from edge_runtime.bundle import ALIGN, Bundle
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ContextOverflowError
@@ -117,6 +117,37 @@ def test_int8_activations_stay_close(tmp_path):
     # int8-quantized activations: a small relative error, and the same argmax nearly everywhere.
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def optimized_graph(model_path, tmp_path, **options) -> onnx.GraphProto:
+    """The graph as the backend's session options leave it after ONNX Runtime's optimizers."""
+    import onnxruntime as ort
+
+    so = make_session_options(1, options)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+
+
+def test_decode_path_layout_survives_session_optimization(tmp_path):
+    hf = tiny_hf("llama", tied=True)
+    cfg, weights = hf_weights(hf)
+    qweights = quantize_linears(weights, lambda w: quantize_int4(w, 32, method="rtn", offsets=True))
+    qweights["model.embed_tokens.weight"] = quantize_int4(weights["model.embed_tokens.weight"], 32, method="rtn")
+    graph = build_llama_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
+    out = write_bundle(tmp_path / "b", config=cfg, graph=graph, manifest_fields={}, extra_files={})
+    g = optimized_graph(out / "model.onnx", tmp_path)
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {t.name for t in g.initializer}
+    gemms = [n for n in g.node if n.name.endswith("/offsets/Gemm")]
+    assert len(gemms) == 4 * cfg.num_hidden_layers
+    # offsets stay an unpacked view (a Reshape of the bundle's array), block sums a Reshape + ReduceSum
+    assert all(producer[n.input[1]].op_type == "Reshape" and n.input[1] not in inits for n in gemms)
+    assert {producer[n.input[0]].op_type for n in gemms} == {"ReduceSum"}
+    assert producer["logits"].op_type == "MatMulNBits"  # the lm_head writes the bound logits buffer itself
+    folded = optimized_graph(out / "model.onnx", tmp_path, constant_folding=True)
+    assert all(n.input[1] in {t.name for t in folded.initializer} for n in folded.node
+               if n.name.endswith("/offsets/Gemm"))
 
 
 def test_tied_quantized_embedding_is_stored_once(tmp_path):

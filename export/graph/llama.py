@@ -96,8 +96,7 @@ class LlamaGraph:
         # Only the requested positions reach the final norm and the vocab-sized lm_head.
         h = ops.gather_rows(g, h, logits_index, "/model/logits_index")                # [L, H]
         x = ops.rms_norm(g, h, self._w("model.norm.weight"), cfg.rms_norm_eps, "/model/norm")
-        logits = self.lm_head(x)                                                      # [L, V]
-        g.op("Reshape", [logits, g.constant([1, -1, cfg.vocab_size])], "/lm_head/Reshape", outputs=["logits"])
+        self.lm_head(x, "logits")                                                     # [1, L, V]
         g.output("logits", np.float32, [1, "logits_count", cfg.vocab_size])
         return g.to_model()
 
@@ -154,19 +153,28 @@ class LlamaGraph:
         return self.linear(ops.silu_mul(self.g, gate, up, path), [f"{p}.down_proj.weight"], None,
                            f"{path}/down_proj")
 
-    def lm_head(self, x: str) -> str:
-        """x [L, H] -> logits [L, V]; with tied embeddings it reads the embedding's own initializers."""
-        name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        return self.linear(x, [name], None, "/lm_head")
+    def lm_head(self, x: str, output: str) -> str:
+        """x [L, H] -> `output` [1, L, V]; with tied embeddings it reads the embedding's own initializers."""
+        g, name = self.g, "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        w = self.weights[name]
+        if isinstance(w, BlockQuant) and w.offsets is None:
+            # MatMulNBits reads [1, L, H] and writes the bound logits buffer itself; a Reshape after it would
+            # copy the [L, V] logits into that buffer (196 KB per decode token for a 49k vocabulary).
+            x = ops.reshape(g, x, [1, -1, self.cfg.hidden_size], "/lm_head/input")    # [1, L, H]
+            return self.linear(x, [name], None, "/lm_head", output=output)
+        logits = self.linear(x, [name], None, "/lm_head")                             # [L, V]
+        return g.op("Reshape", [logits, g.constant([1, -1, self.cfg.vocab_size])], "/lm_head/Reshape",
+                    outputs=[output])
 
     # -- weights ----------------------------------------------------------------------------------------------
 
     def linear(self, x: str, names: Sequence[str], fused_name: str | None, path: str,
-               bias_names: Sequence[str] | None = None, fuse: bool = True) -> str:
+               bias_names: Sequence[str] | None = None, fuse: bool = True, output: str | None = None) -> str:
         """x [S, K] times the row-concatenation of the named [N_j, K] weights -> [S, sum N_j].
 
         Weights of one kind (float, or quantized alike) become one fused initializer and one matmul; mixed
-        kinds fall back to one matmul per weight and a Concat.
+        kinds fall back to one matmul per weight and a Concat. `output` names the result of a quantized matmul
+        without offsets (which also takes x [..., K]).
         """
         ws = [self.weights[n] for n in names]
         if len(names) > 1 and (not fuse or len({_quant_signature(w) for w in ws}) > 1):
@@ -181,8 +189,8 @@ class LlamaGraph:
         if isinstance(ws[0], BlockQuant):
             inits = self._quant_inits(fused_name or names[0], names)
             n, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
-            return ops.nbits_linear(self.g, x, inits, bias, n=n, k=k, bits=ws[0].bits,
-                                    block_size=ws[0].block_size, accuracy_level=self.opt.accuracy_level, name=path)
+            return ops.nbits_linear(self.g, x, inits, bias, n=n, k=k, bits=ws[0].bits, block_size=ws[0].block_size,
+                                    accuracy_level=self.opt.accuracy_level, name=path, output=output)
         weight = self.g.fused_weight(fused_name or names[0], [(n, self.weights[n]) for n in names])
         return ops.float_linear(self.g, x, weight, bias, path)
 
