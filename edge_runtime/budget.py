@@ -70,9 +70,10 @@ CALIBRATION = {
                        activation_slack=0.5,
                        attention={"float32": Attention(1.15, 2048), "float16": Attention(1.5, None, 7 * MB)},
                        workspace=0),
-    "numpy": Calibration(runtime=35 * MB, runtime_no_tokenizers=29 * MB, session=1 * MB, prefill_base=0,
+    # NumPy's float16 attention (the graph's roundings) keeps float32 copies of the scores and of the keys read
+    "numpy": Calibration(runtime=37 * MB, runtime_no_tokenizers=32 * MB, session=1 * MB, prefill_base=8 * MB,
                          activation_slack=1.0,
-                         attention={"float32": Attention(1.0, None), "float16": Attention(1.0, None)},
+                         attention={"float32": Attention(1.0, None), "float16": Attention(2.35, None)},
                          workspace=2 * MB),
 }
 # Resident bytes of a parsed tokenizer per byte of tokenizer.json (measured on SmolLM2's 49k-token BPE).

@@ -67,9 +67,12 @@ def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):
 
 
 def test_kv_dtype_and_chunk_are_chosen_to_fit(tiny_manifest):
-    fp16 = budget.plan_session(tiny_manifest, 512, "numpy", "float16", 32).total
-    p = budget.plan(tiny_manifest, fp16, context=512, backend="numpy")
-    assert p.kv_dtype == "float16" and p.total <= fp16
+    totals = {d: budget.plan_session(tiny_manifest, 512, "numpy", d, 32).total for d in ("float32", "float16")}
+    assert totals["float32"] != totals["float16"]
+    lean = min(totals, key=totals.get)  # a float16 cache is smaller, but NumPy's float16 attention has scratch
+    p = budget.plan(tiny_manifest, totals[lean], context=512, backend="numpy")
+    assert p.kv_dtype == lean and p.total <= totals[lean]
+    fp16 = max(totals.values())
     roomy = budget.plan(tiny_manifest, 10 * fp16, context=512, backend="numpy")
     assert roomy.kv_dtype == "float32" and roomy.prefill_chunk == budget.PREFILL_CHUNKS[0]
     graph_kv = tiny_manifest.manifest["graph"]["kv_dtype"] if hasattr(tiny_manifest, "manifest") else \
