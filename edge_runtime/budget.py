@@ -220,9 +220,14 @@ def ort_weight_bytes(manifest: dict) -> tuple[int, int, int]:
 
 
 def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
-    """(dequantized float32 copies made at load, the mmapped weights.bin, read whole from the first step)."""
-    mapped = sum(int(m["nbytes"]) for m in _tensors(manifest).values())
-    return int(resident_bytes), mapped
+    """(RAM besides the file: dequantized float32 copies made at load, plus the float32 -zp*scale table
+    [N, blocks] of every quantized matrix that stores zero points; the mmapped weights.bin, read whole from
+    the first step)."""
+    tensors = _tensors(manifest)
+    mapped = sum(int(m["nbytes"]) for m in tensors.values())
+    tables = sum(_qbytes(tensors, name, "scales") for name in _quantized(manifest)
+                 if f"{name}.zero_points" in tensors)  # float32 like the scales, same shape
+    return int(resident_bytes) + tables, mapped
 
 
 def activation_bytes(cfg: ModelConfig, chunk: int, context: int, cal: Calibration, kv_dtype: str) -> int:
@@ -262,7 +267,7 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         wnote = "MatMulNBits prepacked at load"
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
-        wnote = f"float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
+        wnote = f"zero-point tables + float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
     act = activation_bytes(cfg, prefill_chunk, context, cal, kv_dtype) + cal.workspace * threads
     components = (
         Component("runtime", runtime, f"Python, NumPy, edge_runtime, {'onnxruntime, ' if family == 'ort' else ''}"
