@@ -13,7 +13,7 @@ from .stats import MB, parse_size
 STAGE_COMPONENTS = (
     ("runtime", ("runtime",), "Python and libraries imported"),
     ("tokenizer", ("tokenizer",), "tokenizer.json parsed"),
-    ("backend", ("weights", "kv_cache"), "load: weights resident, KV cache committed"),
+    ("backend", ("weights", "kv_cache"), "load: weights resident, KV cache reserved (resident as it fills)"),
     ("prefill", ("mapped", "activations", "logits"), "peak of prefill over what load left"),
     ("decode", (), "growth while decoding"),
 )
@@ -43,8 +43,8 @@ def run(args) -> int:
     from .testing import ChildError, measure_generation
 
     bundle = Bundle.open(args.bundle, verify=False)
-    backend = budget.resolve_backend(bundle, args.backend)
     limit = parse_size(args.budget) if args.budget is not None else None
+    backend = budget.resolve_backend(bundle, args.backend, limit, args.context, args.kv_dtype)
     if limit is not None:
         plan = budget.plan(bundle, limit, context=args.context, backend=backend, kv_dtype=args.kv_dtype)
     else:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
-from . import backends, chat, pages
+from . import backends, budget, chat, pages
 from .bundle import Bundle
 from .errors import ContextOverflowError, EdgeError
 from .generate import (
@@ -40,8 +40,6 @@ def default_threads() -> int:
 def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype):
     """(context, kv_dtype, prefill_chunk): from the memory planner when there is a budget, else as given."""
     if memory_budget is not None:
-        from . import budget
-
         plan = budget.plan(bundle, parse_size(memory_budget), context=context, backend=backend,
                            kv_dtype=kv_dtype)
         return int(plan.context), plan.kv_dtype, plan.prefill_chunk
@@ -69,7 +67,8 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise EdgeError(f"threads must be a positive integer, got {threads!r}")
     bundle = Bundle.open(bundle_path, verify=verify)
-    name = backends.resolve(backend, bundle.contract)
+    limit = parse_size(memory_budget) if memory_budget is not None else None
+    name = budget.resolve_backend(bundle, backend, limit, context, kv_dtype)  # "auto" under a budget: what fits
     # Planned before anything large (tokenizer, weights, KV cache) is allocated.
     context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}

@@ -103,6 +103,17 @@ def test_load_under_an_impossible_budget_fails_before_allocating(tiny, monkeypat
     assert time.perf_counter() - t < 5  # generous: the figure that matters is printed by bench/memory.py
 
 
+def test_auto_backend_falls_back_to_numpy_when_only_it_fits(tiny):
+    b = Bundle.open(tiny)
+    lean = budget.plan_session(b, 64, "numpy", None, 32).total
+    assert lean < budget.plan_session(b, 16, "ort", None, 32).total  # ORT's runtime alone is heavier
+    model = edge_runtime.load(tiny, memory_budget=lean, context=64)
+    assert model.backend.name == "numpy" and model.generate("hello", max_new_tokens=2).token_ids
+    assert edge_runtime.load(tiny, memory_budget=10 * lean, context=64).backend.name == "ort"
+    with pytest.raises(MemoryBudgetError, match="ort"):  # neither fits: the fastest backend's breakdown
+        edge_runtime.load(tiny, memory_budget=lean // 2, context=64)
+
+
 def test_load_with_a_budget_uses_the_planned_context_dtype_and_chunk(tiny):
     limit = budget.plan_session(Bundle.open(tiny), 256, "numpy", "float16", 64).total
     model = edge_runtime.load(tiny, backend="numpy", memory_budget=limit)
