@@ -81,6 +81,9 @@ def budget_200(backend) -> None:
                                     budget.PREFILL_CHUNKS[-1])
         print(f"  smallest possible session ({kind}, context {budget.MIN_CONTEXT}): {least.total / MB:.1f} MB = "
               f"{least.summary()}")
+    m = measure_generation(ensure_bundle("int4"), 500, 128, context=2048, backend="auto", memory_budget=200 * MB)
+    print(f"- load(memory_budget='200MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
+          f"{m.peak / MB:.1f} MB peak (prefill chunk {m.prefill_chunk}, decode {m.decode_tps or 0:.1f} tok/s)")
 
 
 def fail_fast() -> None:
