@@ -13,19 +13,6 @@ import time
 from pathlib import Path
 
 
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    from pydoc_data.topics import topics
-
-    # Encode only as much text as needed: tokenizing all topics would inflate this process's peak RSS.
-    text = "\n".join(topics[k] for k in sorted(topics))
-    ids: list[int] = []
-    chars = 8 * n + 64
-    while len(ids) < n and chars < 4 * len(text):
-        ids = tokenizer.encode(text[:chars])
-        chars *= 2
-    return ids[:n]
-
-
 def bundle_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
 
@@ -47,12 +34,13 @@ def main(argv=None) -> int:
     from edge_runtime.generate import generate_tokens
     from edge_runtime.sampling import make_sampler
     from edge_runtime.stats import peak_rss_bytes
+    from edge_runtime.testing import text_prompt_ids
 
     t0 = time.perf_counter()
     model = edge_runtime.load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
                               kv_dtype=args.kv_dtype)
     load_s = time.perf_counter() - t0
-    ids = prompt_ids(model.tokenizer, args.prompt_tokens)
+    ids = text_prompt_ids(model.tokenizer, args.prompt_tokens)
     tokens = generate_tokens(model.backend, ids, make_sampler(0.0), max_new_tokens=args.new_tokens,
                              prefill_chunk=args.prefill_chunk or model.prefill_chunk)
     t1 = time.perf_counter()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import array
 import heapq
+import json
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Callable
 
-from . import tokenizer_json
 from .errors import UnsupportedModelError
 from .pretokenize import CHAR_BYTES, ONIG_LETTER, WHITE_SPACE, build_pre_tokenizer, class_body, parse_ranges
 
@@ -111,23 +111,13 @@ class BpeModel:
         self.tokens = TokenTable(tokens)
         self.merges = self._merge_table(vocab, merges, size)
         short = 1 + len(self.prefix or "") + len(self.suffix or "")
-        wanted = [i for t, i in vocab.items() if len(t) <= short or t.startswith("<0x") or t == unk_token]
-        # Only ids are kept now; the dict is made on first use from the table, so that no string of the parsed
-        # JSON outlives it and pins its memory pool (the parse's ~15 MB would otherwise stay resident).
-        self._symbol_ids = array.array("q", wanted)
-        self._symbols: dict[str, int] | None = None
+        # the short tokens a word starts from: characters (with the subword prefix/suffix), byte fallbacks, unk
+        self.symbols = {t: i for t, i in vocab.items() if len(t) <= short or t.startswith("<0x") or t == unk_token}
         # ignore_merges looks whole words up, and two strings sharing an id cannot be rebuilt from the table:
         # only then is the full dict worth keeping
         shared_ids = len(vocab) != sum(self.tokens.present)
         self._vocab: dict[str, int] | None = dict(vocab) if ignore_merges or shared_ids else None
         self.cache: dict[str, tuple[int, ...]] = {}
-
-    @property
-    def symbols(self) -> dict[str, int]:
-        """The short tokens a word starts from (characters, byte fallbacks, unk) -> id."""
-        if self._symbols is None:
-            self._symbols = {self.tokens.get(i): i for i in self._symbol_ids}
-        return self._symbols
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -148,7 +138,7 @@ class BpeModel:
 
     def _merge_table(self, vocab: dict[str, int], merges, size: int) -> MergeTable:
         cut = len(self.prefix or "")
-        merges = merges if hasattr(merges, "__len__") else list(merges)
+        merges = list(merges)
         table = MergeTable(max(1, size - 1).bit_length(), len(merges))
         for rank, merge in enumerate(merges):
             parts = merge.split(" ") if isinstance(merge, str) else list(merge)
@@ -500,7 +490,7 @@ class PurePythonTokenizer:
 
     @classmethod
     def from_json(cls, json_str: str) -> PurePythonTokenizer:
-        return cls(tokenizer_json.loads(json_str))
+        return cls(json.loads(json_str))
 
     @classmethod
     def from_file(cls, path) -> PurePythonTokenizer:

@@ -87,15 +87,10 @@ def compare(plan, m) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`edge-run budget ...` (also usable alone: python -m edge_runtime.budget_cli ...)."""
-    parser = argparse.ArgumentParser(prog="edge-run budget", description=(run.__doc__ or "").strip())
-    add_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    try:
-        return run(args)
-    except EdgeError as e:
-        print(f"edge-run: error: {e}", file=sys.stderr)
-        return e.exit_code
+    """`edge-run budget ...`: the edge-run dispatcher's parsing and one-line errors, from this module too."""
+    from .cli import main as edge_run
+
+    return edge_run(["budget", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

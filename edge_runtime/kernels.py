@@ -242,9 +242,11 @@ class QuantMatrix:
             self.pool.run(lambda i: self._blockwise(xbt, y.T, i), len(self.bounds))
         else:
             self.pool.run(lambda i: self._dequant_gemm(xp, y, i), len(self.bounds))
-        y += self._bias_product(xq.reshape(s_rows, self.kb, self.bs).sum(axis=2))
+        sums = x.reshape(s_rows, self.kb, self.bs).sum(axis=2)                 # [S, kb] of the float input
+        qsums = xq.reshape(s_rows, self.kb, self.bs).sum(axis=2) if xq is not x else sums
+        y += self._bias_product(qsums)
         if self.bq.offsets is not None:  # the graph sums the float activations for this term (ReduceSum)
-            y += x.reshape(s_rows, self.kb, self.bs).sum(axis=2) @ self.bq.offsets.T
+            y += sums @ self.bq.offsets.T
         return y
 
     def _bias_product(self, xs: np.ndarray) -> np.ndarray:

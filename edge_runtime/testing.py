@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def _status() -> dict[str, int]:
     return out
 
 
-def _prompt_ids(tokenizer, n: int, special: set[int]) -> list[int]:
+def text_prompt_ids(tokenizer, n: int, special: Iterable[int] = ()) -> list[int]:
     """n ids of English text (CPython's pydoc topics, repeated if need be), deterministic.
 
     Text rather than random ids: a quantized embedding is read in place from the mapped weights file, so the
@@ -128,13 +129,14 @@ def _prompt_ids(tokenizer, n: int, special: set[int]) -> list[int]:
     """
     from pydoc_data.topics import topics
 
+    skip = set(special)
     text = "\n".join(topics[k] for k in sorted(topics))
     ids: list[int] = []
     start = 0
     while len(ids) < n:
         piece = text[start:start + 8 * (n - len(ids)) + 64] or text
         start = (start + len(piece)) % len(text)
-        ids += [i for i in tokenizer.encode(piece, add_bos=False) if i not in special]
+        ids += [i for i in tokenizer.encode(piece, add_bos=False) if i not in skip]
     return ids[:n]
 
 
@@ -178,7 +180,7 @@ def _child(spec: dict) -> dict:
 
     meta = model.bundle.manifest.get("tokenizer") or {}
     special = {int(t) for t in meta.get("eos_token_ids") or ()}
-    ids = fit_prompt(_prompt_ids(model.tokenizer, spec["prompt_tokens"], special), model.context,
+    ids = fit_prompt(text_prompt_ids(model.tokenizer, spec["prompt_tokens"], special), model.context,
                      spec["new_tokens"], model.overflow)
     stats = GenerationStats()
     tokens = generate_tokens(model.backend, ids, make_sampler(0.0, 0, 1.0, 0.0, None), (), spec["new_tokens"],

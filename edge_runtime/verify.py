@@ -213,14 +213,10 @@ def run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="edge-run verify", description=run.__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except EdgeError as e:
-        print(f"edge-run verify: error: {e}", file=sys.stderr)
-        return e.exit_code
+    """`edge-run verify ...`: the edge-run dispatcher's parsing and one-line errors, from this module too."""
+    from .cli import main as edge_run
+
+    return edge_run(["verify", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

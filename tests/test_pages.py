@@ -1,13 +1,12 @@
-"""Page-level memory helpers (edge_runtime.pages) and the streaming tokenizer.json reader they pair with."""
+"""Page-level memory helpers (edge_runtime.pages)."""
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 import pytest
 
-from edge_runtime import pages, tokenizer_json
+from edge_runtime import pages
 
 MB = 2**20
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux features")
@@ -72,33 +71,3 @@ def test_a_mapping_with_private_changes_is_left_alone(tmp_path):
 
 def test_trim_heap_never_raises():
     assert pages.trim_heap() in (True, False)
-
-
-@pytest.mark.parametrize("doc", [
-    {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}, "added_tokens": []},
-    {"added_tokens": [{"id": 3, "content": "<s>"}], "model": {"merges": [["a", "b"], ["ab", "c"]], "vocab": {}}},
-    {"model": {"merges": [], "vocab": {"\u0120x\"y\\": 0}}, "decoder": None, "x": [1, 2.5, True, None]},
-    {"model": {"type": "WordPiece", "vocab": {}}},
-])
-def test_streaming_reader_equals_json_loads(doc):
-    for text in (json.dumps(doc), json.dumps(doc, indent=2, ensure_ascii=False)):
-        got = tokenizer_json.loads(text)
-        if "merges" in got.get("model", {}):
-            assert len(got["model"]["merges"]) == len(doc["model"]["merges"])
-            got["model"]["merges"] = list(got["model"]["merges"])
-            assert got["model"]["merges"] == list(got["model"]["merges"])  # re-iterable
-        assert got == doc
-
-
-def test_streaming_reader_on_the_real_tokenizer(smollm2_bundle):
-    text = (smollm2_bundle("int4") / "tokenizer.json").read_text(encoding="utf-8")
-    got, ref = tokenizer_json.loads(text), json.loads(text)
-    got["model"]["merges"] = list(got["model"]["merges"])
-    assert got == ref
-
-
-@pytest.mark.parametrize("bad", ['{"model": {"merges": ["a b",]}}', '{"model": {"merges": ["a b"', "[1]",
-                                 '{"a": 1} x', '{"a" 1}'])
-def test_streaming_reader_rejects_malformed_json(bad):
-    with pytest.raises(ValueError):
-        tokenizer_json.loads(bad)
