@@ -27,6 +27,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 
+from .bundle import kv_dtypes
 from .config import ModelConfig
 from .errors import EdgeError, MemoryBudgetError
 from .stats import MB
@@ -37,6 +38,7 @@ PREFILL_CHUNKS = (128, 64, 32)
 KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
 MIN_CONTEXT = 16
 EMBED = "model.embed_tokens.weight"
+ROTARY = "rotary."  # the graph's cos/sin tables, one pair per KV dtype (the NumPy backend computes its own)
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str) -> int:
     return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * KV_DTYPE_BYTES[kv_dtype] * 2
 
 
-def ort_weight_bytes(manifest: dict) -> tuple[int, int, int]:
+def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32") -> tuple[int, int, int]:
     """(prepacked bytes, bytes read in place, prepack transient) of the weights under ONNX Runtime's CPU EP.
 
     MatMulNBits prepacks each weight for its int8-activation kernel into codes + float scales + float block
@@ -203,6 +205,8 @@ def ort_weight_bytes(manifest: dict) -> tuple[int, int, int]:
     tied = bool((manifest.get("config") or {}).get("tie_word_embeddings"))
     packed, in_place, transient = 0, 0, 0
     for name, meta in tensors.items():
+        if name.startswith(ROTARY) and meta["dtype"] != kv_dtype:
+            continue  # the rotary tables of the bundle's other KV-dtype graph
         if name.rpartition(".")[0] not in quant:
             packed += int(meta["nbytes"])  # float tensor
     for name in quant:
@@ -224,7 +228,7 @@ def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
     [N, blocks] of every quantized matrix that stores zero points; the mmapped weights.bin, read whole from
     the first step)."""
     tensors = _tensors(manifest)
-    mapped = sum(int(m["nbytes"]) for m in tensors.values())
+    mapped = sum(int(m["nbytes"]) for name, m in tensors.items() if not name.startswith(ROTARY))
     tables = sum(_qbytes(tensors, name, "scales") for name in _quantized(manifest)
                  if f"{name}.zero_points" in tensors)  # float32 like the scales, same shape
     return int(resident_bytes) + tables, mapped
@@ -256,14 +260,14 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
     cfg = ModelConfig.from_dict(manifest["config"])
     family = "ort" if backend.startswith("ort") else "numpy"
     cal = CALIBRATION[family]
-    kv_dtype = kv_dtype or (manifest.get("graph") or {}).get("kv_dtype", "float32")
+    kv_dtype = kv_dtype or kv_dtypes(manifest)[0]
     if kv_dtype not in KV_DTYPE_BYTES:
         raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {kv_dtype!r}")
     impl = tokenizer_impl()
     runtime = cal.runtime if impl == "tokenizers" else cal.runtime_no_tokenizers
     tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * _file_bytes(manifest, "tokenizer", "tokenizer.json"))
     if family == "ort":
-        weights, mapped, transient = ort_weight_bytes(manifest)
+        weights, mapped, transient = ort_weight_bytes(manifest, kv_dtype)
         wnote = "MatMulNBits prepacked at load"
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
@@ -285,8 +289,9 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
 
 def kv_dtype_choices(bundle, backend: str) -> tuple[str, ...]:
     """KV dtypes a backend can run, most precise first (an ONNX graph fixes its own)."""
-    if backend.startswith("ort"):
-        return ((_manifest(bundle).get("graph") or {}).get("kv_dtype", "float32"),)
+    if backend.startswith("ort"):  # one graph per KV dtype the bundle holds, the more precise first
+        have = kv_dtypes(_manifest(bundle))
+        return tuple(d for d in KV_DTYPE_BYTES if d in have)
     return tuple(KV_DTYPE_BYTES)
 
 

@@ -29,6 +29,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
 
 
+def kv_dtypes(manifest: dict) -> tuple[str, ...]:
+    """KV dtypes a manifest has graphs for, its default (graph.kv_dtype) first."""
+    graph = manifest.get("graph") or {}
+    default = graph.get("kv_dtype", "float32")
+    return (default, *(d for d in (graph.get("kv_graphs") or {}) if d != default))
+
+
 @dataclass
 class Bundle:
     root: Path
@@ -86,6 +93,22 @@ class Bundle:
     @property
     def contract(self) -> str:
         return self.manifest["graph"]["contract"]
+
+    @property
+    def kv_dtypes(self) -> tuple[str, ...]:
+        """The KV-cache precisions this bundle has a graph for, the default first (see graph_file)."""
+        return kv_dtypes(self.manifest)
+
+    def graph_file(self, kv_dtype: str | None = None) -> str:
+        """The graph file for a KV-cache precision (None: the default); BundleError if the bundle has none."""
+        graph = self.manifest["graph"]
+        if kv_dtype is None:
+            return graph["file"]
+        files = graph.get("kv_graphs") or {graph.get("kv_dtype", "float32"): graph["file"]}
+        if kv_dtype not in files:
+            raise BundleError(f"bundle {self.root}: no graph with a {kv_dtype} KV cache "
+                              f"(it has {', '.join(files)})")
+        return files[kv_dtype]
 
     @property
     def max_context(self) -> int:

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, metavar="N")
     r.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens")
     r.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context chosen to fit)")
-    r.add_argument("--kv-dtype", choices=("float32", "float16"))
+    r.add_argument("--kv-dtype", choices=("float32", "float16"),
+                   help="KV-cache precision (default: the bundle's default graph, or the memory plan's choice)")
     r.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error",
                    help="when prompt + answer exceed the context (default: error)")
     r.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checksum pass")

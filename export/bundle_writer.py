@@ -25,25 +25,36 @@ INLINE_LIMIT = 1024  # initializers below this many bytes stay inside model.onnx
 Progress = Callable[[int, int], None]  # (bytes of weights written, total bytes)
 
 
-def write_bundle(out_dir, *, config: ModelConfig, graph: onnx.ModelProto, manifest_fields: Mapping,
-                 extra_files: Mapping[str, bytes | str], progress: Progress | None = None) -> Path:
+def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extra_files: Mapping[str, bytes | str],
+                 graph: onnx.ModelProto | None = None, graphs: Mapping[str, onnx.ModelProto] | None = None,
+                 progress: Progress | None = None) -> Path:
     """Write a bundle to `out_dir` (replacing it only once everything is written).
 
-    graph: the decoder with inline initializers and, optionally, the builder's weight layout in its metadata
-    (fused initializers are indexed part by part, aliases share their base's bytes). manifest_fields: the
-    manifest keys this writer does not own (graph contract, quantization, tokenizer, reference, fidelity,
-    source, max_context...). extra_files: other files of the bundle (tokenizer.json, reference.json).
-    The graph is modified in place (its initializers become external references).
+    graph: the one decoder, or graphs: KV dtype -> decoder, each with inline initializers and, optionally, the
+    builder's weight layout in its metadata (fused initializers are indexed part by part, aliases share their
+    base's bytes). The first graph is the default (model.onnx); the others (model.<dtype>.onnx) share its
+    weights.bin, where only the initializers they alone have (their rotary tables) are appended.
+    manifest_fields: the manifest keys this writer does not own (graph contract, quantization, tokenizer,
+    reference, fidelity, source, max_context...). extra_files: other files of the bundle (tokenizer.json,
+    reference.json). The graphs are modified in place (their initializers become external references).
     """
+    if (graph is None) == (graphs is None):
+        raise ValueError("write_bundle takes graph or graphs")
+    graphs = graphs or {_kv_dtype(graph): graph}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        index = _write_weights(graph, tmp / WEIGHTS_FILE, progress)
-        onnx.save_model(graph, str(tmp / MODEL_FILE))
+        files, index = {}, {}
+        with open(tmp / WEIGHTS_FILE, "wb") as f:
+            placed: dict = {}
+            for i, (kv_dtype, graph) in enumerate(graphs.items()):
+                index.update(_write_weights(graph, f, placed, progress))
+                files[kv_dtype] = MODEL_FILE if i == 0 else f"{Path(MODEL_FILE).stem}.{kv_dtype}.onnx"
+                onnx.save_model(graph, str(tmp / files[kv_dtype]))
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else bytes(data))
-        manifest = _manifest(config, graph, manifest_fields, index, tmp)
+        manifest = _manifest(config, graphs, files, manifest_fields, index, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -89,29 +100,34 @@ def _raw_bytes(t: TensorProto) -> bytes:
     return onnx.numpy_helper.to_array(t).tobytes()
 
 
-def _write_weights(graph: onnx.ModelProto, path: Path, progress: Progress | None) -> dict:
-    """Stream the weight initializers into `path` at ALIGN-ed offsets; return the manifest weight index."""
+def _write_weights(graph: onnx.ModelProto, f, placed: dict, progress: Progress | None) -> dict:
+    """Stream the weight initializers into the open weights file `f` at ALIGN-ed offsets; return their manifest
+    index. placed: name -> (offset, bytes) of what earlier graphs wrote, reused when the bytes are the same."""
     layout = _pop_layout(graph)
     weights, parts, aliases = set(layout["weights"]), layout["parts"], layout["aliases"]
     inits = [t for t in graph.graph.initializer if t.name not in aliases]
     chosen = [t for t in inits if t.name in weights or _nbytes(t) >= INLINE_LIMIT]
     total, done = sum(_nbytes(t) for t in chosen), 0
-    index, placed = {}, {}
-    with open(path, "wb") as f:
-        for t in chosen:
-            data = _raw_bytes(t)
+    index = {}
+    for t in chosen:
+        data = _raw_bytes(t)
+        if t.name in placed and placed[t.name][1] == len(data):  # shared with an earlier graph
+            offset = placed[t.name][0]
+        else:
+            if t.name in placed:
+                raise ValueError(f"initializer {t.name} differs between the bundle's graphs")
             offset = -(-f.tell() // ALIGN) * ALIGN
             f.write(b"\0" * (offset - f.tell()))
             f.write(data)
             placed[t.name] = (offset, len(data))
-            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            for name, shape, start in _index_entries(t, parts.get(t.name), dtype):
-                index[name] = {"offset": offset + start, "nbytes": int(np.prod(shape)) * dtype.itemsize,
-                               "dtype": dtype.name, "shape": list(shape)}
-            _make_external(t, offset, len(data))
-            done += len(data)
-            if progress:
-                progress(done, total)
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        for name, shape, start in _index_entries(t, parts.get(t.name), dtype):
+            index[name] = {"offset": offset + start, "nbytes": int(np.prod(shape)) * dtype.itemsize,
+                           "dtype": dtype.name, "shape": list(shape)}
+        _make_external(t, offset, len(data))
+        done += len(data)
+        if progress:
+            progress(done, total)
     for t in graph.graph.initializer:
         if t.name in aliases:
             _make_external(t, *placed[aliases[t.name][0]])
@@ -152,14 +168,17 @@ def _io_names(values) -> list[str]:
     return [v.name for v in values]
 
 
-def _manifest(config: ModelConfig, graph: onnx.ModelProto, fields: Mapping, index: dict, root: Path) -> dict:
+def _manifest(config: ModelConfig, graphs: Mapping[str, onnx.ModelProto], files: Mapping[str, str],
+              fields: Mapping, index: dict, root: Path) -> dict:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "architecture": fields.get("architecture", config.model_type)}
     manifest.update(fields)
     manifest["config"] = config.to_dict()
-    manifest["graph"] = {"contract": "edge-llama-v1", **dict(fields.get("graph", {})), "kv_dtype": _kv_dtype(graph),
-                         "file": MODEL_FILE, "inputs": _io_names(graph.graph.input),
-                         "outputs": _io_names(graph.graph.output)}
+    default = next(iter(graphs.values()))
+    manifest["graph"] = {"contract": "edge-llama-v1", **dict(fields.get("graph", {})), "kv_dtype": _kv_dtype(default),
+                         "file": MODEL_FILE, "inputs": _io_names(default.graph.input),
+                         "outputs": _io_names(default.graph.output),
+                         "kv_graphs": {_kv_dtype(g): files[key] for key, g in graphs.items()}}
     manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": index}
     manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                          for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
-                    help="KV-cache precision (default float16 for int4/auto, float32 for fp32/int8)")
+                    help="only the graph with this KV-cache precision (default: one graph each, sharing the weights; "
+                         "the runtime takes float32 unless a memory budget needs float16)")
     ap.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                     help="MatMulNBits activation precision: 4 = int8 (fast), 0 = fp32")
     ap.add_argument("--no-smooth", action="store_true",

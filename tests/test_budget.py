@@ -40,7 +40,8 @@ def test_plan_is_the_sum_of_its_components_and_grows_with_context(tiny_manifest)
     assert small.total == max(sum(c.nbytes for c in small.components), small.load_peak)
     assert big["kv_cache"] == 8 * small["kv_cache"]
     assert big.total > small.total
-    assert small["mapped"] == sum(t["nbytes"] for t in tiny_manifest["weights"]["tensors"].values())
+    tensors = tiny_manifest["weights"]["tensors"]  # all but the graphs' rotary tables (NumPy computes its own)
+    assert small["mapped"] == sum(t["nbytes"] for n, t in tensors.items() if not n.startswith("rotary."))
 
 
 def test_resident_dequantized_matrices_are_planned(tiny_manifest):
@@ -75,9 +76,28 @@ def test_kv_dtype_and_chunk_are_chosen_to_fit(tiny_manifest):
     fp16 = max(totals.values())
     roomy = budget.plan(tiny_manifest, 10 * fp16, context=512, backend="numpy")
     assert roomy.kv_dtype == "float32" and roomy.prefill_chunk == budget.PREFILL_CHUNKS[0]
-    graph_kv = tiny_manifest.manifest["graph"]["kv_dtype"] if hasattr(tiny_manifest, "manifest") else \
-        tiny_manifest["graph"]["kv_dtype"]
-    assert budget.plan(tiny_manifest, 10 * fp16, context=512, backend="ort").kv_dtype == graph_kv  # the graph's
+    assert budget.plan(tiny_manifest, 10 * fp16, context=512, backend="ort").kv_dtype == "float32"
+
+
+def test_ort_plan_takes_the_float16_graph_only_when_the_budget_needs_it(tiny_manifest):
+    """The bundle holds a graph per KV dtype; ORT's plan takes float32 (faster) unless only float16 fits."""
+    assert budget.kv_dtype_choices(tiny_manifest, "ort") == ("float32", "float16")
+    # SmolLM2's KV shape (30 layers x 3 heads x 64), so that the cache outweighs float16 attention's buffers
+    deep = {**tiny_manifest, "config": {**tiny_manifest["config"], "num_hidden_layers": 30,
+                                         "num_key_value_heads": 3, "head_dim": 64}}
+    totals = {d: budget.plan_session(deep, 512, "ort", d, 32).total for d in ("float32", "float16")}
+    assert totals["float16"] < totals["float32"]
+    assert budget.plan(deep, totals["float32"], context=512, backend="ort").kv_dtype == "float32"
+    assert budget.plan(deep, totals["float32"] - 1, context=512, backend="ort").kv_dtype == "float16"
+    one = {**tiny_manifest, "graph": {**tiny_manifest["graph"], "kv_graphs": {"float16": "model.onnx"},
+                                      "kv_dtype": "float16"}}
+    assert budget.kv_dtype_choices(one, "ort") == ("float16",)
+    # each plan counts only its own graph's rotary tables
+    w32, _, _ = budget.ort_weight_bytes(tiny_manifest, "float32")
+    w16, _, _ = budget.ort_weight_bytes(tiny_manifest, "float16")
+    rot = {d: sum(t["nbytes"] for n, t in tiny_manifest["weights"]["tensors"].items()
+                  if n.startswith("rotary.") and t["dtype"] == d) for d in ("float32", "float16")}
+    assert rot["float32"] == 2 * rot["float16"] > 0 and w32 - w16 == rot["float32"] - rot["float16"]
 
 
 def test_over_budget_error_is_one_line_with_breakdown_and_largest_context(tiny_manifest):

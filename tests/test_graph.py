@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from edge_runtime.backends.ort import OrtBackend, make_session_options
 from edge_runtime.bundle import ALIGN, Bundle
 from edge_runtime.config import ModelConfig
-from edge_runtime.errors import ContextOverflowError
+from edge_runtime.errors import ContextOverflowError, UnsupportedModelError
 from edge_runtime.quant import BlockQuant
 from export.bundle_writer import write_bundle
 from export.graph import GraphOptions, build_llama_graph
@@ -245,3 +246,42 @@ def test_float16_kv_cache_stays_close(tmp_path):
     assert be.kv_dtype == "float16" and be.kv[0][0].dtype == np.float16
     ref = hf_logits(hf)
     check_all_modes(be, ref, tol=5e-3 * np.abs(ref).max())
+
+
+def test_bundle_holds_a_graph_per_kv_dtype_over_one_weights_file(tiny_bundle):
+    """Exported bundles carry float32- and float16-KV graphs sharing weights.bin; both backends default to the
+    float32 one, take float16 when asked, and the two caches give the same answer to float16 rounding."""
+    from edge_runtime.backends.numpy_backend import NumpyBackend
+
+    bundle = Bundle.open(tiny_bundle("tiny:llama", "int4"))
+    graph = bundle.manifest["graph"]
+    assert bundle.kv_dtypes == ("float32", "float16") and graph["file"] == "model.onnx"
+    assert graph["kv_graphs"] == {"float32": "model.onnx", "float16": "model.float16.onnx"}
+    assert {"model.onnx", "model.float16.onnx", "weights.bin"} <= set(bundle.manifest["files"])
+    offsets = {}
+    for kv, name in graph["kv_graphs"].items():
+        model = onnx.load(str(bundle.path(name)), load_external_data=False)
+        locs = {t.name: {e.key: e.value for e in t.external_data}
+                for t in model.graph.initializer if t.external_data}
+        assert {loc["location"] for loc in locs.values()} == {"weights.bin"}
+        offsets[kv] = {n: loc["offset"] for n, loc in locs.items()}
+        past = next(v for v in model.graph.input if v.name == "past_key_values.0.key")
+        assert helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name == kv
+    shared = set(offsets["float32"]) & set(offsets["float16"])
+    assert any(n.endswith(".qweight") for n in shared)
+    assert all(offsets["float32"][n] == offsets["float16"][n] for n in shared)  # stored once
+    assert set(offsets["float16"]) - shared == {"rotary.cos_cache.float16", "rotary.sin_cache.float16"}
+
+    ids = np.arange(5, 17, dtype=np.int64)
+    every = np.arange(len(ids), dtype=np.int64)
+    runs = {}
+    for kv in (None, "float16"):
+        ort_be = OrtBackend(bundle, 32, threads=1, kv_dtype=kv)
+        np_be = NumpyBackend(bundle, 32, threads=1, kv_dtype=kv)
+        want = kv or "float32"
+        assert ort_be.kv_dtype == np_be.kv_dtype == want and ort_be.kv[0][0].dtype == np.dtype(want)
+        runs[kv] = ort_be.forward(ids, 0, every)
+    scale = np.abs(runs[None]).max()
+    np.testing.assert_allclose(runs["float16"], runs[None], atol=2e-2 * scale, rtol=0)
+    with pytest.raises(UnsupportedModelError):
+        OrtBackend(Bundle.open(tiny_bundle("tiny:llama", "int4", "--kv-dtype", "float16")), 32, kv_dtype="float32")

@@ -198,7 +198,7 @@ class NumpyBackend:
 
     threads: the row chunks of every matrix product are shared by this many threads, each calling NumPy's
     BLAS single-threaded (set process-wide; where that BLAS cannot be reached, set OPENBLAS_NUM_THREADS=1
-    before numpy is imported). kv_dtype: None takes the graph's (manifest graph.kv_dtype). resident_bytes:
+    before numpy is imported). kv_dtype: None takes the default graph's (bundle.kv_dtypes). resident_bytes:
     budget for dequantized float32 copies of matrices.
     """
 
@@ -212,9 +212,9 @@ class NumpyBackend:
         if cfg.model_type not in LLAMA_FAMILY:
             raise UnsupportedModelError(f"the numpy backend runs {', '.join(LLAMA_FAMILY)}, "
                                         f"not {cfg.model_type}")
-        # Default: the graph's own KV precision, so both backends run the same contract (a float16 cache
+        # Default: the default graph's KV precision, so both backends run the same contract (a float16 cache
         # also means float16 attention, llama_numpy.py).
-        kv_dtype = kv_dtype or (bundle.manifest.get("graph") or {}).get("kv_dtype", "float32")
+        kv_dtype = kv_dtype or bundle.kv_dtypes[0]
         if kv_dtype not in KV_DTYPES:
             raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.context = int(context)

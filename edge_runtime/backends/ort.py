@@ -73,15 +73,15 @@ class OrtBackend:
 
     def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
                  session_options: Mapping[str, Any] | None = None):
-        """kv_dtype: None takes the graph's KV dtype (manifest graph.kv_dtype); any other value must match it."""
+        """kv_dtype: None takes the bundle's default graph; else the graph with that KV dtype (graph.kv_graphs)."""
         import onnxruntime as ort
 
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"OrtBackend runs the {CONTRACT} contract, this bundle is {bundle.contract}")
-        graph_kv = bundle.manifest["graph"].get("kv_dtype", "float32")
-        kv_dtype = kv_dtype or graph_kv
-        if kv_dtype != graph_kv:
-            raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this graph's KV cache is {graph_kv}")
+        kv_dtype = kv_dtype or bundle.kv_dtypes[0]
+        if kv_dtype not in bundle.kv_dtypes:
+            raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this bundle has graphs for a "
+                                        f"{' or '.join(bundle.kv_dtypes)} KV cache")
         if not 0 < context <= bundle.max_context:
             raise ContextOverflowError(
                 f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
@@ -89,7 +89,7 @@ class OrtBackend:
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config
         self.vocab = cfg.vocab_size
-        self.session = ort.InferenceSession(str(bundle.path(bundle.manifest["graph"]["file"])),
+        self.session = ort.InferenceSession(str(bundle.path(bundle.graph_file(kv_dtype))),
                                             make_session_options(threads, session_options),
                                             providers=["CPUExecutionProvider"])
         self._ov = ort.OrtValue.ortvalue_from_numpy

@@ -77,7 +77,10 @@ class LlamaGraph:
         self.kv_dtype = np.dtype(self.opt.kv_dtype)
         cos, sin = (t.astype(self.kv_dtype) for t in ops.rotary_tables(self.opt.context(cfg), cfg.head_dim,
                                                                           cfg.rope_theta))
-        self.cos_cache, self.sin_cache = g.weight("rotary.cos_cache", cos), g.weight("rotary.sin_cache", sin)
+        # Named per dtype: a bundle's float32- and float16-KV graphs share one weights.bin (export.bundle_writer)
+        suffix = "" if self.kv_dtype == np.float32 else f".{self.kv_dtype.name}"
+        self.cos_cache = g.weight(f"rotary.cos_cache{suffix}", cos)
+        self.sin_cache = g.weight(f"rotary.sin_cache{suffix}", sin)
 
         h = self.embedding(ids)                                                       # [S, H]
         x = ops.rms_norm(g, h, self._w("model.layers.0.input_layernorm.weight"), cfg.rms_norm_eps,
