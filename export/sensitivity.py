@@ -23,12 +23,13 @@ import numpy as np
 from edge_runtime.config import ModelConfig
 from edge_runtime.quant import BlockQuant
 
-from .quantize import preset_specs, quantize_tensor
+from .quantize import QuantSpec, preset_specs, quantize_tensor
 
 # Share of the KLD target the weights may use on calibration text: the rest is left for MatMulNBits' int8
 # activations (accuracy_level 4) and for held-out text behaving differently from the calibration windows.
 WEIGHT_BUDGET_SHARE = 0.6
 TRIM_ROUNDS = 4
+VOCAB_INT8_BLOCK = 64
 CACHE_VERSION = 1
 
 
@@ -247,6 +248,20 @@ def plan_bits(kl: PerturbedKL, cands: Candidates, all_units: Sequence[Unit], sen
 # -- entry point used by the export pipeline -----------------------------------------------------------------
 
 
+def vocab_int8_specs(cfg: ModelConfig) -> dict:
+    """The int8 candidate of the vocabulary matrices (embedding / lm_head): blocks of VOCAB_INT8_BLOCK.
+
+    The lm_head is the largest matmul of a small model and the only one auto keeps at int8 on SmolLM2: with
+    blocks of 64 MLAS's int8 kernel reads half the scales and runs it at ~1.3x the speed of blocks of 32
+    (49152x576, one MatMulNBits node, 2 threads), for +0.0005 calibration KLD against the exact Q8_0 copy.
+    """
+    out = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if cfg.hidden_size % VOCAB_INT8_BLOCK == 0 and not (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            out[name] = QuantSpec(8, VOCAB_INT8_BLOCK, "sym")
+    return out
+
+
 def cache_key(source, specs4: Mapping, act_aware: bool, windows: Sequence[Sequence[int]]) -> str:
     kinds = sorted({repr(s) for s in specs4.values() if s is not None})  # the int4 candidates' QuantSpecs
     h = hashlib.sha256(json.dumps([CACHE_VERSION, source.origin.get("sha256"), kinds, act_aware,
@@ -269,6 +284,7 @@ def auto_quantize(source, torch_model, windows: Sequence[Sequence[int]], target:
     specs4 = preset_specs(cfg, "int4", source.gguf_blocks, transcode=transcode, method=method, offsets=offsets,
                           block_size=block_size)
     specs8 = preset_specs(cfg, "int8", source.gguf_blocks, transcode=transcode, block_size=block_size)
+    specs8.update(vocab_int8_specs(cfg))
     act = activation_scales(torch_model, windows, cfg.tie_word_embeddings) if act_aware else {}
     cands = Candidates(source, specs4, specs8, act)
     kl = PerturbedKL(torch_model, windows)

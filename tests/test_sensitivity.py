@@ -80,3 +80,21 @@ def test_auto_quantize_meets_its_budget_with_a_mix_and_caches_sensitivity(tiny, 
     _, _, again = S.auto_quantize(source, ref.torch_model, windows, 0.05, transcode=False, cache_dir=tmp_path,
                                   log=logs.append)
     assert logs[0].startswith("sensitivity: cached") and again.bits == plan.bits
+    # an int8 vocabulary matrix (embedding / lm_head) uses blocks of VOCAB_INT8_BLOCK, others the preset's
+    for u in S.units(source.config):
+        for n in u.names:
+            if plan.bits[u.label] == 8:
+                want = S.VOCAB_INT8_BLOCK if u.label in ("embed", "lm_head") else 32
+                assert weights[n].block_size == want, n
+
+
+def test_vocab_int8_block_only_where_the_hidden_size_allows():
+    from edge_runtime.config import ModelConfig
+
+    cfg = ModelConfig("llama", 1000, 576, 1536, 2, 9, 3, 64, tie_word_embeddings=False)
+    specs = S.vocab_int8_specs(cfg)
+    assert set(specs) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(s.bits == 8 and s.block_size == S.VOCAB_INT8_BLOCK for s in specs.values())
+    tied = ModelConfig("llama", 1000, 576, 1536, 2, 9, 3, 64, tie_word_embeddings=True)
+    assert set(S.vocab_int8_specs(tied)) == {"model.embed_tokens.weight"}  # tied: one matrix
+    assert S.vocab_int8_specs(ModelConfig("llama", 1000, 96, 256, 2, 3, 1, 32)) == {}  # 96 % 64 != 0
