@@ -109,25 +109,37 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))
 
 
+KEY_BLOCK = 512  # cache positions converted to float32 at a time: a float16 cache is never copied whole
+
+
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int) -> np.ndarray:
     """Causal grouped-query attention of new queries over the cache.
 
-    q [H, S, D] at positions past_len..past_len+S-1; keys, values [KVH, T, D] with T = past_len + S.
-    Query head h reads KV head h // (H // KVH) (HF repeat_kv order). Returns [H, S, D].
+    q [H, S, D] float32 at positions past_len..past_len+S-1; keys, values [KVH, T, D] (float32 or float16, the
+    cache's own views) with T = past_len + S. Query head h reads KV head h // (H // KVH) (HF repeat_kv order).
+    Returns [H, S, D]. Scores are computed in place; the cache is read in float32 blocks of KEY_BLOCK positions.
     """
     n_heads, s_len, d = q.shape
     kv_heads, t_len, _ = keys.shape
     group = n_heads // kv_heads
     qg = q.reshape(kv_heads, group * s_len, d)                        # [KVH, G*S, D]
-    scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / math.sqrt(d))  # [KVH, G*S, T]
+    scores = np.empty((kv_heads, group * s_len, t_len), np.float32)   # [KVH, G*S, T]
+    for t0 in range(0, t_len, KEY_BLOCK):
+        kb = keys[:, t0:t0 + KEY_BLOCK].astype(np.float32, copy=False)
+        np.matmul(qg, kb.transpose(0, 2, 1), out=scores[:, :, t0:t0 + KEY_BLOCK])
+    scores *= np.float32(1.0 / math.sqrt(d))
     if s_len > 1:
         # Query j (position past_len + j) may not see keys after it.
         future = np.arange(t_len)[None, :] > (past_len + np.arange(s_len))[:, None]  # [S, T]
         scores.reshape(kv_heads, group, s_len, t_len)[:, :, future] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores)
+    probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    return (probs @ values).reshape(n_heads, s_len, d)               # [H, S, D]
+    out = np.zeros((kv_heads, group * s_len, d), np.float32)
+    for t0 in range(0, t_len, KEY_BLOCK):
+        vb = values[:, t0:t0 + KEY_BLOCK].astype(np.float32, copy=False)
+        out += probs[:, :, t0:t0 + KEY_BLOCK] @ vb
+    return out.reshape(n_heads, s_len, d)                            # [H, S, D]
 
 
 class KVCache:
@@ -143,12 +155,12 @@ class KVCache:
         return int(self.keys.nbytes + self.values.nbytes)
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray, past_len: int):
-        """Write k, v [KVH, S, D] at past_len.. and return the float32 keys, values [KVH, past_len+S, D]."""
+        """Write k, v [KVH, S, D] at past_len.. and return views of keys, values [KVH, past_len+S, D] in the
+        cache's dtype (attention converts them block by block)."""
         end = past_len + k.shape[1]
         self.keys[layer, :, past_len:end] = k
         self.values[layer, :, past_len:end] = v
-        keys, values = self.keys[layer, :, :end], self.values[layer, :, :end]
-        return keys.astype(np.float32, copy=False), values.astype(np.float32, copy=False)
+        return self.keys[layer, :, :end], self.values[layer, :, :end]
 
 
 # -- the model -------------------------------------------------------------------------------------
