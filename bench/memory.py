@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory.py                 # plan vs measured, contexts 512 / 2048 / 8192, int4 and int8
     .venv/bin/python bench/memory.py --long 5000     # also 5,000 tokens with overflow="slide" at context 512
+    .venv/bin/python bench/memory.py --backend numpy --kv-dtype float16 --contexts 512,2048
 
 Two workloads per context: "full" fills the context (prompt = context - 16, then 16 new tokens), the worst
 case the plan bounds; "500+128" is the issue's phone scenario. Then the 200 MB budget question, and how long a
@@ -37,19 +38,19 @@ def ensure_bundle(quant: str) -> Path:
     return ensure_exported(str(MODEL), BUNDLES / f"smollm2-{quant}", "--quant", quant)
 
 
-def row(quant, bundle, context, prompt, new, backend, threads) -> tuple[str, bool]:
-    plan = budget.plan_session(Bundle.open(bundle, verify=False), context, backend)
+def row(quant, bundle, context, prompt, new, backend, threads, kv_dtype=None) -> tuple[str, bool]:
+    plan = budget.plan_session(Bundle.open(bundle, verify=False), context, backend, kv_dtype)
     m = measure_generation(bundle, prompt, new, context=context, backend=backend, overflow="slide",
-                           threads=threads)
+                           threads=threads, kv_dtype=kv_dtype)
     err = m.peak / plan.total - 1
     tps = f"{m.decode_tps:.1f}" if m.decode_tps else "-"
     ok = abs(err) <= TOLERANCE
-    return (f"| {quant} | {context} | {prompt}+{new} | {plan.total / MB:.1f} | {m.peak / MB:.1f} | {err * 100:+.1f}% "
+    return (f"| {quant} {plan.kv_dtype} | {context} | {prompt}+{new} | {plan.total / MB:.1f} | {m.peak / MB:.1f} | {err * 100:+.1f}% "
             f"| {m.stages['runtime'] / MB:.1f} | {m.stages['tokenizer'] / MB:.1f} | {m.stages['backend'] / MB:.1f} "
             f"| {m.stages['prefill'] / MB:.1f} | {m.slides} | {tps} |"), ok
 
 
-def plan_vs_measured(quants, backend, threads) -> bool:
+def plan_vs_measured(quants, backend, threads, contexts=CONTEXTS, kv_dtype=None) -> bool:
     print("\n## Plan vs measured peak RSS (fresh process per row)\n")
     print("| bundle | context | prompt+new | plan MB | measured MB | vs plan | runtime | tokenizer | load | "
           "prefill peak | slides | decode tok/s |")
@@ -57,11 +58,11 @@ def plan_vs_measured(quants, backend, threads) -> bool:
     all_ok = True
     for quant in quants:
         bundle = ensure_bundle(quant)
-        for context in CONTEXTS:
-            line, ok = row(quant, bundle, context, context - FULL_NEW, FULL_NEW, backend, threads)
+        for context in contexts:
+            line, ok = row(quant, bundle, context, context - FULL_NEW, FULL_NEW, backend, threads, kv_dtype)
             print(line, flush=True)
             all_ok &= ok
-            line, _ = row(quant, bundle, context, 500, 128, backend, threads)
+            line, _ = row(quant, bundle, context, 500, 128, backend, threads, kv_dtype)
             print(line, flush=True)
     print(f"\nfull-context rows within +-{TOLERANCE:.0%} of the plan: {'yes' if all_ok else 'NO'} "
           "(the 500+128 rows use less than the plan when the context is larger than the session needs)")
@@ -112,9 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quants", default="int4,int8")
     ap.add_argument("--backend", default="ort")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-dtype", choices=("float32", "float16"), help="default: each bundle's default graph")
+    ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--long", type=int, default=0, metavar="TOKENS", help="also a long slide session")
     args = ap.parse_args(argv)
-    ok = plan_vs_measured(args.quants.split(","), args.backend, args.threads)
+    ok = plan_vs_measured(args.quants.split(","), args.backend, args.threads,
+                          [int(c) for c in args.contexts.split(",")], args.kv_dtype)
     budget_200(args.backend)
     fail_fast()
     if args.long:

@@ -33,8 +33,9 @@ from .errors import EdgeError, MemoryBudgetError
 from .stats import MB
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: measured on SmolLM2 int4, it prefills
-# ~10% faster than 64 but peaks ~11 MB higher; 128 sits between (bench/memory.py).
-PREFILL_CHUNKS = (128, 64, 32)
+# ~10% faster than 64 but peaks ~11 MB higher; 128 sits between (bench/memory.py). 16 is for the tightest
+# budgets: the NumPy backend's float16 attention scratch at context 2048 is ~3 MB smaller than at 32.
+PREFILL_CHUNKS = (128, 64, 32, 16)
 KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
 MIN_CONTEXT = 16
 EMBED = "model.embed_tokens.weight"
@@ -63,24 +64,27 @@ class Calibration:
     workspace: int               # per-thread scratch of prefill (BLAS buffers, dequantized row chunks)
 
 
-# The one place for measured constants: SmolLM2-135M bundles on x86-64, Python 3.11, onnxruntime 1.32, NumPy 2.4,
+# The one place for measured constants: SmolLM2-135M bundles on x86-64, Python 3.11, onnxruntime 1.32, NumPy 2.4.6
+# (the runtime rows re-measured 2026-11-28: importing NumPy 2.4.6 costs ~20 MB of OpenBLAS pages, onnxruntime
+# ~28 MB more),
 # fitted from fresh-process measurements (full-context sessions at 512, 2048 and 8192, prefill chunk 128;
 # bench/memory.py). ORT's float32 GroupQueryAttention scores keys in windows (flat past 2048); its float16 path
 # scores all keys at once and keeps float32 copies.
 CALIBRATION = {
-    "ort": Calibration(runtime=56 * MB, runtime_no_tokenizers=51 * MB, session=19 * MB, prefill_base=0,
+    "ort": Calibration(runtime=68 * MB, runtime_no_tokenizers=64 * MB, session=19 * MB, prefill_base=0,
                        activation_slack=0.5,
                        attention={"float32": Attention(1.15, 2048), "float16": Attention(1.5, None, 7 * MB)},
                        workspace=0),
-    # NumPy's float16 attention (the graph's roundings) keeps float32 copies of the scores and of the keys read
-    "numpy": Calibration(runtime=37 * MB, runtime_no_tokenizers=32 * MB, session=1 * MB, prefill_base=8 * MB,
+    # NumPy's attention computes the scores in place and reads the cache in float32 blocks of 512 positions
+    # (llama_numpy.attention); the slack is the causal mask and the softmax's row temporaries
+    "numpy": Calibration(runtime=41 * MB, runtime_no_tokenizers=37 * MB, session=1 * MB, prefill_base=8 * MB,
                          activation_slack=1.0,
-                         attention={"float32": Attention(1.0, None), "float16": Attention(2.35, None)},
+                         attention={"float32": Attention(1.8, None), "float16": Attention(1.9, None)},
                          workspace=2 * MB),
 }
 # Resident bytes of a parsed tokenizer per byte of tokenizer.json (measured on SmolLM2's 49k-token BPE).
 TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 1.0}
-TOKENIZER_BASE = 2 * MB  # the tokenizer module, its special-token tables and its word cache
+TOKENIZER_BASE = 3 * MB  # the tokenizer module, its special-token tables and its word cache
 
 
 @dataclass(frozen=True)

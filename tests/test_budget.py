@@ -68,7 +68,8 @@ def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):
 
 
 def test_kv_dtype_and_chunk_are_chosen_to_fit(tiny_manifest):
-    totals = {d: budget.plan_session(tiny_manifest, 512, "numpy", d, 32).total for d in ("float32", "float16")}
+    least = budget.PREFILL_CHUNKS[-1]
+    totals = {d: budget.plan_session(tiny_manifest, 512, "numpy", d, least).total for d in ("float32", "float16")}
     assert totals["float32"] != totals["float16"]
     lean = min(totals, key=totals.get)  # a float16 cache is smaller, but NumPy's float16 attention has scratch
     p = budget.plan(tiny_manifest, totals[lean], context=512, backend="numpy")
@@ -85,7 +86,8 @@ def test_ort_plan_takes_the_float16_graph_only_when_the_budget_needs_it(tiny_man
     # SmolLM2's KV shape (30 layers x 3 heads x 64), so that the cache outweighs float16 attention's buffers
     deep = {**tiny_manifest, "config": {**tiny_manifest["config"], "num_hidden_layers": 30,
                                          "num_key_value_heads": 3, "head_dim": 64}}
-    totals = {d: budget.plan_session(deep, 512, "ort", d, 32).total for d in ("float32", "float16")}
+    least = budget.PREFILL_CHUNKS[-1]
+    totals = {d: budget.plan_session(deep, 512, "ort", d, least).total for d in ("float32", "float16")}
     assert totals["float16"] < totals["float32"]
     assert budget.plan(deep, totals["float32"], context=512, backend="ort").kv_dtype == "float32"
     assert budget.plan(deep, totals["float32"] - 1, context=512, backend="ort").kv_dtype == "float16"
