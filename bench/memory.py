@@ -45,7 +45,8 @@ def row(quant, bundle, context, prompt, new, backend, threads, kv_dtype=None) ->
     err = m.peak / plan.total - 1
     tps = f"{m.decode_tps:.1f}" if m.decode_tps else "-"
     ok = abs(err) <= TOLERANCE
-    return (f"| {quant} {plan.kv_dtype} | {context} | {prompt}+{new} | {plan.total / MB:.1f} | {m.peak / MB:.1f} | {err * 100:+.1f}% "
+    return (f"| {quant} {plan.kv_dtype} | {context} | {prompt}+{new} | {plan.total / MB:.1f} | {m.peak / MB:.1f} "
+            f"| {err * 100:+.1f}% "
             f"| {m.stages['runtime'] / MB:.1f} | {m.stages['tokenizer'] / MB:.1f} | {m.stages['backend'] / MB:.1f} "
             f"| {m.stages['prefill'] / MB:.1f} | {m.slides} | {tps} |"), ok
 
