@@ -1,8 +1,8 @@
 """`make bench`: this runtime's bundles beside the naive ONNX path, on SmolLM2-135M, 2 threads.
 
 Every figure is the median of several fresh processes (peak RSS is the VmHWM of a process that only loads and
-generates), and ratios are taken against the naive int4 path measured in the same run, since absolute times
-drift on a shared machine.
+generates), taken round-robin over the systems, and ratios are taken against the naive int4 path measured in the
+same run, since absolute times drift on a shared machine.
 """
 from __future__ import annotations
 
@@ -104,16 +104,20 @@ def main(argv=None) -> int:
     if any(k == "naive" for _, k, _ in systems):
         ensure_naive(log)
 
-    results = {}
-    for label, kind, target in systems:
-        row = {}
-        for scen, (pt, nt) in SCENARIOS.items():
-            if kind == "edge" and target[1] == "numpy":
-                nt = args.numpy_new_tokens
-            log(f"[{time.strftime('%H:%M:%S')}] {label}: {scen} prompt ({pt} + {nt} tokens) x {args.runs}")
-            runs = measure(command(kind, target, pt, nt, args.threads, args.context), args.runs, timeout=1800)
-            row[scen] = {k: median(runs, k) for k in runs[0]}
-        results[label] = row
+    # Round-robin: run i of every system and scenario before run i+1 of any, so that a slow spell of a shared
+    # machine lands on all of them alike and the ratios against the naive path stay fair.
+    runs: dict = {}
+    for i in range(args.runs):
+        for label, kind, target in systems:
+            for scen, (pt, nt) in SCENARIOS.items():
+                if kind == "edge" and target[1] == "numpy":
+                    nt = args.numpy_new_tokens
+                log(f"[{time.strftime('%H:%M:%S')}] run {i + 1}/{args.runs} {label}: {scen} prompt "
+                    f"({pt} + {nt} tokens)")
+                cmd = command(kind, target, pt, nt, args.threads, args.context)
+                runs.setdefault(label, {}).setdefault(scen, []).extend(measure(cmd, 1, timeout=1800))
+    results = {label: {scen: {k: median(rs, k) for k in rs[0]} for scen, rs in row.items()}
+               for label, row in runs.items()}
 
     print_table(results, args)
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
