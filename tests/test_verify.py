@@ -141,3 +141,17 @@ def test_probe_report_of_a_perfect_model_matches_its_reference():
     assert r.positions == 4 and r.top1 == 1.0 and r.kl < 1e-6
     assert r.greedy_prefix == [3] and r.greedy_tokens == [3]
     assert V.probe_context(reference) == 5
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8", "auto"])
+def test_fresh_bundle_of_each_preset_passes(tmp_path, quant):
+    """int4 is the module's bundle above; the other presets' fresh bundles pass on both backends too."""
+    from export.pipeline import ExportOptions, export_bundle
+
+    text = tmp_path / "eval.txt"
+    text.write_text(EVAL_TEXT)
+    out = export_bundle("tiny:llama", tmp_path / "b", ExportOptions(quant=quant, threads=1, progress=False,
+                                                                   eval_text=str(text), max_context=256))
+    for backend in ("ort", "numpy"):
+        res = V.verify(out, backend=backend, threads=1)
+        assert res.ok, (backend, [c.line() for c in res.checks])
