@@ -69,13 +69,11 @@ def export(name: str, args: list, threads: int, rebuild: bool, log) -> Path:
     return out
 
 
-def decode_speed(bundle: Path, threads: int, runs: int, tokens: int) -> float:
-    best = 0.0
-    for _ in range(runs):
-        res = subprocess.run([PY, "-c", SPEED_CODE, str(bundle), str(threads), SPEED_PROMPT, str(tokens)],
-                             check=True, cwd=ROOT, capture_output=True, text=True)
-        best = max(best, json.loads(res.stdout.strip().splitlines()[-1])["decode_tps"] or 0.0)
-    return best
+def decode_speed(bundle: Path, threads: int, tokens: int) -> float:
+    """Decode tok/s of one fresh process."""
+    res = subprocess.run([PY, "-c", SPEED_CODE, str(bundle), str(threads), SPEED_PROMPT, str(tokens)],
+                         check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["decode_tps"] or 0.0
 
 
 def row(name: str, bundle: Path, speed: float) -> dict:
@@ -174,7 +172,7 @@ def main(argv=None) -> int:
     speed = dict.fromkeys(names, 0.0)
     for _ in range(args.runs):
         for name in names:
-            speed[name] = max(speed[name], decode_speed(bundles[name], args.threads, 1, args.tokens))
+            speed[name] = max(speed[name], decode_speed(bundles[name], args.threads, args.tokens))
     rows = []
     for name in names:
         rows.append(row(name, bundles[name], speed[name]))

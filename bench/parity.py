@@ -89,14 +89,12 @@ def self_check(path: str, threads: int = 2) -> dict:
     M=1 kernels), both exact executions of the same graph; the floor any other executor is judged against."""
     from edge_runtime.backends.ort import OrtBackend
     from edge_runtime.bundle import Bundle
-    from edge_runtime.verify import all_logits
+    from edge_runtime.verify import all_logits, stepwise_logits
 
     bundle = Bundle.open(path)
-    probe = np.asarray(bundle.read_json("reference.json")["probe"]["ids"], np.int64)
+    probe = bundle.read_json("reference.json")["probe"]["ids"]
     ort = OrtBackend(bundle, len(probe), threads=threads)
-    whole = all_logits(ort, probe)
-    steps = np.concatenate([ort.forward(probe[i:i + 1], i, np.zeros(1, np.int64)) for i in range(len(probe))])
-    return {"bundle": path, **logits_parity(steps, whole)}
+    return {"bundle": path, **logits_parity(stepwise_logits(ort, probe), all_logits(ort, probe))}
 
 
 def line(r: dict) -> str:

@@ -29,11 +29,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
             h.update(block)
 
 
-def kv_dtypes(manifest: dict) -> tuple[str, ...]:
-    """KV dtypes a manifest has graphs for, its default (graph.kv_dtype) first."""
+def kv_graphs(manifest: dict) -> dict[str, str]:
+    """KV dtype -> graph file, the default graph (graph.kv_dtype, graph.file) first. Bundles written before
+    graph.kv_graphs existed hold the default graph only."""
     graph = manifest.get("graph") or {}
     default = graph.get("kv_dtype", "float32")
-    return (default, *(d for d in (graph.get("kv_graphs") or {}) if d != default))
+    return {default: graph["file"], **{d: f for d, f in (graph.get("kv_graphs") or {}).items() if d != default}}
+
+
+def kv_dtypes(manifest: dict) -> tuple[str, ...]:
+    """KV dtypes a manifest has graphs for, its default first."""
+    return tuple(kv_graphs(manifest))
 
 
 @dataclass
@@ -101,10 +107,8 @@ class Bundle:
 
     def graph_file(self, kv_dtype: str | None = None) -> str:
         """The graph file for a KV-cache precision (None: the default); BundleError if the bundle has none."""
-        graph = self.manifest["graph"]
-        if kv_dtype is None:
-            return graph["file"]
-        files = graph.get("kv_graphs") or {graph.get("kv_dtype", "float32"): graph["file"]}
+        files = kv_graphs(self.manifest)
+        kv_dtype = kv_dtype or next(iter(files))
         if kv_dtype not in files:
             raise BundleError(f"bundle {self.root}: no graph with a {kv_dtype} KV cache "
                               f"(it has {', '.join(files)})")

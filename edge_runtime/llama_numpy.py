@@ -109,7 +109,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))
 
 
-KEY_BLOCK = 512  # cache positions converted to float32 at a time: a float16 cache is never copied whole
+KEY_BLOCK = 512  # float16 cache positions converted to float32 at a time: the cache is never copied whole
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int) -> np.ndarray:
@@ -123,10 +123,11 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int
     kv_heads, t_len, _ = keys.shape
     group = n_heads // kv_heads
     qg = q.reshape(kv_heads, group * s_len, d)                        # [KVH, G*S, D]
+    block = t_len if keys.dtype == np.float32 else KEY_BLOCK          # only a float16 cache is converted
     scores = np.empty((kv_heads, group * s_len, t_len), np.float32)   # [KVH, G*S, T]
-    for t0 in range(0, t_len, KEY_BLOCK):
-        kb = keys[:, t0:t0 + KEY_BLOCK].astype(np.float32, copy=False)
-        np.matmul(qg, kb.transpose(0, 2, 1), out=scores[:, :, t0:t0 + KEY_BLOCK])
+    for t0 in range(0, t_len, block):
+        kb = keys[:, t0:t0 + block].astype(np.float32, copy=False)
+        np.matmul(qg, kb.transpose(0, 2, 1), out=scores[:, :, t0:t0 + block])
     scores *= np.float32(1.0 / math.sqrt(d))
     if s_len > 1:
         # Query j (position past_len + j) may not see keys after it.
@@ -135,10 +136,9 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = np.zeros((kv_heads, group * s_len, d), np.float32)
-    for t0 in range(0, t_len, KEY_BLOCK):
-        vb = values[:, t0:t0 + KEY_BLOCK].astype(np.float32, copy=False)
-        out += probs[:, :, t0:t0 + KEY_BLOCK] @ vb
+    out = probs[:, :, :block] @ values[:, :block].astype(np.float32, copy=False)      # [KVH, G*S, D]
+    for t0 in range(block, t_len, block):
+        out += probs[:, :, t0:t0 + block] @ values[:, t0:t0 + block].astype(np.float32, copy=False)
     return out.reshape(n_heads, s_len, d)                            # [H, S, D]
 
 

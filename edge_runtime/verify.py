@@ -87,6 +87,13 @@ def all_logits(backend, ids: Sequence[int]) -> np.ndarray:
     return backend.forward(ids, 0, np.arange(len(ids), dtype=np.int64))
 
 
+def stepwise_logits(backend, ids: Sequence[int]) -> np.ndarray:
+    """float32 [S, vocab]: the same as all_logits, computed one token at a time (the decode path's kernels)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    first = np.zeros(1, np.int64)
+    return np.concatenate([backend.forward(ids[i:i + 1], i, first) for i in range(len(ids))])
+
+
 def greedy_ids(backend, prompt_ids: Sequence[int], n: int) -> list[int]:
     """n argmax tokens after prompt_ids (no early stop: the reference's length decides)."""
     ids = np.asarray(prompt_ids, dtype=np.int64)

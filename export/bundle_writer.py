@@ -110,22 +110,22 @@ def _write_weights(graph: onnx.ModelProto, f, placed: dict, progress: Progress |
     total, done = sum(_nbytes(t) for t in chosen), 0
     index = {}
     for t in chosen:
-        data = _raw_bytes(t)
-        if t.name in placed and placed[t.name][1] == len(data):  # shared with an earlier graph
-            offset = placed[t.name][0]
-        else:
-            if t.name in placed:
+        if t.name in placed:  # written by an earlier graph: same name, same weights (the builder's contract)
+            offset, length = placed[t.name]
+            if length != _nbytes(t):
                 raise ValueError(f"initializer {t.name} differs between the bundle's graphs")
-            offset = -(-f.tell() // ALIGN) * ALIGN
+        else:
+            data = _raw_bytes(t)
+            offset, length = -(-f.tell() // ALIGN) * ALIGN, len(data)
             f.write(b"\0" * (offset - f.tell()))
             f.write(data)
-            placed[t.name] = (offset, len(data))
+            placed[t.name] = (offset, length)
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         for name, shape, start in _index_entries(t, parts.get(t.name), dtype):
             index[name] = {"offset": offset + start, "nbytes": int(np.prod(shape)) * dtype.itemsize,
                            "dtype": dtype.name, "shape": list(shape)}
-        _make_external(t, offset, len(data))
-        done += len(data)
+        _make_external(t, offset, length)
+        done += length
         if progress:
             progress(done, total)
     for t in graph.graph.initializer:
@@ -178,7 +178,7 @@ def _manifest(config: ModelConfig, graphs: Mapping[str, onnx.ModelProto], files:
     manifest["graph"] = {"contract": "edge-llama-v1", **dict(fields.get("graph", {})), "kv_dtype": _kv_dtype(default),
                          "file": MODEL_FILE, "inputs": _io_names(default.graph.input),
                          "outputs": _io_names(default.graph.output),
-                         "kv_graphs": {_kv_dtype(g): files[key] for key, g in graphs.items()}}
+                         "kv_graphs": dict(files)}
     manifest["weights"] = {"file": WEIGHTS_FILE, "tensors": index}
     manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                          for p in sorted(root.iterdir()) if p.is_file() and p.name != MANIFEST}

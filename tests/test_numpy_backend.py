@@ -491,11 +491,11 @@ def test_smollm2_default_graph_agrees_up_to_int8_rounding(smollm2_bundle, quant)
     # prefill. NumPy must agree with ORT about as well as ORT agrees with itself (measured on SmolLM2: ORT
     # 98.4% int4 / 96.9% int8; NumPy vs ORT 96.9% / 96.9%).
     from edge_runtime.backends.ort import OrtBackend
+    from edge_runtime.verify import stepwise_logits
 
     bundle = Bundle.open(smollm2_bundle(quant))
     probe = bundle.read_json("reference.json")["probe"]["ids"]
-    ort = OrtBackend(bundle, len(probe), threads=2)
-    steps = np.concatenate([ort.forward(np.array([t]), i, np.zeros(1, np.int64)) for i, t in enumerate(probe)])
+    steps = stepwise_logits(OrtBackend(bundle, len(probe), threads=2), probe)
     ort_self = (steps.argmax(-1) == f["ort"].argmax(-1)).mean()
     assert f["top1"].mean() >= ort_self - 0.03
     if quant == "int8":
