@@ -24,6 +24,7 @@ NAIVE = ROOT / "build/naive"
 # (label, kind, target): kind "edge" runs bench/run_one.py on a bundle, "naive" runs bench/naive.py on a model.
 SYSTEMS = [
     ("edge int4 (ort)", "edge", ("smollm2-int4", "ort")),
+    ("edge int4-b64 gptq (ort)", "edge", ("smollm2-int4-b64", "ort")),
     ("edge int8 (ort)", "edge", ("smollm2-int8", "ort")),
     ("naive int4 (optimum + MatMulNBits RTN)", "naive", "int4"),
     ("naive int8 (optimum + quantize_dynamic)", "naive", "int8"),
@@ -31,17 +32,43 @@ SYSTEMS = [
     ("edge int4 (numpy)", "edge", ("smollm2-int4", "numpy")),
 ]
 SCENARIOS = {"short": (16, 128), "long": (500, 128)}  # prompt tokens, new tokens
+# bundle name (after "smollm2-") -> edge-export arguments.
+# int4: the default; SmolLM2's Q4_1 layers transcoded exactly (float offsets, an extra small matmul each).
+# int4-b64: integer zero points only, blocks of 64, rounded by GPTQ: fewer bytes per weight and no offsets
+# matmul, so it is the fast int4; the fidelity column shows what re-quantizing the Q4_1 grid costs.
+EXPORT_ARGS = {
+    "int4": ["--quant", "int4"],
+    "int8": ["--quant", "int8"],
+    "int4-b64": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq"],
+}
 
 
 def log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
-def ensure_bundles(quants, log) -> None:
+def ensure_bundles(names, log) -> None:
     from export.version import ensure_bundle
 
-    for q in quants:
-        ensure_bundle(str(MODEL), BUNDLES / f"smollm2-{q}", "--quant", q)
+    for name in names:
+        ensure_bundle(str(MODEL), BUNDLES / name, *EXPORT_ARGS[name.removeprefix("smollm2-")])
+
+
+def heldout_kld(kind, target) -> float | None:
+    """Held-out KLD against the float model on the same 1,530 tokens: a bundle's manifest figure, or the naive
+    model's, measured once by bench/naive.py and kept beside it."""
+    if kind == "edge":
+        manifest = json.loads((BUNDLES / target[0] / "manifest.json").read_text())
+        return ((manifest.get("fidelity") or {}).get("heldout") or {}).get("kl")
+    cached = NAIVE / target / "fidelity.json"
+    if not cached.is_file():
+        log(f"held-out fidelity of the naive {target} model ...")
+        p = subprocess.run([PY, str(ROOT / "bench/naive.py"), "fidelity", str(NAIVE / target), str(MODEL)],
+                           capture_output=True, text=True, cwd=ROOT, check=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(p.stdout.strip().splitlines()[-1])
+        tmp.replace(cached)
+    return json.loads(cached.read_text())["kl"]
 
 
 def ensure_naive(log) -> None:
@@ -100,9 +127,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     systems = [s for s in SYSTEMS if not args.only or any(o in s[0] for o in args.only)]
-    ensure_bundles(sorted({t[0].split("-")[1] for _, k, t in systems if k == "edge"}), log)
+    ensure_bundles(sorted({t[0] for _, k, t in systems if k == "edge"}), log)
     if any(k == "naive" for _, k, _ in systems):
         ensure_naive(log)
+    kld = {label: heldout_kld(kind, target) for label, kind, target in systems}
 
     # Round-robin: run i of every system and scenario before run i+1 of any, so that a slow spell of a shared
     # machine lands on all of them alike and the ratios against the naive path stay fair.
@@ -118,6 +146,8 @@ def main(argv=None) -> int:
                 runs.setdefault(label, {}).setdefault(scen, []).extend(measure(cmd, 1, timeout=1800))
     results = {label: {scen: {k: median(rs, k) for k in rs[0]} for scen, rs in row.items()}
                for label, row in runs.items()}
+    for label in results:
+        results[label]["heldout_kld"] = kld[label]
 
     print_table(results, args)
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,14 +160,14 @@ def print_table(results, args) -> None:
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, context {args.context}, median of {args.runs} fresh "
           f"processes each")
     head = ("system", "decode tok/s (short)", "decode tok/s (500-tok prompt)", "prefill tok/s (500)",
-            "peak RSS MB (500+128)", "peak RSS MB (short)", "load s", "bundle MB")
+            "peak RSS MB (500+128)", "peak RSS MB (short)", "load s", "bundle MB", "held-out KLD")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for label, row in results.items():
         s, lg = row["short"], row["long"]
         print(f"| {label} | {fmt(s['decode_tps'])} | {fmt(lg['decode_tps'])} | {fmt(lg['prefill_tps'])} | "
               f"{fmt(lg['peak_rss_mb'])} | {fmt(s['peak_rss_mb'])} | {fmt(s['load_s'], 2)} | "
-              f"{fmt(s['bundle_mb'])} |")
+              f"{fmt(s['bundle_mb'])} | {fmt(row.get('heldout_kld'), 4)} |")
     if base:
         print("\nratios against the naive int4 path (same run):")
         for label, row in results.items():

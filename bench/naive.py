@@ -141,6 +141,29 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: int) 
     }
 
 
+def heldout_fidelity(model_dir: Path, gguf: Path, threads: int) -> dict:
+    """The naive model's held-out figures against the float reference: the same windows and metrics as a
+    bundle's manifest `fidelity.heldout` (export.evaluate), so the benchmark can set them side by side."""
+    from export.evaluate import cached, default_eval_text, heldout_report, token_windows
+    from export.pipeline import tokenizer_of
+    from export.reference import FloatReference
+    from export.sources import load_source
+
+    source = load_source(str(gguf))
+    windows = token_windows(tokenizer_of(source).encode(default_eval_text()))
+    loop = PlainLoop(model_dir / MODEL_FILE, threads)
+
+    def naive_logits(ids) -> np.ndarray:  # [S, V]: one call over the window, every position's logits
+        feed = dict(zip(loop.past_names, [loop.empty_past] * len(loop.past_names)),
+                    input_ids=np.asarray(ids, np.int64)[None], attention_mask=np.ones((1, len(ids)), np.int64))
+        if "position_ids" in loop.input_names:
+            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        return loop.session.run(["logits"], feed)[0][0]
+
+    report = heldout_report(cached(FloatReference(source, threads=threads).logits), naive_logits, windows)
+    return {"model": model_dir.name, **report.to_dict()}
+
+
 def proc_status_mb(key: str) -> float:
     """A /proc/self/status memory line (kB) in MB; VmHWM is the peak resident set of this process."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -169,6 +192,10 @@ def main(argv=None) -> int:
     r.add_argument("--new-tokens", type=int, default=64)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true", help="print the measurement as one JSON line")
+    f = sub.add_parser("fidelity", help="MODEL_DIR's held-out KLD / top-1 / PPL ratio against the float GGUF")
+    f.add_argument("model_dir", type=Path)
+    f.add_argument("gguf", type=Path)
+    f.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args.hf_dir, args.out_dir)
@@ -176,6 +203,9 @@ def main(argv=None) -> int:
     if not (args.model_dir / MODEL_FILE).is_file():
         log(f"error: {args.model_dir / MODEL_FILE} not found (run `prepare` first)")
         return 2
+    if args.cmd == "fidelity":
+        print(json.dumps(heldout_fidelity(args.model_dir, args.gguf, args.threads)))
+        return 0
     result = measure(args.model_dir, args.prompt_tokens, args.new_tokens, args.threads)
     if args.json:
         print(json.dumps(result))

@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
-    ap.add_argument("--method", default="search", choices=("search", "rtn"),
-                    help="int4 scale/zero-point choice for float weights")
+    ap.add_argument("--method", default="search", choices=("search", "gptq", "rtn"),
+                    help="int4 of float weights: search (error-minimizing block scale/zero point), gptq (the same "
+                         "search, codes rounded by GPTQ against calibration inputs), rtn")
     ap.add_argument("--offsets", action="store_true",
                     help="int4 of float weights with a per-block float offset (asymmetric float minimum)")
     ap.add_argument("--no-transcode", action="store_true",
@@ -58,6 +59,10 @@ def main(argv=None) -> int:
     try:
         from .pipeline import ExportOptions, export_bundle
 
+        if args.method == "gptq" and args.offsets:
+            raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
+        if args.method == "gptq" and args.quant == "auto":
+            raise EdgeError("--method gptq is for --quant int4 (the auto search measures each matmul alone)")
         if args.max_kld is not None and not args.max_kld > 0:
             raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
         if not 0.0 <= args.smooth_alpha <= 1.0:

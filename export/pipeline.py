@@ -25,7 +25,7 @@ class ExportOptions:
     quant: str = "int4"
     accuracy_level: int = 4          # MatMulNBits activations: 4 = int8 (fast VNNI path), 0 = fp32
     block_size: Optional[int] = None  # weight blocks (and MatMulNBits' int8 activation blocks); None: see below
-    method: str = "search"           # int4 scale/zero-point choice for float weights: search | rtn
+    method: str = "search"           # int4 scale/zero-point choice for float weights: search | gptq | rtn
     offsets: bool = False            # int4 of float weights: per-block float offsets (asymmetric float minimum)
     transcode: bool = True           # GGUF Q4_0/Q4_1/Q8_0 blocks are transcoded exactly instead of re-quantized
     max_context: Optional[int] = None
@@ -124,11 +124,15 @@ def chat_encoder(source: SourceModel, tok: Tokenizer):
 
 
 def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
-                     act_scales: Optional[dict] = None) -> tuple[dict, dict]:
+                     act_scales: Optional[dict] = None, hessians: Optional[dict] = None) -> tuple[dict, dict]:
     """HF name -> float array or BlockQuant, and the manifest's per-tensor quantization table.
 
     act_scales: HF name -> activation RMS per input channel [K] (int4 search weights its error by them).
+    hessians: HF name -> input second moments [K, K] for method gptq; a gptq tensor without one (the tied
+    embedding, which is also the lookup table) takes the plain search.
     """
+    import dataclasses as dc
+
     from .quantize import preset_specs, quantize_tensor
 
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
@@ -140,8 +144,11 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
         if spec is None:
             weights[name] = w
             continue
+        hess = (hessians or {}).get(name) if spec.method == "gptq" else None
+        if spec.method == "gptq" and hess is None:
+            spec = dc.replace(spec, method="search")
         act = (act_scales or {}).get(name) if spec.method == "search" else None
-        q = quantize_tensor(name, w, spec, source.gguf_blocks, act_scale=act)
+        q = quantize_tensor(name, w, spec, source.gguf_blocks, act_scale=act, hessian=hess)
         weights[name] = q
         table[name] = {"bits": q.bits, "block_size": q.block_size, "method": spec.method,
                        "zero_points": q.zero_points is not None, "offsets": q.offsets is not None}
@@ -222,7 +229,22 @@ def _needs_float_weights_search(source: SourceModel, opts: ExportOptions) -> boo
         return True
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
                          block_size=opts.block_size, method=opts.method, offsets=opts.offsets)
-    return any(s is not None and s.method == "search" for s in specs.values())
+    return any(s is not None and s.method in ("search", "gptq") for s in specs.values())
+
+
+def gptq_hessians(source: SourceModel, ref, opts: ExportOptions) -> Optional[dict]:
+    """HF name -> its matmul's input second moments over the smoothing windows (1,536 calibration tokens,
+    disjoint from the evaluation's), when some tensor is quantized by method gptq; else None."""
+    from .gptq import hessian_keys, input_hessians
+    from .quantize import preset_specs
+
+    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
+                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets)
+    if ref is None or not any(s is not None and s.method == "gptq" for s in specs.values()):
+        return None
+    keys = hessian_keys(source.config)
+    by_input = input_hessians(ref.torch_model, calibration_windows(source, SMOOTH_WINDOWS), keys)
+    return {name: by_input[key] for name, key in keys.items() if key in by_input}
 
 
 def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg: None) -> tuple[dict, dict]:
@@ -236,7 +258,7 @@ def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg:
             act = activation_scales(ref.torch_model, calibration_windows(source), source.config.tie_word_embeddings)
         if smooth_of(opts):
             source, smooth = smoothed_source(source, ref, opts)
-        weights, table = quantize_weights(source, opts, act_scales=act)
+        weights, table = quantize_weights(source, opts, act_scales=act, hessians=gptq_hessians(source, ref, opts))
         out = {"preset": opts.quant, "tensors": table, "act_aware": bool(act_aware)}
         return weights, (out if smooth is None else {**out, "smooth": smooth})
     from .sensitivity import auto_quantize

@@ -20,13 +20,13 @@ CHUNK_ELEMS = 1 << 17  # elements per row chunk: keeps the search's temporaries 
 # point, whose rounding shifts the grid. 12 points in [0.75, 1.1]: measured within 0.1% of 16 or more points.
 SEARCH_RANGE_FACTORS = (1.0, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 1.025, 1.05, 1.075, 1.1)
 SEARCH_REFITS = 3  # alternating (codes -> scale/zero point) rounds after the grid, from the best candidate
-METHODS = ("sym", "asym", "rtn", "search", "transcode")
+METHODS = ("sym", "asym", "rtn", "search", "gptq", "transcode")
 PRESETS = ("fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized. method: sym|asym (8-bit), rtn|search (4-bit), transcode (GGUF blocks)."""
+    """How one tensor is quantized. method: sym|asym (8-bit), rtn|search|gptq (4-bit), transcode (GGUF blocks)."""
 
     bits: int
     block_size: int = 32
@@ -229,21 +229,25 @@ def _importance(act_scale: Optional[np.ndarray], k: int, block_size: int) -> Opt
 
 
 def quantize_int4(w: np.ndarray, block_size: int = 32, method: str = "search", offsets: bool = False,
-                  act_scale: Optional[np.ndarray] = None) -> BlockQuant:
+                  act_scale: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None) -> BlockQuant:
     """Block-wise 4-bit quantization with integer zero points (and optionally a float offset per block).
 
     method="rtn": the block's [min, max] (including 0) onto 0..15, round to nearest.
     method="search": try scaled ranges, refit (scale, zero point) to each candidate's codes by least squares
     and alternate codes / refit from the best (HQQ-like), minimizing the squared error weighted by act_scale^2
     (act_scale: [K] activation RMS per input channel from calibration, optional).
+    method="gptq": the search's block parameters, codes rounded by GPTQ under the input second moments
+    `hessian` [K, K] (export.gptq); integer zero points only.
     offsets=True: fit W ~ s*q + m with a float m per block, stored as the default zero point 8 plus
     offsets = m + 8*s (the graph adds blocksum(x) @ offsets^T), i.e. GGUF Q4_1's asymmetric blocks.
     """
-    if method not in ("rtn", "search"):
-        raise ValueError(f"int4 method must be 'rtn' or 'search', not {method!r}")
+    if method not in ("rtn", "search", "gptq"):
+        raise ValueError(f"int4 method must be 'rtn', 'search' or 'gptq', not {method!r}")
     w = np.asarray(w, dtype=np.float32)
     n, k = _check_shape(w, block_size)
     qt, kb = QUANT_TYPES[4], k // block_size
+    if method == "gptq":
+        return _quantize_int4_gptq(w, block_size, offsets, hessian)
     wt = _importance(act_scale, k, block_size) if method == "search" else None
     qweight = np.empty((n, kb, qt.block_bytes(block_size)), np.uint8)
     scales = np.empty((n, kb), np.float32)
@@ -257,6 +261,24 @@ def quantize_int4(w: np.ndarray, block_size: int = 32, method: str = "search", o
     if offsets:  # W = s*q + m = (q - 8)*s + (m + 8s)
         return BlockQuant(4, block_size, (n, k), qweight, scales, None, param + qt.default_zp * scales)
     return BlockQuant(4, block_size, (n, k), qweight, scales, pack_4bit(param.astype(np.uint8)))
+
+
+def _quantize_int4_gptq(w: np.ndarray, block_size: int, offsets: bool, hessian: Optional[np.ndarray]) -> BlockQuant:
+    from .gptq import gptq_int4
+
+    n, k = w.shape
+    if offsets:
+        raise ValueError("int4 method 'gptq' rounds onto integer zero points: it takes no offsets")
+    if hessian is None or hessian.shape != (k, k):
+        raise ValueError(f"int4 method 'gptq' needs the input Hessian [K, K] = [{k}, {k}]")
+    qmax = QUANT_TYPES[4].qmax
+
+    def search_block(x, wt):
+        return _search_chunk(x, wt, False, qmax, grid=True)
+
+    codes, s, z = gptq_int4(w, hessian, block_size, search_block)
+    qweight = _pack_codes(codes.reshape(n, k // block_size, block_size), 4)
+    return BlockQuant(4, block_size, (n, k), qweight, s, pack_4bit(z.astype(np.uint8)))
 
 
 # -- GGUF transcoding ----------------------------------------------------------------------------------------
@@ -317,7 +339,7 @@ def transcode_gguf(blocks, bits: Optional[int] = None, block_size: Optional[int]
 
 
 def quantize_tensor(name: str, w: np.ndarray, spec: QuantSpec, gguf_blocks: Optional[Mapping] = None,
-                    act_scale: Optional[np.ndarray] = None) -> BlockQuant:
+                    act_scale: Optional[np.ndarray] = None, hessian: Optional[np.ndarray] = None) -> BlockQuant:
     """Quantize one HF tensor by its spec; gguf_blocks maps HF names to GGUF blocks (needed for transcode)."""
     if spec.method == "transcode":
         if not gguf_blocks or name not in gguf_blocks:
@@ -326,7 +348,7 @@ def quantize_tensor(name: str, w: np.ndarray, spec: QuantSpec, gguf_blocks: Opti
     if spec.bits == 8:
         return quantize_int8(w, spec.block_size, symmetric=(spec.method != "asym"))
     if spec.bits == 4:
-        return quantize_int4(w, spec.block_size, spec.method, spec.offsets, act_scale)
+        return quantize_int4(w, spec.block_size, spec.method, spec.offsets, act_scale, hessian)
     raise EdgeError(f"{name}: unsupported quantization width {spec.bits} bits (supported: 4, 8)")
 
 

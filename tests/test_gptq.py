@@ -1,0 +1,103 @@
+"""GPTQ int4 (export/gptq.py): valid MatMulNBits blocks, and a smaller output error than rounding alone."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_export import run_cli
+
+from export.gptq import gptq_int4, hessian_keys
+from export.quantize import quantize_int4
+from export.sources import load_source
+
+RNG = np.random.default_rng(77)
+
+
+def correlated_inputs(tokens: int, k: int) -> np.ndarray:
+    """[tokens, K] with correlated channels and a few loud ones, like a transformer's normed hidden states."""
+    mix = RNG.normal(0, 1, (k, k)) / np.sqrt(k) + np.eye(k)
+    x = RNG.normal(0, 1, (tokens, k)) @ mix
+    return (x * np.exp(RNG.normal(0, 0.7, k))).astype(np.float32)
+
+
+def output_error(bq, w, x) -> float:
+    """||(W - Q) X^T||^2: what the next layer sees."""
+    return float((((bq.dequantize() - w) @ x.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_gptq_beats_the_search_on_the_output_error(block_size):
+    k, n = 256, 96
+    x = correlated_inputs(1024, k)
+    w = (RNG.standard_t(4, (n, k)) * 0.03).astype(np.float32)
+    h = x.astype(np.float64).T @ x
+    search = quantize_int4(w, block_size, "search", act_scale=np.sqrt((x * x).mean(0)))
+    gptq = quantize_int4(w, block_size, "gptq", hessian=h)
+    assert output_error(gptq, w, x) < 0.7 * output_error(search, w, x)
+
+
+def test_gptq_codes_are_valid_blocks():
+    k, n, bs = 128, 40, 32
+    x = correlated_inputs(300, k)
+    w = (RNG.normal(0, 0.05, (n, k))).astype(np.float32)
+    bq = quantize_int4(w, bs, "gptq", hessian=x.astype(np.float64).T @ x)
+    assert bq.bits == 4 and bq.block_size == bs and bq.offsets is None and bq.zero_points is not None
+    deq = bq.dequantize()
+    assert deq.shape == w.shape and np.all(np.isfinite(deq))
+    # every element sits on its block's grid s*(q - z) with q in 0..15
+    codes, s, z = gptq_int4(w, x.astype(np.float64).T @ x, bs, _search)
+    assert codes.min() >= 0 and codes.max() <= 15 and np.all(codes == np.rint(codes))
+    grid = (codes.reshape(n, -1, bs) - z[..., None]) * s[..., None]
+    np.testing.assert_allclose(grid.reshape(n, k), deq, rtol=1e-6, atol=1e-7)
+
+
+def _search(x, wt):
+    from export.quantize import _search_chunk
+    return _search_chunk(x, wt, False, 15, grid=True)
+
+
+def test_gptq_with_an_identity_hessian_is_plain_rounding_of_the_search():
+    """No input correlation, nothing to compensate: GPTQ reduces to rounding with the searched parameters."""
+    w = RNG.normal(0, 0.05, (16, 64)).astype(np.float32)
+    gptq = quantize_int4(w, 32, "gptq", hessian=np.eye(64))
+    search = quantize_int4(w, 32, "search")
+    np.testing.assert_array_equal(gptq.dequantize(), search.dequantize())
+
+
+def test_gptq_needs_a_hessian_and_no_offsets():
+    w = RNG.normal(0, 0.05, (8, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="Hessian"):
+        quantize_int4(w, 32, "gptq")
+    with pytest.raises(ValueError, match="offsets"):
+        quantize_int4(w, 32, "gptq", offsets=True, hessian=np.eye(64))
+
+
+def test_hessian_keys_share_inputs_and_skip_a_tied_embedding():
+    cfg = load_source("tiny:llama").config
+    keys = hessian_keys(cfg)
+    assert keys["model.layers.0.self_attn.q_proj.weight"] == keys["model.layers.0.self_attn.v_proj.weight"]
+    assert keys["model.layers.0.mlp.gate_proj.weight"] == keys["model.layers.0.mlp.up_proj.weight"]
+    assert len(set(keys.values())) == 4 * cfg.num_hidden_layers + (0 if cfg.tie_word_embeddings else 1)
+    assert "model.embed_tokens.weight" not in keys
+
+
+def test_export_int4_gptq_bundle_runs_and_records_the_method(tmp_path):
+    out = tmp_path / "gptq"
+    p = run_cli("tiny:llama", "--quant", "int4", "--method", "gptq", "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    methods = {t["method"] for n, t in manifest["quantization"]["tensors"].items() if ".layers." in n}
+    assert methods == {"gptq"}
+    assert manifest["fidelity"]["heldout"]["kl"] < 0.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--offsets"], "--method gptq rounds onto integer zero points"),
+    (["--quant", "auto"], "--method gptq is for --quant int4"),
+])
+def test_export_rejects_gptq_combinations(tmp_path, flags, message):
+    p = run_cli("tiny:llama", "--method", "gptq", *flags, "--out", tmp_path / "x", "--quiet")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
