@@ -35,11 +35,12 @@ SCENARIOS = {"short": (16, 128), "long": (500, 128)}  # prompt tokens, new token
 # bundle name (after "smollm2-") -> edge-export arguments.
 # int4: the default; SmolLM2's Q4_1 layers transcoded exactly (float offsets, an extra small matmul each).
 # int4-b64: integer zero points only, blocks of 64, rounded by GPTQ: fewer bytes per weight and no offsets
-# matmul, so it is the fast int4; the fidelity column shows what re-quantizing the Q4_1 grid costs.
+# matmul, so it is the fast int4; the fidelity column shows what re-quantizing the Q4_1 grid costs. The tied
+# lm_head is stored apart (GPTQ-rounded int4) from the embedding table (exact int8, read a row per token).
 EXPORT_ARGS = {
     "int4": ["--quant", "int4"],
     "int8": ["--quant", "int8"],
-    "int4-b64": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq"],
+    "int4-b64": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq", "--untie-embeddings"],
 }
 
 

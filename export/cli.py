@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "search, codes rounded by GPTQ against calibration inputs), rtn")
     ap.add_argument("--offsets", action="store_true",
                     help="int4 of float weights with a per-block float offset (asymmetric float minimum)")
+    ap.add_argument("--untie-embeddings", action="store_true",
+                    help="store a tied lm_head apart from the embedding table: the lm_head quantized by the preset "
+                         "(GPTQ-rounded under --method gptq), the table at 8 bits (more bytes on disk, none per token)")
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
                              evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
                              force=args.force, act_aware=not args.no_act_aware,
                              sensitivity_cache=args.sensitivity_cache,
-                             smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha)
+                             smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
+                             untie_embeddings=args.untie_embeddings)
         out = export_bundle(args.source, args.out, opts)
     except EdgeError as e:
         print(f"edge-export: error: {e}", file=sys.stderr)

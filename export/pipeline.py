@@ -41,6 +41,7 @@ class ExportOptions:
                                      # default: on for int8 at accuracy_level 4 (see smooth_of)
     smooth_alpha: float = 0.5        # SmoothQuant's migration strength (export.smooth.DEFAULT_ALPHA)
     sensitivity_cache: Optional[str] = None  # folder caching quant=auto's per-matmul sensitivities
+    untie_embeddings: bool = False   # a tied lm_head stored apart from the embedding table (untie_embeddings)
     progress: bool = True
     extra_manifest: dict = field(default_factory=dict)
 
@@ -123,6 +124,42 @@ def chat_encoder(source: SourceModel, tok: Tokenizer):
     return encode_chat
 
 
+def untie_embeddings(source: SourceModel) -> SourceModel:
+    """The same model with its tied lm_head as a tensor of its own (same values, same GGUF blocks).
+
+    Tied, one matrix serves two uses quantized alike: the lm_head, a matmul read whole every token, and the
+    embedding table, read a row per token. Apart, each is quantized for its use (specs_of): the lm_head by the
+    preset (GPTQ can then compensate its rounding, which it cannot do to a table whose rows are read alone), and
+    the table at 8 bits, which costs bytes on disk but no per-token reads."""
+    if not source.config.tie_word_embeddings:
+        return source
+    name = "model.embed_tokens.weight"
+    tensors = {**source.tensors, "lm_head.weight": source.tensors[name]}
+    blocks = dict(source.gguf_blocks)
+    if name in blocks:
+        blocks["lm_head.weight"] = blocks[name]
+    config = dataclasses.replace(source.config, tie_word_embeddings=False)
+    return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks, config=config)
+
+
+def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym") -> dict:
+    """HF name -> QuantSpec (or None) under the options; an untied embedding table is kept at 8 bits."""
+    from .quantize import QuantSpec, _block_field, preset_specs
+
+    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
+                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
+                         int8_method=int8_method)
+    name = "model.embed_tokens.weight"
+    spec = specs.get(name)
+    if opts.untie_embeddings and spec is not None and spec.bits == 4:
+        blocks = source.gguf_blocks.get(name) if opts.transcode else None
+        exact = blocks is not None and _block_field(blocks, "kind") == "q8_0"
+        k_fits_32 = source.config.hidden_size % 32 == 0
+        # blocks of 32: the table is read a row at a time, so its block size costs bytes, not speed
+        specs[name] = QuantSpec(8, 32 if k_fits_32 else spec.block_size, "transcode" if exact else "sym")
+    return specs
+
+
 def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
                      act_scales: Optional[dict] = None, hessians: Optional[dict] = None) -> tuple[dict, dict]:
     """HF name -> float array or BlockQuant, and the manifest's per-tensor quantization table.
@@ -133,11 +170,9 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
     """
     import dataclasses as dc
 
-    from .quantize import preset_specs, quantize_tensor
+    from .quantize import quantize_tensor
 
-    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
-                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
-                         int8_method="asym" if smooth_of(opts) else "sym")
+    specs = specs_of(source, opts, int8_method="asym" if smooth_of(opts) else "sym")
     weights, table = {}, {}
     for name, w in source.tensors.items():
         spec = specs.get(name)
@@ -223,12 +258,9 @@ def smoothed_source(source: SourceModel, ref, opts: ExportOptions) -> tuple[Sour
 
 
 def _needs_float_weights_search(source: SourceModel, opts: ExportOptions) -> bool:
-    from .quantize import preset_specs
-
     if opts.quant == "auto":
         return True
-    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
-                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets)
+    specs = specs_of(source, opts)
     return any(s is not None and s.method in ("search", "gptq") for s in specs.values())
 
 
@@ -236,10 +268,8 @@ def gptq_hessians(source: SourceModel, ref, opts: ExportOptions) -> Optional[dic
     """HF name -> its matmul's input second moments over the smoothing windows (1,536 calibration tokens,
     disjoint from the evaluation's), when some tensor is quantized by method gptq; else None."""
     from .gptq import hessian_keys, input_hessians
-    from .quantize import preset_specs
 
-    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
-                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets)
+    specs = specs_of(source, opts)
     if ref is None or not any(s is not None and s.method == "gptq" for s in specs.values()):
         return None
     keys = hessian_keys(source.config)
@@ -259,7 +289,8 @@ def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg:
         if smooth_of(opts):
             source, smooth = smoothed_source(source, ref, opts)
         weights, table = quantize_weights(source, opts, act_scales=act, hessians=gptq_hessians(source, ref, opts))
-        out = {"preset": opts.quant, "tensors": table, "act_aware": bool(act_aware)}
+        out = {"preset": opts.quant, "tensors": table, "act_aware": bool(act_aware),
+               "untied_embeddings": bool(opts.untie_embeddings)}
         return weights, (out if smooth is None else {**out, "smooth": smooth})
     from .sensitivity import auto_quantize
 
@@ -324,6 +355,8 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     try:
         steps.start("load source")
         source = load_source(spec)
+        if opts.untie_embeddings:
+            source = untie_embeddings(source)
         steps.done()
         if source.config.model_type not in LLAMA_FAMILY:
             steps.close()

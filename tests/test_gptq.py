@@ -101,3 +101,31 @@ def test_export_rejects_gptq_combinations(tmp_path, flags, message):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+# -- --untie-embeddings: the tied lm_head stored (and quantized) apart from the embedding table ---------------
+
+
+def test_untied_fp32_bundle_computes_the_same_logits(tiny_bundle):
+    from test_export import backend_logits
+
+    tied = tiny_bundle("tiny:llama", "fp32")
+    untied = tiny_bundle("tiny:llama", "fp32", "--untie-embeddings")
+    m = json.loads((untied / "manifest.json").read_text())
+    assert m["config"]["tie_word_embeddings"] is False and m["quantization"]["untied_embeddings"] is True
+    ids = list(range(5, 45))
+    for backend in ("ort", "numpy"):
+        np.testing.assert_allclose(backend_logits(untied, ids, backend), backend_logits(tied, ids, backend),
+                                   atol=1e-5, rtol=0)
+
+
+def test_untied_gptq_bundle_keeps_the_table_at_8_bits_and_verifies(tiny_bundle):
+    from edge_runtime import verify as V
+
+    b = tiny_bundle("tiny:llama", "int4", "--method", "gptq", "--untie-embeddings")
+    tensors = json.loads((b / "manifest.json").read_text())["quantization"]["tensors"]
+    assert tensors["model.embed_tokens.weight"]["bits"] == 8
+    assert tensors["lm_head.weight"] == {**tensors["lm_head.weight"], "bits": 4, "method": "gptq"}
+    for backend in ("ort", "numpy"):
+        res = V.verify(b, backend=backend, threads=1)
+        assert res.ok, (backend, [c.line() for c in res.checks])
