@@ -36,9 +36,11 @@ PRESETS = {
     "int4-requant-search": ["--quant", "int4", "--no-transcode", "--no-act-aware"],
     "int4-requant": ["--quant", "int4", "--no-transcode"],
     "int4-requant-offsets": ["--quant", "int4", "--no-transcode", "--offsets"],
-    # GPTQ rounding (export/gptq.py) of the re-quantized layers; blocks of 64 are make bench's fast int4
-    "int4-requant-gptq": ["--quant", "int4", "--no-transcode", "--method", "gptq"],
-    "int4-b64-gptq": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq"],
+    # GPTQ rounding (export/gptq.py) of the re-quantized layers, the tied lm_head stored apart (GPTQ int4) from
+    # the int8 embedding table; blocks of 64 are make bench's fast int4
+    "int4-requant-gptq": ["--quant", "int4", "--no-transcode", "--method", "gptq", "--untie-embeddings"],
+    "int4-b64-gptq": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq",
+                      "--untie-embeddings"],
     # the default `--quant auto` (target 0.02): Q4_1 layers transcoded (sensitivity 0), so the plan spends its
     # bytes on the one unit re-quantization would hurt, the Q8_0 tied embedding / lm_head (kept int8, exact)
     "auto": ["--quant", "auto"],
