@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,10 +118,13 @@ def acceptance(rows: dict) -> list[str]:
                  "auto-0.02-requant-offsets"):
         if name in rows and base:
             r = rows[name]
-            ok = (r["kl"] <= 0.02 and r["top1"] >= 0.93 and r["decode_tps"] >= 0.9 * base["decode_tps"]
-                  and r["bytes"] <= 1.3 * base["bytes"])
-            lines.append(f"{name}: KLD {r['kl']:.4f} <= 0.02, top-1 {100 * r['top1']:.1f}% >= 93%, decode "
-                         f"{r['decode_tps'] / base['decode_tps']:.2f}x >= 0.9x int4, bytes "
+            # speeds of different runs are not comparable on a shared machine: judge them only side by side
+            same_run = r.get("run") is not None and r.get("run") == base.get("run")
+            fast = r["decode_tps"] >= 0.9 * base["decode_tps"]
+            ok = r["kl"] <= 0.02 and r["top1"] >= 0.93 and same_run and fast and r["bytes"] <= 1.3 * base["bytes"]
+            decode = (f"decode {r['decode_tps'] / base['decode_tps']:.2f}x >= 0.9x int4" if same_run else
+                      f"decode not measured beside int4 (run --only int4 {name})")
+            lines.append(f"{name}: KLD {r['kl']:.4f} <= 0.02, top-1 {100 * r['top1']:.1f}% >= 93%, {decode}, bytes "
                          f"{r['bytes'] / base['bytes']:.2f}x <= 1.3x int4: {'PASS' if ok else 'FAIL'}")
     return lines
 
@@ -178,9 +182,9 @@ def main(argv=None) -> int:
     for _ in range(args.runs):
         for name in names:
             speed[name] = max(speed[name], decode_speed(bundles[name], args.threads, args.tokens))
-    rows = []
+    rows, run = [], time.strftime("%Y-%m-%dT%H:%M:%S")
     for name in names:
-        rows.append(row(name, bundles[name], speed[name]))
+        rows.append({**row(name, bundles[name], speed[name]), "run": run})
         log(f"{name}: {rows[-1]['bytes'] / 2**20:.1f} MiB, KLD {rows[-1]['kl']:.4f}, "
             f"{rows[-1]['decode_tps']:.1f} tok/s")
     if args.only:  # keep the other presets' rows of the last full run, in PRESETS order

@@ -269,10 +269,9 @@ def gptq_hessians(source: SourceModel, ref, opts: ExportOptions) -> Optional[dic
     disjoint from the evaluation's), when some tensor is quantized by method gptq; else None."""
     from .gptq import hessian_keys, input_hessians
 
-    specs = specs_of(source, opts)
-    if ref is None or not any(s is not None and s.method == "gptq" for s in specs.values()):
+    specs, keys = specs_of(source, opts), hessian_keys(source.config)
+    if ref is None or not any(s is not None and s.method == "gptq" and n in keys for n, s in specs.items()):
         return None
-    keys = hessian_keys(source.config)
     by_input = input_hessians(ref.torch_model, calibration_windows(source, SMOOTH_WINDOWS), keys)
     return {name: by_input[key] for name, key in keys.items() if key in by_input}
 
@@ -364,7 +363,8 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
 
             return export_fallback_bundle(source, out_dir, opts)
         steps.start("float model")
-        needs_float = opts.reference or opts.evaluate or opts.quant == "auto" or smooth_of(opts)
+        needs_float = (opts.reference or opts.evaluate or opts.quant == "auto" or smooth_of(opts)
+                       or opts.method == "gptq")  # GPTQ's calibration inputs come from the float model
         ref = FloatReference(source, threads=opts.threads) if needs_float else None
         steps.done()
         steps.start(f"quantize ({opts.quant})")
