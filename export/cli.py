@@ -64,8 +64,6 @@ def main(argv=None) -> int:
 
         if args.method == "gptq" and args.offsets:
             raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
-        if args.method == "gptq" and args.quant == "auto":
-            raise EdgeError("--method gptq is for --quant int4 (the auto search measures each matmul alone)")
         if args.max_kld is not None and not args.max_kld > 0:
             raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
         if not 0.0 <= args.smooth_alpha <= 1.0:

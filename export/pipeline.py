@@ -294,10 +294,11 @@ def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg:
     from .sensitivity import auto_quantize
 
     target = opts.max_kld if opts.max_kld is not None else AUTO_DEFAULT_KLD
+    hessians = gptq_hessians(source, ref, dataclasses.replace(opts, quant="int4")) if opts.method == "gptq" else None
     qweights, specs, plan = auto_quantize(
         source, ref.torch_model, calibration_windows(source), target, transcode=opts.transcode,
         method=opts.method, offsets=opts.offsets, block_size=opts.block_size, act_aware=act_aware,
-        cache_dir=opts.sensitivity_cache,
+        cache_dir=opts.sensitivity_cache, hessians=hessians,
         log=log)
     weights = {n: qweights.get(n, w) for n, w in source.tensors.items()}
     table = {n: q.manifest_entry(specs[n].method) for n, q in qweights.items()}

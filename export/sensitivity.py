@@ -11,6 +11,7 @@ was optimistic.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -192,9 +193,10 @@ def choose_bits(sens: Mapping[str, float], saved: Mapping[str, int], budget: flo
 class Candidates:
     """The int4 and int8 quantization of every unit's weights (computed once, reused by the export)."""
 
-    def __init__(self, source, specs4: Mapping, specs8: Mapping, act_scales: Mapping[str, np.ndarray]):
+    def __init__(self, source, specs4: Mapping, specs8: Mapping, act_scales: Mapping[str, np.ndarray],
+                 hessians: Mapping[str, np.ndarray] | None = None):
         self.source, self.specs = source, {4: specs4, 8: specs8}
-        self.act_scales = act_scales
+        self.act_scales, self.hessians = act_scales, hessians or {}
         self.cache: dict = {}
 
     def quant(self, name: str, bits: int) -> BlockQuant:
@@ -203,7 +205,7 @@ class Candidates:
             spec = self.specs[bits][name]
             act = self.act_scales.get(name) if spec.method == "search" else None
             self.cache[key] = quantize_tensor(name, self.source.tensors[name], spec, self.source.gguf_blocks,
-                                              act_scale=act)
+                                              act_scale=act, hessian=self.hessians.get(name))
         return self.cache[key]
 
     def nbytes(self, unit: Unit, bits: int) -> int:
@@ -271,22 +273,27 @@ def cache_key(source, specs4: Mapping, act_aware: bool, windows: Sequence[Sequen
 
 def auto_quantize(source, torch_model, windows: Sequence[Sequence[int]], target: float, *, transcode: bool = True,
                   method: str = "search", offsets: bool = False, block_size: int = 32, act_aware: bool = True,
-                  cache_dir: Path | None = None,
+                  cache_dir: Path | None = None, hessians: Mapping[str, np.ndarray] | None = None,
                   log: Callable[[str], None] = lambda s: None) -> tuple[dict, dict, Plan]:
     """Mixed int4/int8 weights for `source` meeting `target` KLD: (HF name -> BlockQuant, specs, Plan).
 
     torch_model: the float reference (export.reference.FloatReference.torch_model); windows: calibration
     token windows (disjoint from the held-out evaluation text). The per-unit sensitivities are cached in
     cache_dir (keyed by source, method and calibration) so that trying several targets measures them once.
+    method="gptq" rounds the int4 candidates by GPTQ under `hessians` (HF name -> [K, K]); a matrix without
+    one (a tied embedding) takes the search.
     """
     cfg = source.config
     all_units = units(cfg)
     specs4 = preset_specs(cfg, "int4", source.gguf_blocks, transcode=transcode, method=method, offsets=offsets,
                           block_size=block_size)
+    for n, spec in specs4.items():
+        if spec is not None and spec.method == "gptq" and n not in (hessians or {}):
+            specs4[n] = dataclasses.replace(spec, method="search")
     specs8 = preset_specs(cfg, "int8", source.gguf_blocks, transcode=transcode, block_size=block_size)
     specs8.update(vocab_int8_specs(cfg))
     act = activation_scales(torch_model, windows, cfg.tie_word_embeddings) if act_aware else {}
-    cands = Candidates(source, specs4, specs8, act)
+    cands = Candidates(source, specs4, specs8, act, hessians)
     kl = PerturbedKL(torch_model, windows)
     path = None
     if cache_dir is not None:

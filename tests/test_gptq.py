@@ -92,15 +92,25 @@ def test_export_int4_gptq_bundle_runs_and_records_the_method(tmp_path):
     assert manifest["fidelity"]["heldout"]["kl"] < 0.5
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--offsets"], "--method gptq rounds onto integer zero points"),
-    (["--quant", "auto"], "--method gptq is for --quant int4"),
-])
-def test_export_rejects_gptq_combinations(tmp_path, flags, message):
-    p = run_cli("tiny:llama", "--method", "gptq", *flags, "--out", tmp_path / "x", "--quiet")
+def test_export_rejects_gptq_with_offsets(tmp_path):
+    p = run_cli("tiny:llama", "--method", "gptq", "--offsets", "--out", tmp_path / "x", "--quiet")
     assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "--method gptq rounds onto integer zero points" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_auto_with_gptq_candidates(tmp_path):
+    """--quant auto --method gptq: the int4 candidate of every layer matmul is GPTQ-rounded (the tied
+    embedding, which GPTQ cannot round, takes the search), and the plan still meets its target."""
+    out = tmp_path / "auto"
+    p = run_cli("tiny:llama", "--quant", "auto", "--method", "gptq", "--max-kld", "0.5", "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    int4 = {n: t["method"] for n, t in q["tensors"].items() if t["bits"] == 4}
+    assert int4 and all(m == "gptq" for n, m in int4.items() if ".layers." in n)
+    assert all(m == "search" for n, m in int4.items() if "embed_tokens" in n)
+    assert q["auto"]["measured_kl"] is not None and q["auto"]["measured_kl"] <= q["auto"]["budget"]
 
 
 # -- --untie-embeddings: the tied lm_head stored (and quantized) apart from the embedding table ---------------
