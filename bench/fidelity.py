@@ -45,6 +45,8 @@ PRESETS = {
     # the default `--quant auto` (target 0.02): Q4_1 layers transcoded (sensitivity 0), so the plan spends its
     # bytes on the one unit re-quantization would hurt, the Q8_0 tied embedding / lm_head (kept int8, exact)
     "auto": ["--quant", "auto"],
+    # the int8 lm_head in blocks of 16: finer int8 activations into it, for fidelity at some speed
+    "auto-vocab16": ["--quant", "auto", "--vocab-block", "16"],
     "auto-0.05-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.05"],
     "auto-0.02-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.02"],
     "auto-0.01-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.01"],

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--untie-embeddings", action="store_true",
                     help="store a tied lm_head apart from the embedding table: the lm_head quantized by the preset "
                          "(GPTQ-rounded under --method gptq), the table at 8 bits (more bytes on disk, none per token)")
+    ap.add_argument("--vocab-block", type=int, default=None, choices=(16, 32, 64),
+                    help="auto: block size of the embedding / lm_head int8 candidate (default 64, the fastest; 16 "
+                         "gives the lm_head finer int8 inputs: on SmolLM2 KLD 0.0052 -> 0.0034 at ~0.9x decode)")
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     try:
         from .pipeline import ExportOptions, export_bundle
 
+        if args.vocab_block is not None and args.quant != "auto":
+            raise EdgeError("--vocab-block sets the int8 candidate of --quant auto (use --block-size for a preset)")
         if args.method == "gptq" and args.offsets:
             raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
         if args.max_kld is not None and not args.max_kld > 0:
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
                              force=args.force, act_aware=not args.no_act_aware,
                              sensitivity_cache=args.sensitivity_cache,
                              smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
-                             untie_embeddings=args.untie_embeddings)
+                             untie_embeddings=args.untie_embeddings, vocab_block=args.vocab_block)
         out = export_bundle(args.source, args.out, opts)
     except EdgeError as e:
         print(f"edge-export: error: {e}", file=sys.stderr)

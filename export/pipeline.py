@@ -42,6 +42,7 @@ class ExportOptions:
     smooth_alpha: float = 0.5        # SmoothQuant's migration strength (export.smooth.DEFAULT_ALPHA)
     sensitivity_cache: Optional[str] = None  # folder caching quant=auto's per-matmul sensitivities
     untie_embeddings: bool = False   # a tied lm_head stored apart from the embedding table (untie_embeddings)
+    vocab_block: Optional[int] = None  # auto: block size of the embedding / lm_head int8 candidate (default 64)
     progress: bool = True
     extra_manifest: dict = field(default_factory=dict)
 
@@ -299,7 +300,7 @@ def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg:
         source, ref.torch_model, calibration_windows(source), target, transcode=opts.transcode,
         method=opts.method, offsets=opts.offsets, block_size=opts.block_size, act_aware=act_aware,
         cache_dir=opts.sensitivity_cache, hessians=hessians,
-        log=log)
+        **({"vocab_block": opts.vocab_block} if opts.vocab_block else {}), log=log)
     weights = {n: qweights.get(n, w) for n, w in source.tensors.items()}
     table = {n: q.manifest_entry(specs[n].method) for n, q in qweights.items()}
     return weights, {"preset": "auto", "tensors": table, "act_aware": bool(act_aware), "target_kld": target,

@@ -112,6 +112,13 @@ def test_export_failure_leaves_previous_bundle_untouched(tiny_bundle, tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["bundle"]  # no temp folder left behind
 
 
+def test_export_refuses_vocab_block_outside_auto(tmp_path):
+    p = run_cli("tiny:llama", "--quant", "int4", "--vocab-block", "16", "--out", tmp_path / "x", "--quiet")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "--vocab-block sets the int8 candidate of --quant auto" in p.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_run_refuses_tampered_bundle(tiny_bundle, tmp_path):
     import shutil
 

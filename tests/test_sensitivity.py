@@ -98,3 +98,7 @@ def test_vocab_int8_block_only_where_the_hidden_size_allows():
     tied = ModelConfig("llama", 1000, 576, 1536, 2, 9, 3, 64, tie_word_embeddings=True)
     assert set(S.vocab_int8_specs(tied)) == {"model.embed_tokens.weight"}  # tied: one matrix
     assert S.vocab_int8_specs(ModelConfig("llama", 1000, 96, 256, 2, 3, 1, 32)) == {}  # 96 % 64 != 0
+    fine = S.vocab_int8_specs(cfg, 16)  # --vocab-block 16: finer int8 activations into the lm_head
+    assert set(fine) == set(specs) and all(s.block_size == 16 for s in fine.values())
+    assert set(S.vocab_int8_specs(ModelConfig("llama", 1000, 96, 256, 2, 3, 1, 32), 16)) == {
+        "model.embed_tokens.weight", "lm_head.weight"}
