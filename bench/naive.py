@@ -93,12 +93,16 @@ class PlainLoop:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.vocab = self.session.get_outputs()[0].shape[-1]
 
-    def step(self, ids: np.ndarray, pasts: list, past_len: int) -> tuple[int, list]:
+    def feed(self, ids: np.ndarray, pasts: list, past_len: int) -> dict:
+        """The graph's inputs for ids [1, S] after past_len cached positions."""
         total = past_len + ids.shape[1]
         feed = dict(zip(self.past_names, pasts), input_ids=ids, attention_mask=np.ones((1, total), np.int64))
         if "position_ids" in self.input_names:
             feed["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None]
-        out = dict(zip(self.output_names, self.session.run(None, feed)))
+        return feed
+
+    def step(self, ids: np.ndarray, pasts: list, past_len: int) -> tuple[int, list]:
+        out = dict(zip(self.output_names, self.session.run(None, self.feed(ids, pasts, past_len))))
         logits = out["logits"]  # [1, S, vocab]: the graph computes every position
         return int(logits[0, -1].argmax()), [out[n.replace("past_key_values", "present")] for n in self.past_names]
 
@@ -154,10 +158,7 @@ def heldout_fidelity(model_dir: Path, gguf: Path, threads: int) -> dict:
     loop = PlainLoop(model_dir / MODEL_FILE, threads)
 
     def naive_logits(ids) -> np.ndarray:  # [S, V]: one call over the window, every position's logits
-        feed = dict(zip(loop.past_names, [loop.empty_past] * len(loop.past_names)),
-                    input_ids=np.asarray(ids, np.int64)[None], attention_mask=np.ones((1, len(ids)), np.int64))
-        if "position_ids" in loop.input_names:
-            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        feed = loop.feed(np.asarray(ids, np.int64)[None], [loop.empty_past] * len(loop.past_names), 0)
         return loop.session.run(["logits"], feed)[0][0]
 
     report = heldout_report(cached(FloatReference(source, threads=threads).logits), naive_logits, windows)

@@ -145,7 +145,7 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
 
 def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym") -> dict:
     """HF name -> QuantSpec (or None) under the options; an untied embedding table is kept at 8 bits."""
-    from .quantize import QuantSpec, _block_field, preset_specs
+    from .quantize import QuantSpec, _block_field, _fitting_block_size, _transcode_spec, preset_specs
 
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
                          block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
@@ -154,10 +154,10 @@ def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym")
     spec = specs.get(name)
     if opts.untie_embeddings and spec is not None and spec.bits == 4:
         blocks = source.gguf_blocks.get(name) if opts.transcode else None
-        exact = blocks is not None and _block_field(blocks, "kind") == "q8_0"
-        k_fits_32 = source.config.hidden_size % 32 == 0
-        # blocks of 32: the table is read a row at a time, so its block size costs bytes, not speed
-        specs[name] = QuantSpec(8, 32 if k_fits_32 else spec.block_size, "transcode" if exact else "sym")
+        if blocks is not None and _block_field(blocks, "kind") == "q8_0":
+            specs[name] = _transcode_spec(blocks, "int8", 32)
+        else:  # blocks of up to 32: the table is read a row at a time, so its block size costs bytes, not speed
+            specs[name] = QuantSpec(8, _fitting_block_size(source.config.hidden_size, 32), "sym")
     return specs
 
 
@@ -166,11 +166,8 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
     """HF name -> float array or BlockQuant, and the manifest's per-tensor quantization table.
 
     act_scales: HF name -> activation RMS per input channel [K] (int4 search weights its error by them).
-    hessians: HF name -> input second moments [K, K] for method gptq; a gptq tensor without one (the tied
-    embedding, which is also the lookup table) takes the plain search.
+    hessians: HF name -> input second moments [K, K] of the tensors quantized by method gptq (gptq_hessians).
     """
-    import dataclasses as dc
-
     from .quantize import quantize_tensor
 
     specs = specs_of(source, opts, int8_method="asym" if smooth_of(opts) else "sym")
@@ -180,10 +177,8 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
         if spec is None:
             weights[name] = w
             continue
-        hess = (hessians or {}).get(name) if spec.method == "gptq" else None
-        if spec.method == "gptq" and hess is None:
-            spec = dc.replace(spec, method="search")
         act = (act_scales or {}).get(name) if spec.method == "search" else None
+        hess = (hessians or {}).get(name) if spec.method == "gptq" else None
         q = quantize_tensor(name, w, spec, source.gguf_blocks, act_scale=act, hessian=hess)
         weights[name] = q
         table[name] = {"bits": q.bits, "block_size": q.block_size, "method": spec.method,
@@ -267,12 +262,18 @@ def _needs_float_weights_search(source: SourceModel, opts: ExportOptions) -> boo
 
 def gptq_hessians(source: SourceModel, ref, opts: ExportOptions) -> Optional[dict]:
     """HF name -> its matmul's input second moments over the smoothing windows (1,536 calibration tokens,
-    disjoint from the evaluation's), when some tensor is quantized by method gptq; else None."""
+    disjoint from the evaluation's), when some int4 weight (of the preset, or of auto's int4 candidates) is
+    quantized by method gptq; else None."""
     from .gptq import hessian_keys, input_hessians
+    from .quantize import preset_specs
 
-    specs, keys = specs_of(source, opts), hessian_keys(source.config)
-    if ref is None or not any(s is not None and s.method == "gptq" and n in keys for n, s in specs.items()):
+    if ref is None or opts.method != "gptq" or opts.quant not in ("int4", "auto"):
         return None
+    specs = preset_specs(source.config, "int4", source.gguf_blocks, transcode=opts.transcode,
+                         block_size=opts.block_size, method="gptq")
+    if not any(s is not None and s.method == "gptq" for s in specs.values()):  # all transcoded, say
+        return None
+    keys = hessian_keys(source.config)
     by_input = input_hessians(ref.torch_model, calibration_windows(source, SMOOTH_WINDOWS), keys)
     return {name: by_input[key] for name, key in keys.items() if key in by_input}
 
@@ -295,12 +296,11 @@ def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg:
     from .sensitivity import auto_quantize
 
     target = opts.max_kld if opts.max_kld is not None else AUTO_DEFAULT_KLD
-    hessians = gptq_hessians(source, ref, dataclasses.replace(opts, quant="int4")) if opts.method == "gptq" else None
     qweights, specs, plan = auto_quantize(
         source, ref.torch_model, calibration_windows(source), target, transcode=opts.transcode,
         method=opts.method, offsets=opts.offsets, block_size=opts.block_size, act_aware=act_aware,
-        cache_dir=opts.sensitivity_cache, hessians=hessians,
-        **({"vocab_block": opts.vocab_block} if opts.vocab_block else {}), log=log)
+        cache_dir=opts.sensitivity_cache, hessians=gptq_hessians(source, ref, opts), vocab_block=opts.vocab_block,
+        log=log)
     weights = {n: qweights.get(n, w) for n, w in source.tensors.items()}
     table = {n: q.manifest_entry(specs[n].method) for n, q in qweights.items()}
     return weights, {"preset": "auto", "tensors": table, "act_aware": bool(act_aware), "target_kld": target,

@@ -394,13 +394,19 @@ def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping
     Every linear weight is quantized (q/k/v/o, gate/up/down, lm_head and the token embedding); norms and
     biases stay fp32. int8: block-wise int8, `int8_method` sym (scales only) or asym (integer zero points,
     1 byte per block more: finer steps for blocks not centered on 0, as Q4_1-derived or smoothed weights are).
-    int4: 4-bit with `method` / `offsets`. transcode=True:
+    int4: 4-bit with `method` / `offsets`; method gptq only for matmul weights GPTQ can round (export.gptq
+    hessian_keys: not the embedding table, nor a tied lm_head), the search for the others. transcode=True:
     a tensor with GGUF blocks is transcoded exactly instead (see transcode_gguf): Q4_x into the preset's
     width, Q8_0 into 8 bits (so a Q8_0 embedding stays 8-bit under int4). A tensor whose K no supported block
     size <= block_size divides stays fp32.
     """
     if preset not in PRESETS:
         raise EdgeError(f"unknown quantization preset {preset!r} (choose from {', '.join(PRESETS)})")
+    gptq_names = set()
+    if method == "gptq":
+        from .gptq import hessian_keys
+
+        gptq_names = set(hessian_keys(config))
     specs = {}
     for name in tensor_names(config):
         k = _linear_in_features(config, name)
@@ -412,5 +418,6 @@ def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping
         elif preset == "int8":
             specs[name] = QuantSpec(8, bs, int8_method)
         else:
-            specs[name] = QuantSpec(4, bs, method, offsets)
+            specs[name] = QuantSpec(4, bs, "search" if method == "gptq" and name not in gptq_names else method,
+                                    offsets)
     return specs

@@ -11,7 +11,6 @@ was optimistic.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -276,25 +275,23 @@ def cache_key(source, specs4: Mapping, act_aware: bool, windows: Sequence[Sequen
 def auto_quantize(source, torch_model, windows: Sequence[Sequence[int]], target: float, *, transcode: bool = True,
                   method: str = "search", offsets: bool = False, block_size: int = 32, act_aware: bool = True,
                   cache_dir: Path | None = None, hessians: Mapping[str, np.ndarray] | None = None,
-                  vocab_block: int = VOCAB_INT8_BLOCK,
+                  vocab_block: int | None = None,
                   log: Callable[[str], None] = lambda s: None) -> tuple[dict, dict, Plan]:
     """Mixed int4/int8 weights for `source` meeting `target` KLD: (HF name -> BlockQuant, specs, Plan).
 
     torch_model: the float reference (export.reference.FloatReference.torch_model); windows: calibration
     token windows (disjoint from the held-out evaluation text). The per-unit sensitivities are cached in
     cache_dir (keyed by source, method and calibration) so that trying several targets measures them once.
-    method="gptq" rounds the int4 candidates by GPTQ under `hessians` (HF name -> [K, K]); a matrix without
-    one (a tied embedding) takes the search.
+    method="gptq" rounds the int4 candidates by GPTQ under `hessians` (HF name -> [K, K]; preset_specs keeps
+    the search for what GPTQ cannot round). vocab_block: the vocabulary int8 candidate's blocks (default
+    VOCAB_INT8_BLOCK).
     """
     cfg = source.config
     all_units = units(cfg)
     specs4 = preset_specs(cfg, "int4", source.gguf_blocks, transcode=transcode, method=method, offsets=offsets,
                           block_size=block_size)
-    for n, spec in specs4.items():
-        if spec is not None and spec.method == "gptq" and n not in (hessians or {}):
-            specs4[n] = dataclasses.replace(spec, method="search")
     specs8 = preset_specs(cfg, "int8", source.gguf_blocks, transcode=transcode, block_size=block_size)
-    specs8.update(vocab_int8_specs(cfg, vocab_block))
+    specs8.update(vocab_int8_specs(cfg, vocab_block or VOCAB_INT8_BLOCK))
     act = activation_scales(torch_model, windows, cfg.tie_word_embeddings) if act_aware else {}
     cands = Candidates(source, specs4, specs8, act, hessians)
     kl = PerturbedKL(torch_model, windows)

@@ -139,3 +139,17 @@ def test_untied_gptq_bundle_keeps_the_table_at_8_bits_and_verifies(tiny_bundle):
     for backend in ("ort", "numpy"):
         res = V.verify(b, backend=backend, threads=1)
         assert res.ok, (backend, [c.line() for c in res.checks])
+
+
+def test_presets_use_gptq_only_where_it_can_round():
+    """GPTQ needs a matmul input; the embedding table (and a tied lm_head, which is that table) keeps the search."""
+    import dataclasses
+
+    from export.quantize import preset_specs
+
+    cfg = load_source("tiny:llama").config
+    tied = preset_specs(cfg, "int4", method="gptq")
+    assert tied["model.embed_tokens.weight"].method == "search"
+    assert tied["model.layers.0.mlp.down_proj.weight"].method == "gptq"
+    untied = preset_specs(dataclasses.replace(cfg, tie_word_embeddings=False), "int4", method="gptq")
+    assert untied["lm_head.weight"].method == "gptq" and untied["model.embed_tokens.weight"].method == "search"
