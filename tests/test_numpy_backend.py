@@ -470,40 +470,26 @@ def test_smollm2_fp32_logits_match_ort(smollm2_bundle):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_smollm2_quantized_parity_with_fp32_activations(smollm2_bundle, quant):
     """Issue #5's figures hold where the graph is a continuous function (accuracy_level 0): >= 99% top-1 on the
-    probe window and the same 32 greedy tokens on the 3 reference prompts (the int4 bundle: float16 KV).
-    int8's greedy figure (also 3 x 32/32) is left to bench/parity.py: ORT has no fp32-activation kernel for
-    8-bit MatMulNBits and decodes ~1.5 s per token there."""
-    f = parity_figures(smollm2_bundle(quant, "--accuracy-level", "0"), greedy_steps=32 if quant == "int4" else 0)
+    probe window and the same 32 greedy tokens on the 3 reference prompts (the int4 bundle: float16 KV)."""
+    f = parity_figures(smollm2_bundle(quant, "--accuracy-level", "0"), greedy_steps=32)
     assert f["top1"].mean() >= 0.99 and f["top1"][f["gap"] > 0.05].all()
-    if quant == "int4":
-        assert len(f["greedy"]) == 3 and all(ours == theirs for ours, theirs in f["greedy"])
+    assert len(f["greedy"]) == 3 and all(ours == theirs for ours, theirs in f["greedy"])
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_smollm2_default_graph_agrees_up_to_int8_rounding(smollm2_bundle, quant):
-    """At the default accuracy_level 4, MatMulNBits rounds every activation to int8: a one-ulp difference
-    anywhere (a float sum in another order) flips some roundings and the flips compound over 30 layers, so
-    top-1 may differ only where ORT's own top-2 gap is small. The bound is measured, not wished: ORT itself
-    moves as far between accuracy levels 4 and 0 on the same weights (bench/parity.py --compare-to)."""
-    f = parity_figures(smollm2_bundle(quant))
-    assert f["top1"].mean() >= 0.85 and f["top1"][f["gap"] > 0.5].all()
-    # ORT against itself: the same probe window one token at a time (MatMulNBits' M=1 kernels) instead of one
-    # prefill. NumPy must agree with ORT about as well as ORT agrees with itself (measured on SmolLM2: ORT
-    # 98.4% int4 / 96.9% int8; NumPy vs ORT 96.9% / 96.9%).
-    from edge_runtime.backends.ort import OrtBackend
-    from edge_runtime.verify import stepwise_logits
+def test_smollm2_default_graph_agrees_as_well_as_ort_with_itself(smollm2_bundle, quant):
+    """At the default accuracy_level 4 MatMulNBits rounds every activation to int8, so a one-ulp difference
+    anywhere flips some roundings and the flips compound over 30 layers: no executor that is not bit for bit
+    MLAS's kernels agrees with ORT to 99% there. The floor is measured on the bundle, on 512 held-out tokens
+    (bench/parity.py): ORT's one-token kernels against its prefill kernels, and the NumPy backend against
+    itself with RMSNorm's sums in float64. NumPy against ORT must reach that floor, and top-1 may differ only
+    where ORT's own top-2 gap is small. Measured on SmolLM2 (NumPy vs ORT / ORT vs ORT / NumPy vs NumPy):
+    int8 99.0 / 99.2 / 98.4%, int4 97.5 / 95.9 / 97.1%; ORT's top-2 gap where NumPy's top-1 differs <= 0.48."""
+    from bench.parity import parity, perturb_check, self_check
 
-    bundle = Bundle.open(smollm2_bundle(quant))
-    probe = bundle.read_json("reference.json")["probe"]["ids"]
-    steps = stepwise_logits(OrtBackend(bundle, len(probe), threads=2), probe)
-    ort_self = (steps.argmax(-1) == f["ort"].argmax(-1)).mean()
-    assert f["top1"].mean() >= ort_self - 0.03
-    if quant == "int8":
-        from edge_runtime.backends.ort import OrtBackend
-        from edge_runtime.verify import all_logits
-
-        exact = Bundle.open(smollm2_bundle(quant, "--accuracy-level", "0"))
-        probe = exact.read_json("reference.json")["probe"]["ids"]
-        fp32_acts = all_logits(OrtBackend(exact, len(probe), threads=2), probe)
-        ort_vs_ort = (fp32_acts.argmax(-1) == f["ort"].argmax(-1)).mean()
-        assert f["top1"].mean() >= ort_vs_ort - 0.05
+    path = str(smollm2_bundle(quant))
+    ours = parity(path, steps=0, window=512)
+    floor = min(check(path, steps=0, window=512)["top1"] for check in (self_check, perturb_check))
+    assert ours["accuracy_level"] == 4 and ours["positions"] == 512
+    assert ours["top1"] >= floor - 0.015, (ours["top1"], floor)
+    assert max(ours["gap_at_disagreements"], default=0.0) < 0.75
