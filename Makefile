@@ -6,7 +6,7 @@ MODEL   := cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 BUNDLES := bundles
 PROMPT  ?= In two sentences, why do small language models run well on phones?
 
-.PHONY: venv model demo test bench fidelity budget distill-demo android-check lint clean
+.PHONY: venv model demo test bench parity fidelity budget distill-demo android-check lint clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(MAKE) model
 	$(PY) bench/bench.py --threads 2 --runs 3
 	$(PY) bench/memory.py
+
+parity: $(STAMP)
+	$(MAKE) model
+	$(PY) bench/parity.py --window 512 --self-check --perturb-check --compare-exact
 
 fidelity: $(STAMP)
 	$(MAKE) model

@@ -115,6 +115,22 @@ class Bundle:
         return files[kv_dtype]
 
     @property
+    def accuracy_level(self) -> int:
+        """MatMulNBits' activation precision in the default graphs: 4 = int8 activations, 0 = float32."""
+        return int((self.manifest.get("graph") or {}).get("accuracy_level", 0))
+
+    def exact_graph_file(self) -> str | None:
+        """The graph computing the same function with float32 activations (accuracy_level 0) and a float32 KV
+        cache, on the same weights: the default graph itself when it is one, else graph.exact_graph (written
+        by exporters since the cross-backend check), else None. Two executors agree on it to float rounding.
+        A bundle without quantized weights has no MatMulNBits: its default float32-KV graph is exact."""
+        graph = self.manifest.get("graph") or {}
+        quantized = bool(((self.manifest.get("quantization") or {}).get("tensors")))
+        if (self.accuracy_level == 0 or not quantized) and "float32" in self.kv_dtypes:
+            return self.graph_file("float32")  # no int8 activations anywhere: the default graph is exact
+        return (graph.get("exact_graph") or {}).get("file")
+
+    @property
     def max_context(self) -> int:
         return int(self.manifest["max_context"])
 

@@ -1,4 +1,5 @@
-"""`edge-run verify`: re-run a bundle's stored float-reference probes and compare with its export baseline.
+"""`edge-run verify`: re-run a bundle's stored float-reference probes and compare with its export baseline
+(`--cross`: the two backends against each other instead, edge_runtime/parity.py).
 
 reference.json (written at export) holds the float model's top-k log-probs on a probe window and its greedy
 continuations of a few chat prompts. The bundle runs the same inputs here, and the figures are checked against
@@ -188,6 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--backend", default="auto", choices=backends.choices())
     p.add_argument("--threads", type=int, metavar="N")
+    p.add_argument("--cross", action="store_true",
+                   help="check the NumPy backend and ONNX Runtime against each other on the bundle's exact graph "
+                        "(float32 activations): >= 99%% probe top-1 agreement, the same greedy tokens")
 
 
 def print_result(res: VerifyResult, out=None) -> None:
@@ -208,6 +212,12 @@ def run(args) -> int:
     """Re-run the bundle's float-reference probes and compare with the figures recorded at export."""
     if args.threads is not None and args.threads < 1:
         raise EdgeError(f"--threads must be a positive integer, got {args.threads}")
+    if args.cross:
+        if args.backend != "auto":
+            raise EdgeError("--cross runs both backends: leave out --backend")
+        from .parity import run as cross_run
+
+        return cross_run(args)
     res = verify(args.bundle, backend=args.backend, threads=args.threads)
     print_result(res)
     if res.ok:

@@ -20,6 +20,7 @@ from .graph.builder import WEIGHT_LAYOUT_KEY
 
 WEIGHTS_FILE = "weights.bin"
 MODEL_FILE = "model.onnx"
+EXACT_FILE = "model.exact.onnx"
 INLINE_LIMIT = 1024  # initializers below this many bytes stay inside model.onnx unless they are indexed weights
 
 Progress = Callable[[int, int], None]  # (bytes of weights written, total bytes)
@@ -27,13 +28,15 @@ Progress = Callable[[int, int], None]  # (bytes of weights written, total bytes)
 
 def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extra_files: Mapping[str, bytes | str],
                  graph: onnx.ModelProto | None = None, graphs: Mapping[str, onnx.ModelProto] | None = None,
-                 progress: Progress | None = None) -> Path:
+                 exact_graph: onnx.ModelProto | None = None, progress: Progress | None = None) -> Path:
     """Write a bundle to `out_dir` (replacing it only once everything is written).
 
     graph: the one decoder, or graphs: KV dtype -> decoder, each with inline initializers and, optionally, the
     builder's weight layout in its metadata (fused initializers are indexed part by part, aliases share their
     base's bytes). The first graph is the default (model.onnx); the others (model.<dtype>.onnx) share its
     weights.bin, where only the initializers they alone have (their rotary tables) are appended.
+    exact_graph: the same decoder with float32 activations and KV cache (model.exact.onnx, also sharing
+    weights.bin), recorded as graph.exact_graph: what two executors can be compared on to float rounding.
     manifest_fields: the manifest keys this writer does not own (graph contract, quantization, tokenizer,
     reference, fidelity, source, max_context...). extra_files: other files of the bundle (tokenizer.json,
     reference.json). The graphs are modified in place (their initializers become external references).
@@ -52,9 +55,14 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
                 index.update(_write_weights(graph, f, placed, progress))
                 files[kv_dtype] = MODEL_FILE if i == 0 else f"{Path(MODEL_FILE).stem}.{kv_dtype}.onnx"
                 onnx.save_model(graph, str(tmp / files[kv_dtype]))
+            if exact_graph is not None:
+                index.update(_write_weights(exact_graph, f, placed, None))  # the default graph's weights, reused
+                onnx.save_model(exact_graph, str(tmp / EXACT_FILE))
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else bytes(data))
         manifest = _manifest(config, graphs, files, manifest_fields, index, tmp)
+        if exact_graph is not None:
+            manifest["graph"]["exact_graph"] = {"file": EXACT_FILE, "accuracy_level": 0, "kv_dtype": "float32"}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:

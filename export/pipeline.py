@@ -378,6 +378,10 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
                                         GraphOptions(accuracy_level=opts.accuracy_level, max_context=max_context,
                                                      kv_dtype=kv))
                   for kv in kv_dtypes_of(opts)}                       # the default first
+        # With int8 activations two executors agree only statistically (an ulp flips int8 roundings, which
+        # compound); the same weights with float32 activations give them a graph to agree on to float rounding.
+        exact = None if opts.accuracy_level == 0 or not quantization["tensors"] else build_llama_graph(
+            source.config, weights, GraphOptions(accuracy_level=0, max_context=max_context, kv_dtype="float32"))
         steps.done()
         steps.start("float reference probes")
         reference = reference_probes(source, opts.threads, ref) if opts.reference else None
@@ -385,7 +389,8 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         steps.start("write bundle")
         graph_fields = {"contract": CONTRACT, "accuracy_level": opts.accuracy_level}
         fields, extra = bundle_contents(source, graph_fields, quantization, max_context, reference, opts)
-        write_bundle(staging, config=source.config, graphs=graphs, manifest_fields=fields, extra_files=extra)
+        write_bundle(staging, config=source.config, graphs=graphs, exact_graph=exact, manifest_fields=fields,
+                     extra_files=extra)
         steps.done()
         steps.start("evaluate vs float")
         if opts.evaluate:

@@ -67,8 +67,8 @@ def test_tiny_fp32_bundle_matches_float_reference(tiny_bundle, spec):
 def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     bundle = tiny_bundle("tiny:llama", "int4")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.float16.onnx", "weights.bin", "tokenizer.json",
-                                      "reference.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.float16.onnx", "model.exact.onnx", "weights.bin",
+                                      "tokenizer.json", "reference.json"}
     assert manifest["graph"]["contract"] == "edge-llama-v1"
     assert manifest["quantization"]["preset"] == "int4"
     b = edge_runtime.bundle.Bundle.open(bundle)

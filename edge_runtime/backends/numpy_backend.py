@@ -49,12 +49,13 @@ def _span(bundle, names: Sequence[str]) -> np.ndarray | None:
 class BundleWeights:
     """The `llama_numpy.Weights` lookup over a bundle: matrices grouped as stored, vectors as views."""
 
-    def __init__(self, bundle, pool: RowPool, resident_bytes: int = 0):
+    def __init__(self, bundle, pool: RowPool, resident_bytes: int = 0, float_activations: bool = False):
         self.bundle, self.pool = bundle, pool
         self.cfg: ModelConfig = bundle.config
         self.qmeta = (bundle.manifest.get("quantization") or {}).get("tensors") or {}
-        # The graph's MatMulNBits rounds activations to int8 at accuracy_level 4: do the same (same contract).
-        self.int8_activations = int((bundle.manifest.get("graph") or {}).get("accuracy_level", 0)) == 4
+        # The graph's MatMulNBits rounds activations to int8 at accuracy_level 4: do the same (same contract),
+        # unless asked for the bundle's exact graph (float32 activations).
+        self.int8_activations = bundle.accuracy_level == 4 and not float_activations
         self.head_name = EMBED if self.cfg.tie_word_embeddings else "lm_head.weight"
         self.groups: dict[tuple, Matrix] = {}          # names stored together -> one matrix
         self.rows: dict[str, tuple[tuple, int, int]] = {}  # name -> (its group, its rows r0:r1 in the group)
@@ -199,13 +200,14 @@ class NumpyBackend:
     threads: the row chunks of every matrix product are shared by this many threads, each calling NumPy's
     BLAS single-threaded (set process-wide; where that BLAS cannot be reached, set OPENBLAS_NUM_THREADS=1
     before numpy is imported). kv_dtype: None takes the default graph's (bundle.kv_dtypes). resident_bytes:
-    budget for dequantized float32 copies of matrices.
+    budget for dequantized float32 copies of matrices. float_activations: compute what the bundle's exact graph
+    does (float32 activations, float32 KV cache) instead of its default graph's int8 activations.
     """
 
     name = "numpy"
 
     def __init__(self, bundle, context: int, threads: int | None = None, kv_dtype: str | None = None,
-                 resident_bytes: int = 0):
+                 resident_bytes: int = 0, float_activations: bool = False):
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"the numpy backend runs {CONTRACT} bundles, not {bundle.contract}")
         cfg = bundle.config
@@ -214,7 +216,9 @@ class NumpyBackend:
                                         f"not {cfg.model_type}")
         # Default: the default graph's KV precision, so both backends run the same contract (a float16 cache
         # also means float16 attention, llama_numpy.py).
-        kv_dtype = kv_dtype or bundle.kv_dtypes[0]
+        kv_dtype = kv_dtype or ("float32" if float_activations else bundle.kv_dtypes[0])
+        if float_activations and kv_dtype != "float32":
+            raise EdgeError(f"float activations run with a float32 KV cache, not {kv_dtype}")
         if kv_dtype not in KV_DTYPES:
             raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.context = int(context)
@@ -227,7 +231,7 @@ class NumpyBackend:
         self.blas_limited = set_blas_threads(1)  # the pool's threads share every product (kernels.py)
         self.kv_dtype = kv_dtype
         self.pool = RowPool(self.threads)
-        self.weights = BundleWeights(bundle, self.pool, resident_bytes)
+        self.weights = BundleWeights(bundle, self.pool, resident_bytes, float_activations)
         self.model = LlamaForward(cfg, self.weights, self.context, kv_dtype)
         self.vocab_size = cfg.vocab_size
 
@@ -251,7 +255,8 @@ class NumpyBackend:
 
     def describe(self) -> str:
         blas = "BLAS 1 each" if self.blas_limited else "BLAS threads from the environment"
-        return f"{self.threads} threads ({blas}), kv {self.kv_dtype}, {self.weights.describe()}"
+        acts = "int8 activations (as MatMulNBits), " if self.weights.int8_activations else ""
+        return f"{self.threads} threads ({blas}), kv {self.kv_dtype}, {acts}{self.weights.describe()}"
 
     def close(self) -> None:
         self.pool.close()

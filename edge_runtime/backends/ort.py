@@ -68,28 +68,43 @@ def make_session_options(threads: int, options: Mapping[str, Any] | None = None)
     return so
 
 
+def exact_graph_file(bundle: Bundle, kv_dtype: str) -> str:
+    """The bundle's float32-activation graph; an error naming the fix when it has none."""
+    if kv_dtype != "float32":
+        raise UnsupportedModelError(f"float activations run with a float32 KV cache, not {kv_dtype}")
+    path = bundle.exact_graph_file()
+    if path is None:
+        raise UnsupportedModelError(f"bundle {bundle.root} has no float-activation graph (graph.exact_graph): "
+                                    "re-export it with this edge-export")
+    return path
+
+
 class OrtBackend:
     name = "ort"
 
     def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
-                 session_options: Mapping[str, Any] | None = None):
-        """kv_dtype: None takes the bundle's default graph; else the graph with that KV dtype (graph.kv_graphs)."""
+                 session_options: Mapping[str, Any] | None = None, float_activations: bool = False):
+        """kv_dtype: None takes the bundle's default graph; else the graph with that KV dtype (graph.kv_graphs).
+        float_activations: run the bundle's exact graph instead (Bundle.exact_graph_file: the same weights,
+        float32 activations and KV cache), the one the NumPy backend is checked against to float rounding."""
         import onnxruntime as ort
 
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"OrtBackend runs the {CONTRACT} contract, this bundle is {bundle.contract}")
-        kv_dtype = kv_dtype or bundle.kv_dtypes[0]
-        if kv_dtype not in bundle.kv_dtypes:
+        kv_dtype = kv_dtype or ("float32" if float_activations else bundle.kv_dtypes[0])
+        graph_file = exact_graph_file(bundle, kv_dtype) if float_activations else None
+        if kv_dtype not in bundle.kv_dtypes and graph_file is None:
             raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this bundle has graphs for a "
                                         f"{' or '.join(bundle.kv_dtypes)} KV cache")
         if not 0 < context <= bundle.max_context:
             raise ContextOverflowError(
                 f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
         self.context, self.threads, self.kv_dtype = int(context), int(threads), kv_dtype
+        self.float_activations = bool(float_activations)
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config
         self.vocab = cfg.vocab_size
-        self.session = ort.InferenceSession(str(bundle.path(bundle.graph_file(kv_dtype))),
+        self.session = ort.InferenceSession(str(bundle.path(graph_file or bundle.graph_file(kv_dtype))),
                                             make_session_options(threads, session_options),
                                             providers=["CPUExecutionProvider"])
         self._ov = ort.OrtValue.ortvalue_from_numpy
@@ -154,4 +169,5 @@ class OrtBackend:
         return sum(buf.nbytes for buf, _ in self.kv)
 
     def describe(self) -> str:
-        return f"ort threads={self.threads} kv={self.kv_dtype}"
+        exact = " activations=float32 (exact graph)" if self.float_activations else ""
+        return f"ort threads={self.threads} kv={self.kv_dtype}{exact}"

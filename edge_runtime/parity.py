@@ -1,0 +1,101 @@
+"""`edge-run verify --cross`: the NumPy backend and ONNX Runtime checked against each other on one bundle.
+
+Both run the bundle's exact graph (Bundle.exact_graph_file: its weights with float32 activations and a float32
+KV cache), a continuous function of the weights, so two correct executors agree to float rounding: the probe
+window's logits differ by at most MAX_DIFF_REL of their scale, its top-1 agrees at >= TOP1_MIN of positions,
+and every reference prompt decodes the same GREEDY_STEPS greedy tokens.
+
+The default graph at accuracy_level 4 is not compared this way: MatMulNBits rounds every activation to int8 and
+an ulp anywhere flips some roundings, which compound over the layers, so there two correct executors (or ONNX
+Runtime's own prefill and one-token kernels) agree only statistically; bench/parity.py measures that floor.
+The int8 rounding itself is checked kernel by kernel against MatMulNBits (tests/test_numpy_backend.py).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BundleError
+from .fidelity import common_prefix_len
+from .verify import all_logits, greedy_ids
+
+TOP1_MIN = 0.99     # probe-window top-1 agreement between the two executors
+GREEDY_STEPS = 32   # greedy tokens compared per reference prompt (EOS ignored)
+# max |logit diff| <= MAX_DIFF_REL * max |ORT logit|: float rounding over 30 layers measures ~1e-5 of the
+# scale (SmolLM2: 3e-4 on logits up to 39); a kernel 1% off on one matrix measures ~1e-3.
+MAX_DIFF_REL = 5e-4
+
+
+def logits_parity(a: np.ndarray, b: np.ndarray) -> dict:
+    """Figures of logits a against reference logits b, both [T, vocab]: top-1 agreement, |diff|, and b's top-2
+    gap at the positions where the top-1 differs (small gaps there mean rounding, large ones a bug)."""
+    agree = a.argmax(-1) == b.argmax(-1)
+    top2 = np.sort(b, axis=-1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    return {"positions": int(agree.size), "top1": float(agree.mean()), "ref_max_abs": float(np.abs(b).max()),
+            "max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean()),
+            "gap_at_disagreements": [round(float(g), 3) for g in gap[~agree]]}
+
+
+@dataclass
+class CrossResult:
+    bundle: str
+    figures: dict              # logits_parity of NumPy against ORT on the probe window
+    greedy_prefix: list        # common prefix of the two greedy continuations, per reference prompt
+    greedy_tokens: list        # tokens decoded per prompt
+
+    @property
+    def max_diff_limit(self) -> float:
+        return MAX_DIFF_REL * self.figures["ref_max_abs"]
+
+    @property
+    def ok(self) -> bool:
+        f = self.figures
+        return (f["top1"] >= TOP1_MIN and f["max_abs_diff"] <= self.max_diff_limit
+                and self.greedy_prefix == self.greedy_tokens)
+
+    def lines(self) -> list[str]:
+        f = self.figures
+        greedy = " ".join(f"{a}/{b}" for a, b in zip(self.greedy_prefix, self.greedy_tokens))
+        return [f"cross-check {self.bundle}: NumPy vs ONNX Runtime on the exact graph (float32 activations)",
+                f"  top-1 agreement {100 * f['top1']:.1f}% of {f['positions']} probe positions "
+                f"(limit >= {100 * TOP1_MIN:.0f}%)",
+                f"  max |logit diff| {f['max_abs_diff']:.2e} (limit <= {self.max_diff_limit:.2e}: "
+                f"{MAX_DIFF_REL:g} of the largest |logit|), mean {f['mean_abs_diff']:.2e}",
+                f"  greedy common prefix per prompt: {greedy or '(no prompts)'} (limit: all)"]
+
+
+def cross_check(bundle_path, threads: int = 2) -> CrossResult:
+    """Run the bundle's reference probe window and prompts on both executors' exact graph; compare."""
+    from .backends.numpy_backend import NumpyBackend
+    from .backends.ort import OrtBackend
+    bundle = Bundle.open(bundle_path, verify=True)
+    ref_file = (bundle.manifest.get("reference") or {}).get("file")
+    if not ref_file:
+        raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
+    reference = bundle.read_json(ref_file)
+    probe, prompts = reference["probe"]["ids"], reference.get("prompts", [])
+    context = min(max([len(probe)] + [len(p["ids"]) + GREEDY_STEPS for p in prompts]), bundle.max_context)
+    ort = OrtBackend(bundle, context, threads=threads, float_activations=True)
+    ours = NumpyBackend(bundle, context, threads=threads, float_activations=True)
+    figures = logits_parity(all_logits(ours, probe), all_logits(ort, probe))
+    steps = [min(GREEDY_STEPS, context - len(p["ids"])) for p in prompts]
+    prefix = [common_prefix_len(greedy_ids(ours, p["ids"], n), greedy_ids(ort, p["ids"], n))
+              for p, n in zip(prompts, steps)]
+    ours.close()
+    return CrossResult(str(bundle.root), figures, prefix, steps)
+
+
+def run(args) -> int:
+    """`edge-run verify --cross`: print the figures; exit 1 when either limit is missed."""
+    res = cross_check(args.bundle, threads=args.threads or 2)
+    for line in res.lines():
+        print(line)
+    if res.ok:
+        print("verify --cross: PASS")
+        return 0
+    print("verify --cross: FAIL: the two executors disagree on the exact graph", file=sys.stderr)
+    return 1
