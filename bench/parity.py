@@ -164,11 +164,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per figure line")
     args = ap.parse_args(argv)
     if not args.bundles:
-        from bench.bench import BUNDLES, EXPORT_ARGS, ensure_bundles, log
+        import importlib.util
 
-        names = [f"smollm2-{n}" for n in EXPORT_ARGS]
-        ensure_bundles(names, log)
-        args.bundles = [str(BUNDLES / n) for n in names]
+        # bench.py by path: run as a script, this folder is on sys.path and `bench` is that module, not the folder
+        spec = importlib.util.spec_from_file_location("bench_main", Path(__file__).with_name("bench.py"))
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        names = [f"smollm2-{n}" for n in bench.EXPORT_ARGS]
+        bench.ensure_bundles(names, bench.log)
+        args.bundles = [str(bench.BUNDLES / n) for n in names]
     for path in args.bundles:
         from edge_runtime.bundle import Bundle
 
