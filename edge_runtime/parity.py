@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError
+from .errors import BundleError, EdgeError
 from .fidelity import common_prefix_len
 from .verify import all_logits, greedy_ids
 
@@ -70,8 +70,14 @@ class CrossResult:
 
 def cross_check(bundle_path, threads: int = 2) -> CrossResult:
     """Run the bundle's reference probe window and prompts on both executors' exact graph; compare."""
+    from .backends import has_onnxruntime
+
+    if not has_onnxruntime():
+        raise EdgeError("verify --cross compares the NumPy backend with ONNX Runtime, which is not installed "
+                        "(verify --backend numpy checks the NumPy backend alone)")
     from .backends.numpy_backend import NumpyBackend
     from .backends.ort import OrtBackend
+
     bundle = Bundle.open(bundle_path, verify=True)
     ref_file = (bundle.manifest.get("reference") or {}).get("file")
     if not ref_file:
@@ -90,8 +96,10 @@ def cross_check(bundle_path, threads: int = 2) -> CrossResult:
 
 
 def run(args) -> int:
-    """`edge-run verify --cross`: print the figures; exit 1 when either limit is missed."""
-    res = cross_check(args.bundle, threads=args.threads or 2)
+    """`edge-run verify --cross`: print the figures; exit 1 when any limit is missed."""
+    from .runtime import default_threads
+
+    res = cross_check(args.bundle, threads=args.threads or default_threads())
     for line in res.lines():
         print(line)
     if res.ok:

@@ -105,3 +105,12 @@ def test_bundle_without_an_exact_graph_is_a_one_line_error(exported, tmp_path, c
     assert "no float-activation graph" in err and err.count("\n") == 1
     # The default path is untouched: the bundle still verifies against its float reference.
     assert sha256_file(old / "weights.bin") == sha256_file(exported("int4") / "weights.bin")
+
+
+def test_cross_without_onnxruntime_is_a_one_line_error(exported, monkeypatch, capsys):
+    from edge_runtime import backends
+
+    monkeypatch.setattr(backends, "has_onnxruntime", lambda: False)
+    assert edge_run(["verify", str(exported("int4")), "--cross", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime, which is not installed" in err and err.count("\n") == 1
