@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_runtime.fidelity import common_prefix_len  # noqa: E402
-from edge_runtime.parity import logits_parity  # noqa: E402
+from edge_runtime.parity import compare  # noqa: E402
 
 
 def probe_ids(bundle, window: int = 0) -> list[int]:
@@ -58,16 +57,6 @@ def _inputs(path: str, window: int, steps: int):
     return bundle, probe, prompts, max([len(probe)] + [len(p["ids"]) + steps for p in prompts])
 
 
-def _pair(a, b, probe, prompts, steps: int, a_logits=None, a_greedy=None) -> dict:
-    """Figures of backend a against backend b (ORT, or the unperturbed side); a's runs may be given."""
-    from edge_runtime.verify import all_logits, greedy_ids
-
-    a_logits = all_logits(a, probe) if a_logits is None else a_logits
-    a_greedy = a_greedy or (lambda ids: greedy_ids(a, ids, steps))
-    prefix = [common_prefix_len(a_greedy(p["ids"]), greedy_ids(b, p["ids"], steps)) for p in prompts]
-    return {**logits_parity(a_logits, all_logits(b, probe)), "greedy_prefix": prefix, "greedy_steps": steps}
-
-
 def parity(path: str, threads: int = 2, steps: int = 32, window: int = 0, exact: bool = False) -> dict:
     """NumPy against ORT on one bundle's default graph, or on its exact graph (float32 activations)."""
     from edge_runtime.backends.numpy_backend import NumpyBackend
@@ -78,7 +67,7 @@ def parity(path: str, threads: int = 2, steps: int = 32, window: int = 0, exact:
     ours = NumpyBackend(bundle, context, threads=threads, float_activations=exact)
     level = 0 if exact else bundle.accuracy_level
     return {"bundle": path, "graph": "exact" if exact else "default", "accuracy_level": level,
-            "kv_dtype": ort.kv_dtype, **_pair(ours, ort, probe, prompts, steps)}
+            "kv_dtype": ort.kv_dtype, **compare(ours, ort, probe, prompts, steps)}
 
 
 def greedy_after_steps(backend, prompt_ids, n: int) -> list[int]:
@@ -103,7 +92,7 @@ def self_check(path: str, threads: int = 2, window: int = 0, steps: int = 32) ->
 
     bundle, probe, prompts, context = _inputs(path, window, steps)
     ort = OrtBackend(bundle, context, threads=threads)
-    return {"bundle": path, **_pair(ort, ort, probe, prompts, steps, a_logits=stepwise_logits(ort, probe),
+    return {"bundle": path, **compare(ort, ort, probe, prompts, steps, a_logits=stepwise_logits(ort, probe),
                                     a_greedy=lambda ids: greedy_after_steps(ort, ids, steps))}
 
 
@@ -123,7 +112,7 @@ def perturb_check(path: str, threads: int = 2, window: int = 0, steps: int = 32)
     bundle, probe, prompts, context = _inputs(path, window, steps)
     plain, changed = (NumpyBackend(bundle, context, threads=threads) for _ in range(2))
     changed.model.norm = types.MethodType(_norm_float64, changed.model)
-    return {"bundle": path, **_pair(changed, plain, probe, prompts, steps)}
+    return {"bundle": path, **compare(changed, plain, probe, prompts, steps)}
 
 
 def compare_exact(path: str, threads: int = 2, window: int = 0, steps: int = 32) -> dict:
@@ -133,7 +122,7 @@ def compare_exact(path: str, threads: int = 2, window: int = 0, steps: int = 32)
     bundle, probe, prompts, context = _inputs(path, window, steps)
     default = OrtBackend(bundle, context, threads=threads)
     exact = OrtBackend(bundle, context, threads=threads, float_activations=True)
-    return {"bundle": path, **_pair(default, exact, probe, prompts, steps)}
+    return {"bundle": path, **compare(default, exact, probe, prompts, steps)}
 
 
 def figures(r: dict) -> str:
@@ -176,8 +165,9 @@ def main(argv=None) -> int:
     for path in args.bundles:
         from edge_runtime.bundle import Bundle
 
-        runs = [("exact", True)] if Bundle.open(path).exact_graph_file() else []
-        if Bundle.open(path).accuracy_level != 0:
+        bundle = Bundle.open(path)
+        runs = [("exact", True)] if bundle.exact_graph_file() else []
+        if bundle.accuracy_level != 0:
             runs.append(("default", False))
         for name, exact in runs:
             r = parity(path, args.threads, args.steps, args.window, exact)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import ModelConfig
-from .errors import BundleError
+from .errors import BundleError, UnsupportedModelError
 
 FORMAT = "edge-bundle"
 FORMAT_VERSION = 1
@@ -118,6 +118,15 @@ class Bundle:
     def accuracy_level(self) -> int:
         """MatMulNBits' activation precision in the default graphs: 4 = int8 activations, 0 = float32."""
         return int((self.manifest.get("graph") or {}).get("accuracy_level", 0))
+
+    def run_kv_dtype(self, kv_dtype: str | None, float_activations: bool = False) -> str:
+        """The KV dtype a backend runs with: the one asked for, else the default graph's; float activations
+        (the exact graph) run with a float32 cache only."""
+        if float_activations:
+            if kv_dtype not in (None, "float32"):
+                raise UnsupportedModelError(f"float activations run with a float32 KV cache, not {kv_dtype}")
+            return "float32"
+        return kv_dtype or self.kv_dtypes[0]
 
     def exact_graph_file(self) -> str | None:
         """The graph computing the same function with float32 activations (accuracy_level 0) and a float32 KV

@@ -20,7 +20,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError, EdgeError
 from .fidelity import common_prefix_len
-from .verify import all_logits, greedy_ids
+from .verify import all_logits, greedy_ids, probe_context, reference_of
 
 TOP1_MIN = 0.99     # probe-window top-1 agreement between the two executors
 GREEDY_STEPS = 32   # greedy tokens compared per reference prompt (EOS ignored)
@@ -40,12 +40,27 @@ def logits_parity(a: np.ndarray, b: np.ndarray) -> dict:
             "gap_at_disagreements": [round(float(g), 3) for g in gap[~agree]]}
 
 
+def compare(a, b, probe, prompts, steps: int, a_logits=None, a_greedy=None) -> dict:
+    """Backend a against backend b: logits_parity on the probe window, and the greedy common prefix of `steps`
+    tokens per prompt. a_logits / a_greedy replace a's own runs (e.g. its one-token-at-a-time path)."""
+    a_logits = all_logits(a, probe) if a_logits is None else a_logits
+    a_greedy = a_greedy or (lambda ids: greedy_ids(a, ids, steps))
+    prefix = [common_prefix_len(a_greedy(p["ids"]), greedy_ids(b, p["ids"], steps)) for p in prompts]
+    return {**logits_parity(a_logits, all_logits(b, probe)), "greedy_prefix": prefix, "greedy_steps": steps}
+
+
 @dataclass
 class CrossResult:
     bundle: str
-    figures: dict              # logits_parity of NumPy against ORT on the probe window
-    greedy_prefix: list        # common prefix of the two greedy continuations, per reference prompt
-    greedy_tokens: list        # tokens decoded per prompt
+    figures: dict  # compare(NumPy, ORT): logits_parity on the probe window, greedy_prefix per reference prompt
+
+    @property
+    def greedy_prefix(self) -> list:
+        return self.figures["greedy_prefix"]
+
+    @property
+    def greedy_tokens(self) -> list:
+        return [self.figures["greedy_steps"]] * len(self.greedy_prefix)
 
     @property
     def max_diff_limit(self) -> float:
@@ -79,20 +94,16 @@ def cross_check(bundle_path, threads: int = 2) -> CrossResult:
     from .backends.ort import OrtBackend
 
     bundle = Bundle.open(bundle_path, verify=True)
-    ref_file = (bundle.manifest.get("reference") or {}).get("file")
-    if not ref_file:
-        raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
-    reference = bundle.read_json(ref_file)
-    probe, prompts = reference["probe"]["ids"], reference.get("prompts", [])
-    context = min(max([len(probe)] + [len(p["ids"]) + GREEDY_STEPS for p in prompts]), bundle.max_context)
+    reference = reference_of(bundle)
+    context = probe_context(reference, GREEDY_STEPS)
+    if context > bundle.max_context:
+        raise BundleError(f"bundle {bundle.root}: the cross-check needs a context of {context} tokens, "
+                          f"more than its max_context {bundle.max_context}")
     ort = OrtBackend(bundle, context, threads=threads, float_activations=True)
     ours = NumpyBackend(bundle, context, threads=threads, float_activations=True)
-    figures = logits_parity(all_logits(ours, probe), all_logits(ort, probe))
-    steps = [min(GREEDY_STEPS, context - len(p["ids"])) for p in prompts]
-    prefix = [common_prefix_len(greedy_ids(ours, p["ids"], n), greedy_ids(ort, p["ids"], n))
-              for p, n in zip(prompts, steps)]
+    figures = compare(ours, ort, reference["probe"]["ids"], reference.get("prompts", []), GREEDY_STEPS)
     ours.close()
-    return CrossResult(str(bundle.root), figures, prefix, steps)
+    return CrossResult(str(bundle.root), figures)
 
 
 def run(args) -> int:

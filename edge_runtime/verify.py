@@ -110,11 +110,20 @@ def greedy_ids(backend, prompt_ids: Sequence[int], n: int) -> list[int]:
     return out
 
 
-def probe_context(reference: dict) -> int:
-    """KV-cache size the probes need."""
+def probe_context(reference: dict, greedy_steps: int | None = None) -> int:
+    """KV-cache size the probes need (greedy_steps: tokens decoded per prompt; default its reference's)."""
     lengths = [len(reference["probe"]["ids"])]
-    lengths += [len(p["ids"]) + len(p["greedy_ids"]) for p in reference.get("prompts", [])]
+    lengths += [len(p["ids"]) + (len(p["greedy_ids"]) if greedy_steps is None else greedy_steps)
+                for p in reference.get("prompts", [])]
     return max(lengths)
+
+
+def reference_of(bundle: Bundle) -> dict:
+    """The bundle's reference.json; a one-line error when it was exported without one."""
+    ref_file = (bundle.manifest.get("reference") or {}).get("file")
+    if not ref_file:
+        raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
+    return bundle.read_json(ref_file)
 
 
 def probe_report(backend, reference: dict) -> FidelityReport:
@@ -168,10 +177,7 @@ def verify(bundle_path, backend: str = "auto", threads: int | None = None) -> Ve
     from .runtime import default_threads
 
     bundle = Bundle.open(bundle_path, verify=True)
-    ref_file = (bundle.manifest.get("reference") or {}).get("file")
-    if not ref_file:
-        raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
-    reference = bundle.read_json(ref_file)
+    reference = reference_of(bundle)
     name = backends.resolve(backend, bundle.contract)
     engine = backends.make_backend(name, bundle, min(probe_context(reference), bundle.max_context),
                                    threads or default_threads())

@@ -216,9 +216,7 @@ class NumpyBackend:
                                         f"not {cfg.model_type}")
         # Default: the default graph's KV precision, so both backends run the same contract (a float16 cache
         # also means float16 attention, llama_numpy.py).
-        kv_dtype = kv_dtype or ("float32" if float_activations else bundle.kv_dtypes[0])
-        if float_activations and kv_dtype != "float32":
-            raise EdgeError(f"float activations run with a float32 KV cache, not {kv_dtype}")
+        kv_dtype = bundle.run_kv_dtype(kv_dtype, float_activations)
         if kv_dtype not in KV_DTYPES:
             raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.context = int(context)

@@ -68,10 +68,8 @@ def make_session_options(threads: int, options: Mapping[str, Any] | None = None)
     return so
 
 
-def exact_graph_file(bundle: Bundle, kv_dtype: str) -> str:
+def exact_graph_file(bundle: Bundle) -> str:
     """The bundle's float32-activation graph; an error naming the fix when it has none."""
-    if kv_dtype != "float32":
-        raise UnsupportedModelError(f"float activations run with a float32 KV cache, not {kv_dtype}")
     path = bundle.exact_graph_file()
     if path is None:
         raise UnsupportedModelError(f"bundle {bundle.root} has no float-activation graph (graph.exact_graph): "
@@ -91,8 +89,8 @@ class OrtBackend:
 
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"OrtBackend runs the {CONTRACT} contract, this bundle is {bundle.contract}")
-        kv_dtype = kv_dtype or ("float32" if float_activations else bundle.kv_dtypes[0])
-        graph_file = exact_graph_file(bundle, kv_dtype) if float_activations else None
+        kv_dtype = bundle.run_kv_dtype(kv_dtype, float_activations)
+        graph_file = exact_graph_file(bundle) if float_activations else None
         if kv_dtype not in bundle.kv_dtypes and graph_file is None:
             raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this bundle has graphs for a "
                                         f"{' or '.join(bundle.kv_dtypes)} KV cache")
