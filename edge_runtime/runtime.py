@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
 from . import backends, budget, chat, pages
 from .bundle import Bundle
-from .errors import ContextOverflowError, EdgeError
+from .errors import ContextOverflowError, EdgeError, EdgeWarning
 from .generate import (
     PREFILL_CHUNK,
     Generation,
@@ -29,12 +30,31 @@ Prompt = Union[str, Sequence[Mapping[str, str]]]
 Stop = Union[str, int, Iterable[Union[str, int]], None]
 
 
-def default_threads() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may actually use."""
     try:
-        n = len(os.sched_getaffinity(0))  # the cores this process may actually use
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, MAX_DEFAULT_THREADS))
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    return min(available_cpus(), MAX_DEFAULT_THREADS)
+
+
+def check_threads(threads: int | None) -> int:
+    """The thread count to run with: default_threads() for None, else `threads` capped at available_cpus()
+    (more threads than CPUs only add contention and per-thread buffers), with an EdgeWarning saying so."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise EdgeError(f"threads must be a positive integer, got {threads!r}")
+    cpus = available_cpus()
+    if threads > cpus:
+        warnings.warn(EdgeWarning(f"threads {threads} capped at {cpus}, the CPUs available to this process"),
+                      stacklevel=3)
+        return cpus
+    return threads
 
 
 def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype):
@@ -64,15 +84,14 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     """
     t0 = time.perf_counter()
     check_overflow(overflow)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise EdgeError(f"threads must be a positive integer, got {threads!r}")
+    threads = check_threads(threads)
     bundle = Bundle.open(bundle_path, verify=verify)
     limit = parse_size(memory_budget) if memory_budget is not None else None
     name = budget.resolve_backend(bundle, backend, limit, context, kv_dtype)  # "auto" under a budget: what fits
     # Planned before anything large (tokenizer, weights, KV cache) is allocated.
     context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
-    engine = backends.make_backend(name, bundle, context, threads or default_threads(), **opts)
+    engine = backends.make_backend(name, bundle, context, threads, **opts)
     # After the backend: its load transient (weights being prepacked) then peaks without the tokenizer on top.
     tokenizer = Tokenizer.from_bundle(bundle)
     pages.trim_heap()  # the tokenizer's parse garbage and the prepacking buffers ONNX Runtime freed

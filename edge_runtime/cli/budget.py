@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
-from .errors import EdgeError
-from .stats import MB, parse_size
+from ..errors import EdgeError
+from ..stats import MB, parse_size
 
 # measured stage -> the plan components it holds
 STAGE_COMPONENTS = (
@@ -19,8 +18,8 @@ STAGE_COMPONENTS = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
+def configure(p: argparse.ArgumentParser) -> None:
+    from .. import backends
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context, KV dtype and prefill "
@@ -38,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Print the memory plan of a session and, unless --plan-only, the measured peak of a fresh process."""
-    from . import budget
-    from .bundle import Bundle
-    from .testing import ChildError, measure_generation
+    from .. import budget
+    from ..bundle import Bundle
+    from ..testing import ChildError, measure_generation
 
     bundle = Bundle.open(args.bundle, verify=False)
     limit = parse_size(args.budget) if args.budget is not None else None
@@ -84,14 +83,3 @@ def compare(plan, m) -> str:
     delta = (m.peak / plan.total - 1) * 100 if plan.total else 0.0
     rows.append(f"  {'peak':<11}{plan.total / MB:9.1f}{m.peak / MB:13.1f}  measured {delta:+.1f}% vs plan")
     return "\n".join(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edge-run budget ...`: the edge-run dispatcher's parsing and one-line errors, from this module too."""
-    from .cli import main as edge_run
-
-    return edge_run(["budget", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
