@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import EdgeError
 
@@ -72,7 +72,7 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
         manifest = _manifest(config, graphs, files, manifest_fields, index, tmp)
         if exact_graph is not None:
             manifest["graph"]["exact_graph"] = {"file": EXACT_FILE, "accuracy_level": 0, "kv_dtype": "float32"}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        write_manifest(tmp, manifest)
         _replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

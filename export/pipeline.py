@@ -332,13 +332,12 @@ def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
 
 
 def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
-    """manifest.json is not in the manifest's own `files`, so rewriting it leaves every checksum valid."""
-    from edge_runtime.bundle import MANIFEST
+    """manifest.json is not in the manifest's own `files`: rewriting it (re-sealed) leaves every checksum valid."""
+    from edge_runtime.bundle import MANIFEST, write_manifest
 
-    path = bundle_dir / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest[key] = value
-    path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_manifest(bundle_dir, manifest)
 
 
 def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
