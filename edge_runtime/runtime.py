@@ -1,15 +1,18 @@
 """Loading a bundle into a ready-to-run Model (tokenizer, backend, context policy) and its generate() call."""
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
+import numpy as np
+
 from . import backends, budget, chat, pages
 from .bundle import Bundle
-from .errors import ContextOverflowError, EdgeError, EdgeWarning
+from .errors import ContextOverflowError, EdgeError, EdgeWarning, SamplingError
 from .generate import (
     PREFILL_CHUNK,
     Generation,
@@ -99,6 +102,14 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
                  prefill_chunk=chunk)
 
 
+def check_seed_and_temperature(seed, temperature) -> None:
+    """SamplingError unless seed is None or an integer >= 0 and temperature is finite."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise SamplingError(f"seed must be an integer >= 0, got {seed!r:.40}")
+    if isinstance(temperature, (int, float)) and math.isinf(temperature):
+        raise SamplingError("temperature must be finite")
+
+
 class Model:
     """A loaded bundle: generate(prompt or messages) -> Generation, or a stream of text pieces."""
 
@@ -152,14 +163,21 @@ class Model:
         .finish_reason, .token_ids and .stats fill in as it runs); otherwise a Generation.
         """
         validate(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
+        check_seed_and_temperature(seed, temperature)
         stop_strings, stop_ids = split_stop(stop)
+        vocab = self.bundle.config.vocab_size
+        if any(not 0 <= i < vocab for i in stop_ids):
+            raise SamplingError(f"stop token ids must be in 0..{vocab - 1}, got {sorted(stop_ids)}")
         ids = self.encode_prompt(prompt)
+        room = self.context - min(max_new_tokens, self.context // 2)  # what fit_prompt keeps of a long prompt
+        if not isinstance(prompt, str) and self.overflow != "error" and len(ids) > room:
+            ids = chat.fit_messages(prompt, self.encode_prompt, room)  # whole old messages go first
         n_keep = int(self.tokenizer.bos_token_id is not None and ids[:1] == [self.tokenizer.bos_token_id])
         ids = fit_prompt(ids, self.context, max_new_tokens, self.overflow, n_keep)
         stats = GenerationStats(prompt_tokens=len(ids), load_s=self.load_s, backend=self._describe())
         tokens = generate_tokens(self.backend, ids, make_sampler(temperature, top_k, top_p, min_p, seed),
                                  make_logits_processors(repetition_penalty), max_new_tokens, self.overflow,
-                                 self.prefill_chunk, n_keep, stats)
+                                 self.prefill_chunk, n_keep, stats, source=f"bundle {self.bundle.root}")
         text = TextStream(tokens, self.tokenizer, stop_strings, stop_ids, self.eos_token_ids, stats)
         if stream:
             return text
