@@ -71,7 +71,7 @@ def export(name: str, args: list, threads: int, rebuild: bool, log) -> Path:
     log(f"exporting {name}: edge-export {' '.join(args)}")
     # --force: a preset missing its own --max-kld is still written, so the table can show by how much.
     cmd = [PY, "-m", "export.cli", str(MODEL), *args, "--out", str(out), "--threads", str(threads), "--quiet",
-           "--sensitivity-cache", str(SENS_CACHE), "--force"]
+           "--sensitivity-cache", str(SENS_CACHE), "--force", "--overwrite"]
     subprocess.run(cmd, check=True, cwd=ROOT)
     stamp.write_text(wanted)
     return out

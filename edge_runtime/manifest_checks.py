@@ -127,7 +127,7 @@ def _check_weights(weights: Any, where: str) -> None:
         meta = _check_dict(meta, what, where)
         _check_int(meta.get("offset"), 0, 1 << 40, f"{what}.offset", where)
         _check_int(meta.get("nbytes"), 0, 1 << 40, f"{what}.nbytes", where)
-        if meta.get("dtype") not in TENSOR_DTYPES:
+        if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in TENSOR_DTYPES:
             _fail(where, f"{what}.dtype must be one of {', '.join(sorted(TENSOR_DTYPES))}")
         shape = meta.get("shape")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):

@@ -85,15 +85,17 @@ class OutPathError(EdgeError):
 
 
 def is_bundle_dir(path: Path) -> bool:
-    """A folder holding an edge bundle and nothing else: manifest.json plus only the files it lists."""
+    """A folder holding an edge bundle and nothing else: manifest.json plus only the files it lists (and
+    hidden files)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         listed = set((manifest.get("files") or {}) if isinstance(manifest, dict) else ())
         entries = list(path.iterdir())
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
-    return (manifest.get("format") == FORMAT
-            and all(p.is_file() and not p.is_symlink() and p.name in listed | {MANIFEST} for p in entries))
+    return (manifest.get("format") == FORMAT  # hidden files are tools' stamps (e.g. the exporter key)
+            and all(p.name.startswith(".") or (p.is_file() and not p.is_symlink() and p.name in listed | {MANIFEST})
+                    for p in entries))
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -27,7 +27,7 @@ def ensure_bundle(source: str, out: Path, *args: str) -> Path:
     if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == key:
         return out
     print(f"exporting {out} ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args],
+    subprocess.run([sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", "--overwrite", *args],
                    check=True, cwd=ROOT)
     stamp.write_text(key)
     return out

@@ -106,7 +106,7 @@ def test_export_failure_leaves_previous_bundle_untouched(tiny_bundle, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle("tiny:llama", "int8"), out)
     before = (out / "manifest.json").read_bytes()
-    p = run_cli("tiny:made-up", "--out", out)
+    p = run_cli("tiny:made-up", "--out", out, "--overwrite")
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert (out / "manifest.json").read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["bundle"]  # no temp folder left behind
