@@ -7,7 +7,7 @@ import sys
 
 from edge_runtime.errors import EdgeError
 
-PRESETS = ("fp32", "int8", "int4", "auto")
+PRESETS = ("fp32", "int8", "int4", "exact", "auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,8 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("source", help="a .gguf file, a Hugging Face model folder, or tiny:llama|qwen2|mistral")
     ap.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
     ap.add_argument("--quant", default="int4", choices=PRESETS,
-                    help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
-                         "--max-kld (default 0.02)")
+                    help="quantization preset (default int4); exact: every GGUF-quantized tensor transcoded "
+                         "exactly (4-bit codes as int4, 5- to 8-bit as int8), float ones as int8; auto: int4/int8 "
+                         "per matmul, fewest bytes meeting --max-kld (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
@@ -96,7 +97,13 @@ def main(argv=None) -> int:
         print(f"edge-export: error: {e}", file=sys.stderr)
         return 1
     print(f"bundle written: {out}")
-    fidelity = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("fidelity")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    from .quantize import gguf_paths
+
+    paths = gguf_paths((manifest.get("quantization") or {}).get("tensors") or {})
+    if paths:
+        print(paths)
+    fidelity = manifest.get("fidelity")
     if fidelity and "heldout" in fidelity:
         from .evaluate import summary
 
