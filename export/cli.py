@@ -7,7 +7,7 @@ import sys
 from edge_runtime.cli.errors import DEBUG_FLAG, DEBUG_HELP, ArgumentParser, run_guarded, wants_debug
 from edge_runtime.errors import EdgeError
 
-PRESETS = ("fp32", "int8", "int4", "auto")
+PRESETS = ("fp32", "int8", "int4", "exact", "auto")
 
 
 def build_parser() -> ArgumentParser:
@@ -20,8 +20,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace a bundle already at --out (in one swap, after the new one is complete)")
     ap.add_argument("--quant", default="int4", choices=PRESETS,
-                    help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
-                         "--max-kld (default 0.02)")
+                    help="quantization preset (default int4); exact: every GGUF-quantized tensor transcoded "
+                         "exactly (4-bit codes as int4, 5- to 8-bit as int8), float ones as int8; auto: int4/int8 "
+                         "per matmul, fewest bytes meeting --max-kld (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
@@ -105,7 +106,13 @@ def export(argv) -> int:
                          overwrite=args.overwrite)
     out = export_bundle(args.source, args.out, opts)
     print(f"bundle written: {out}")
-    fidelity = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("fidelity")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    from .quantize import gguf_paths
+
+    paths = gguf_paths((manifest.get("quantization") or {}).get("tensors") or {})
+    if paths:
+        print(paths)
+    fidelity = manifest.get("fidelity")
     if fidelity and "heldout" in fidelity:
         from .evaluate import summary
 

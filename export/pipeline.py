@@ -150,7 +150,7 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
 
 def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym") -> dict:
     """HF name -> QuantSpec (or None) under the options; an untied embedding table is kept at 8 bits."""
-    from .quantize import QuantSpec, _block_field, _fitting_block_size, _transcode_spec, preset_specs
+    from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
 
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
                          block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
@@ -159,7 +159,7 @@ def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym")
     spec = specs.get(name)
     if opts.untie_embeddings and spec is not None and spec.bits == 4:
         blocks = source.gguf_blocks.get(name) if opts.transcode else None
-        if blocks is not None and _block_field(blocks, "kind") == "q8_0":
+        if blocks is not None and blocks.kind == "q8_0":
             specs[name] = _transcode_spec(blocks, "int8", 32)
         else:  # blocks of up to 32: the table is read a row at a time, so its block size costs bytes, not speed
             specs[name] = QuantSpec(8, _fitting_block_size(source.config.hidden_size, 32), "sym")
@@ -188,6 +188,8 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
         weights[name] = q
         table[name] = {"bits": q.bits, "block_size": q.block_size, "method": spec.method,
                        "zero_points": q.zero_points is not None, "offsets": q.offsets is not None}
+        if name in source.gguf_blocks:  # which GGUF type it came from: transcoded, or re-quantized from floats
+            table[name]["gguf_type"] = source.gguf_blocks[name].kind
         if bar is not None:
             bar.set_postfix_str(f"quantize {name}")
     return weights, table
