@@ -257,6 +257,7 @@ def _manifest(config: ModelConfig, graphs: Mapping[str, onnx.ModelProto], files:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "architecture": fields.get("architecture", config.model_type)}
     manifest.update(fields)
+    manifest.setdefault("max_context", config.max_position_embeddings)  # a reader sizes contexts by it
     manifest["config"] = config.to_dict()
     default = next(iter(graphs.values()))
     manifest["graph"] = {"contract": "edge-llama-v1", **dict(fields.get("graph", {})), "kv_dtype": _kv_dtype(default),

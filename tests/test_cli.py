@@ -127,3 +127,53 @@ def test_ctrl_c_exits_130_quietly(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and err == b""
+
+
+def test_a_bundle_folder_named_like_a_command_runs(tmp_path):
+    write_bundle(tmp_path / "verify", ids_of("hello") + ids_of(" world") + [EOS], max_context=32)
+    cmd = [sys.executable, "-m", "edge_runtime.cli"]
+    flags = ["hello", "--raw", "--backend", "fake", "--no-stats", "--max-new-tokens", "5"]
+    for argv in (["run", "verify"], ["./verify"]):
+        proc = subprocess.run(cmd + argv + flags, cwd=tmp_path,
+                              capture_output=True, text=True, env=cli_env(), timeout=60, check=False)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, " world\n", ""), argv
+
+
+def configure(p):
+    """A subcommand registered by a test (see test_a_new_subcommand_is_one_line_and_one_module)."""
+    p.add_argument("what", choices=("edge", "internal"))
+
+
+def run(args) -> int:
+    from edge_runtime.errors import EdgeError
+
+    if args.what == "edge":
+        raise EdgeError("bad input\nsecond line")
+    raise RuntimeError("boom")
+
+
+def test_a_new_subcommand_is_one_line_and_one_module(capsys, monkeypatch):
+    from edge_runtime import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+    cli.add_subcommand("probe", "a test subcommand", "test_cli")
+    assert cli.main(["probe", "edge"]) == 2
+    assert capsys.readouterr().err == "edge-run: error: bad input; second line\n"
+    assert cli.main(["probe", "internal"]) == 1
+    assert capsys.readouterr().err == ("edge-run: error: internal error (RuntimeError: boom); rerun with --debug "
+                                       "for the traceback\n")
+    assert cli.main(["probe", "internal", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("edge-run: error: internal error (RuntimeError: boom); rerun with "
+                                               "--debug for the traceback\n")
+    assert cli.main(["-h"]) == 0 and "probe" in capsys.readouterr().out
+
+
+def test_edge_export_errors_take_the_same_path(capsys, tmp_path):
+    from export.cli import main as edge_export
+
+    assert edge_export(["tiny:llama", "--out", str(tmp_path / "b"), "--quant", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edge-export: error: argument --quant: invalid choice") and err.count("\n") == 1
+    assert edge_export(["tiny:llama", "--out", str(tmp_path / "b"), "--threads", "0"]) == 2
+    assert capsys.readouterr().err == "edge-export: error: --threads must be a positive integer (got 0)\n"
