@@ -18,6 +18,7 @@ from .onnx_refs import ProtobufError, external_data_locations
 FORMAT = "edge-bundle"
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY)
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # the weight index of a model far larger than any this runtime targets
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
 
 
@@ -69,6 +70,8 @@ class Bundle:
             raise BundleError(f"bundle {root} has no {MANIFEST}")
         if mpath.is_symlink():
             raise BundleError(f"bundle {root}: {MANIFEST} is a symbolic link")
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"bundle {root}: {MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -20,14 +20,15 @@ from typing import Any
 
 from .errors import EdgeError
 
-RENDER_SECONDS = 2.0      # a chat template renders a few messages in well under a millisecond
+RENDER_SECONDS = 2.0      # each bound is far above what a real chat template needs
 RENDER_OPS = 1_000_000    # calls, filters, operators and range steps of one render
 RENDER_CHARS = 4_000_000  # characters of any string built, repeated or output; magnitude of any int argument
 MAX_RANGE = 100_000       # elements of one range()
 MAX_EXPONENT = 4096
 FIT_ATTEMPTS = 8          # re-renders fit_messages tries while shortening the oldest content
 ROLES = ("system", "user", "assistant", "tool")
-_BIG_WIDTH = re.compile(r"\d{7,}")  # a format width/precision of more than RENDER_CHARS' digits
+# A %-format or str.format field whose width or precision has RENDER_CHARS' digits or more.
+_BIG_WIDTH = re.compile(r"%[-+ #0]*\d*\.?\d{7,}|\{[^{}]*:[^{}]*\d{7,}")
 
 
 class ChatTemplateError(EdgeError):
