@@ -143,6 +143,8 @@ def split_stop(stop: str | int | Iterable[str | int] | None) -> tuple[tuple[str,
         return (), frozenset()
     if isinstance(stop, (str, int, np.integer)):
         stop = (stop,)
+    if not isinstance(stop, Iterable):
+        raise EdgeError(f"stop must be a string, a token id or a sequence of them, got {stop!r:.40}")
     strings, ids = [], set()
     for s in stop:
         if isinstance(s, str):

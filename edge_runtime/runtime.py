@@ -87,6 +87,8 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     """
     t0 = time.perf_counter()
     check_overflow(overflow)
+    if not isinstance(backend, str):
+        raise EdgeError(f"backend must be a name such as 'auto', got {backend!r:.40}")
     threads = check_threads(threads)
     bundle = Bundle.open(bundle_path, verify=verify)
     limit = parse_size(memory_budget) if memory_budget is not None else None
@@ -102,11 +104,26 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
                  prefill_chunk=chunk)
 
 
-def check_seed_and_temperature(seed, temperature) -> None:
-    """SamplingError unless seed is None or an integer >= 0 and temperature is finite."""
+def check_text(text: str) -> str:
+    """`text` itself; EdgeError if it cannot be UTF-8 (a lone surrogate, e.g. from undecodable bytes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgeError(f"the prompt is not valid Unicode text (a lone surrogate at character {e.start})") from None
+    return text
+
+
+def check_arguments(seed, **numbers) -> None:
+    """SamplingError unless seed is None or an integer >= 0 and every other argument is a real number (the
+    ranges are sampling.validate's), a finite temperature included."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise SamplingError(f"seed must be an integer >= 0, got {seed!r:.40}")
-    if isinstance(temperature, (int, float)) and math.isinf(temperature):
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise SamplingError(f"{name} must be a number, got {value!r:.40}")
+        if isinstance(value, int) and abs(value) > 2**53:
+            raise SamplingError(f"{name} is out of range (an integer of {value.bit_length()} bits)")
+    if math.isinf(numbers.get("temperature", 0.0)):
         raise SamplingError("temperature must be finite")
 
 
@@ -149,8 +166,10 @@ class Model:
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Ids of a raw string (BOS added if the bundle asks) or of chat messages (template, no extra BOS)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        return self.tokenizer.encode(self.apply_chat_template(prompt), add_bos=False)
+            return self.tokenizer.encode(check_text(prompt))
+        if isinstance(prompt, (bytes, bytearray)):
+            raise EdgeError("the prompt must be text (str) or chat messages, not bytes: decode it first")
+        return self.tokenizer.encode(check_text(self.apply_chat_template(prompt)), add_bos=False)
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -162,8 +181,9 @@ class Model:
         ids; the bundle's EOS ids always stop. stream=True returns a TextStream (iterate it for text pieces;
         .finish_reason, .token_ids and .stats fill in as it runs); otherwise a Generation.
         """
+        check_arguments(seed, temperature=temperature, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
         validate(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
-        check_seed_and_temperature(seed, temperature)
         stop_strings, stop_ids = split_stop(stop)
         vocab = self.bundle.config.vocab_size
         if any(not 0 <= i < vocab for i in stop_ids):

@@ -309,3 +309,26 @@ def test_export_progress_is_plain_lines_off_a_terminal(tmp_path):
                           cwd=REPO, capture_output=True, text=True, env=cli_env(), timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "export:" not in proc.stderr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": None}, "temperature must be a number"),
+    ({"top_p": "x"}, "top_p must be a number"),
+    ({"repetition_penalty": 10**400}, "repetition_penalty is out of range"),
+    ({"stop": 1.5}, "stop must be a string, a token id or a sequence"),
+])
+def test_wrong_types_are_edge_errors(tmp_path, kwargs, message):
+    model = make_model(tmp_path, ids_of("the cat sat") + [EOS])
+    with pytest.raises(EdgeError, match=message):
+        model.generate("the", **kwargs)
+
+
+def test_undecodable_text_and_bytes_are_edge_errors(tmp_path):
+    model = make_model(tmp_path, ids_of("the cat sat") + [EOS])
+    for prompt in ("caf\udce9", [{"role": "user", "content": "caf\udce9"}]):
+        with pytest.raises(EdgeError, match="not valid Unicode text"):
+            model.generate(prompt)
+    with pytest.raises(EdgeError, match="not bytes"):
+        model.generate(b"the")
+    with pytest.raises(EdgeError, match="backend must be a name"):
+        edge_runtime.load(tmp_path / "bundle", backend=["fake"])
