@@ -134,3 +134,24 @@ def test_fuzzed_command_lines_fail_cleanly(tmp_path):
         if proc.returncode:
             lines = [line for line in proc.stderr.splitlines() if not line.startswith("edge-run: warning:")]
             assert len(lines) == 1 and lines[0].startswith("edge-run"), (argv, proc.stderr)
+
+
+def test_fuzzed_export_command_lines_fail_cleanly(tmp_path, capsys):
+    """edge-export's parsing and checks; --out is always a folder that is not a bundle, so none exports."""
+    from export.cli import main as edge_export
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("mine")
+    words = ["tiny:llama", "tiny:nope", str(tmp_path / "missing.gguf"), "--quant", "int3", "auto", "int4",
+             "--block-size", "7", "64", "--method", "gptq", "--offsets", "--vocab-block", "16", "--max-kld", "0",
+             "-1", "nan", "--smooth-alpha", "2", "--max-context", "8", "--threads", "0", "-5", "--kv-dtype",
+             "--accuracy-level", "9", "--eval-text", "\udcff", "--overwrite", "--force", "--"]
+    rng = random.Random(4)
+    for _ in range(40):
+        argv = [rng.choice(words) for _ in range(rng.randint(0, 6))] + ["--out", str(taken), "--quiet"]
+        code = edge_export(argv)
+        err = capsys.readouterr().err
+        assert code in (1, 2) and "Traceback" not in err, (argv, code, err)
+        assert err.count("\n") == 1 and err.startswith("edge-export: error: "), (argv, err)
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]

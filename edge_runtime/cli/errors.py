@@ -36,7 +36,9 @@ def wants_debug(argv: Sequence[str]) -> bool:
 
 
 def one_line(message: str) -> str:
-    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    """The message's lines joined with '; ', undecodable characters (from argv bytes) escaped."""
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def describe(error: BaseException) -> tuple[int, str]:
