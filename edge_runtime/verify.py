@@ -121,7 +121,37 @@ def reference_of(bundle: Bundle) -> dict:
     ref_file = (bundle.manifest.get("reference") or {}).get("file")
     if not ref_file:
         raise BundleError(f"bundle {bundle.root} has no reference probes (exported with --no-reference)")
-    return bundle.read_json(ref_file)
+    reference = bundle.read_json(ref_file)
+    if not _is_reference(reference, bundle.config.vocab_size, bundle.max_context):
+        raise BundleError(f"bundle {bundle.root}: {ref_file} does not hold reference probes of this model")
+    return reference
+
+
+def _ids(x, vocab: int, limit: int) -> bool:
+    return isinstance(x, list) and 0 < len(x) <= limit and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in x)
+
+
+def _is_reference(ref, vocab: int, context: int) -> bool:
+    """reference.json's shape: a probe window (ids, top-k ids and log-probs per position) and prompts with
+    their greedy continuations, every id in the vocabulary and every sequence within the context."""
+    probe = ref.get("probe") if isinstance(ref, dict) else None
+    if not isinstance(probe, dict) or not _ids(probe.get("ids"), vocab, context):
+        return False
+    rows, lps = probe.get("top_ids"), probe.get("top_logprobs")
+    if not (isinstance(rows, list) and isinstance(lps, list) and len(rows) == len(lps) == len(probe["ids"])):
+        return False
+    try:
+        top = np.asarray(rows, dtype=np.int64)
+        lp = np.asarray(lps, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    if top.ndim != 2 or top.shape != lp.shape or top.size == 0 or top.min() < 0 or top.max() >= vocab:
+        return False
+    prompts = ref.get("prompts", [])
+    return isinstance(prompts, list) and all(
+        isinstance(p, dict) and _ids(p.get("ids"), vocab, context) and _ids(p.get("greedy_ids"), vocab, context)
+        for p in prompts)
 
 
 def probe_report(backend, reference: dict) -> FidelityReport:

@@ -332,3 +332,12 @@ def test_undecodable_text_and_bytes_are_edge_errors(tmp_path):
         model.generate(b"the")
     with pytest.raises(EdgeError, match="backend must be a name"):
         edge_runtime.load(tmp_path / "bundle", backend=["fake"])
+
+
+def test_reference_json_of_the_wrong_shape_is_one_line(copy):
+    from edge_runtime.verify import verify
+
+    (copy / "reference.json").write_text(json.dumps({"probe": {"ids": [1, 2], "top_ids": 5}}))
+    refit(copy, "reference.json", lambda m: m.setdefault("reference", {"file": "reference.json"}))
+    with pytest.raises(BundleError, match="reference.json does not hold reference probes"):
+        verify(copy, backend="numpy", threads=1)
