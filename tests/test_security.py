@@ -341,3 +341,25 @@ def test_reference_json_of_the_wrong_shape_is_one_line(copy):
     refit(copy, "reference.json", lambda m: m.setdefault("reference", {"file": "reference.json"}))
     with pytest.raises(BundleError, match="reference.json does not hold reference probes"):
         verify(copy, backend="numpy", threads=1)
+
+
+def test_ctrl_c_during_an_overwrite_keeps_the_old_bundle_and_leaves_nothing(exported, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "b"
+    shutil.copytree(exported, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cmd = [sys.executable, "-m", "export.cli", "tiny:llama", "--quant", "int4", "--out", str(out), "--overwrite",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not any(".staging-" in p.name for p in tmp_path.iterdir()):
+            time.sleep(0.05)  # the new bundle is being written or evaluated next to the old one
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == "edge-export: interrupted (nothing written)\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
