@@ -209,10 +209,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_pa
 
     real_step = dtrain.train_step
 
-    def crash_at_5(model, opt, cache_, cfg_, step, lr):
+    def crash_at_5(model, opt, cache_, cfg_, step, *rest):
         if step == 5:
             raise KeyboardInterrupt
-        return real_step(model, opt, cache_, cfg_, step, lr)
+        return real_step(model, opt, cache_, cfg_, step, *rest)
 
     monkeypatch.setattr(dtrain, "train_step", crash_at_5)
     with pytest.raises(KeyboardInterrupt):

@@ -18,6 +18,7 @@ import torch
 
 from edge_runtime.config import tensor_names
 
+from . import dist as distmod
 from . import train as training
 from .data import (
     TeacherCache,
@@ -126,7 +127,8 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
             top_k: int = 64, iterative: int = 0, train_layers: str | Sequence[int] = "all",
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
-            warmup_steps: int = 10, progress: bool = True) -> Path:
+            warmup_steps: int = 10, progress: bool = True, device: str = "cpu", micro_batch: int | None = None,
+            stop_after: int | None = None) -> Path:
     """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
@@ -135,11 +137,16 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     file paths. Budget: `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
     loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE.
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
-    resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG).
+    resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG), whatever
+    world size wrote it. stop_after: pause after this global step (the schedule still spans `steps`).
+    batch_size is global: under torchrun each of the world's ranks trains on batch_size / world rows per step,
+    in micro-batches of micro_batch rows; rank 0 prepares the data and the teacher cache, the others read them.
+    device: "cpu" or "cuda" (each rank its own GPU).
     """
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
+    d = distmod.setup(device)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +154,17 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     items = [data] if isinstance(data, (str, Path)) else list(data)
 
     teacher = load_teacher(teacher_source)
-    rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
-                         synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
-    if len(rows) == 0:
-        raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
-    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint)
+    teacher.model.to(d.device)
+    cache = None
+    for turn in ("first", "others"):  # rank 0 writes the texts and the cache; then the others find them done
+        if d.main == (turn == "first"):
+            rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
+                                 synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
+            if len(rows) == 0:
+                raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
+            cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint)
+        distmod.barrier(d)
+    teacher.model.to("cpu")
 
     plan_file = out_dir / PLAN
     resuming = resume and (out_dir / CHECKPOINT).exists() and plan_file.exists()
@@ -163,20 +176,24 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
 
     prep = time.perf_counter() - start
     cfg = TrainConfig(steps=steps, minutes=None if minutes is None else max(minutes - prep / 60.0, 0.0),
-                      batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, temperature=temperature,
+                      stop_after=stop_after, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+                      warmup_steps=warmup_steps, temperature=temperature,
                       alpha=alpha, loss=loss, train_embeddings=train_embeddings, train_layers=chosen,
                       checkpoint_every=checkpoint_every, seed=seed)
     plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
             "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),
-            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}}
-    plan_file.write_text(json.dumps(plan, indent=1, default=str))
-    state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress)
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "world_size": d.world}
+    if d.main:
+        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+    state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress, dist=d)
     plan.update(steps_done=state["step"], train_seconds=state["elapsed"], prep_seconds=prep,
                 final_loss=state["history"][-1][1:] if state["history"] else None,
                 wall_seconds=time.perf_counter() - start)
-    plan_file.write_text(json.dumps(plan, indent=1, default=str))
-    save_student(student, teacher, out_dir, plan)
+    if d.main:
+        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+        save_student(student.to("cpu"), teacher, out_dir, plan)
+    distmod.barrier(d)
     return out_dir
 
 

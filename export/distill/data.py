@@ -162,13 +162,14 @@ def _fill(teacher, path: Path, index: dict, batch: int) -> None:
     top_ids = np.load(path / "top_ids.npy", mmap_mode="r+", allow_pickle=False)
     top_logp = np.load(path / "top_logp.npy", mmap_mode="r+", allow_pickle=False)
     k, n = index["k"], index["rows"]
+    device = next(teacher.parameters()).device
     bar = tqdm(total=n * tokens.shape[1], initial=index["filled"] * tokens.shape[1], desc="teacher top-k",
                unit="tok", unit_scale=True)
     for start in range(index["filled"], n, batch):
         t0 = time.perf_counter()
         ids = torch.from_numpy(tokens[start:start + batch].astype(np.int64))  # [B, T]
-        logp = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # [B, T, V]
-        vals, idx = torch.topk(logp, k, dim=-1)  # [B, T, k], best first
+        logits = teacher(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, T, V]
+        vals, idx = (t.cpu() for t in torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1))  # [B, T, k]
         top_ids[start:start + len(ids)] = idx.numpy().astype(np.int32)
         top_logp[start:start + len(ids)] = vals.numpy().astype(np.float16)
         top_ids.flush()
