@@ -227,18 +227,24 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_pa
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_heldout_text_is_never_trained_on(teacher, tok, tmp_path):
+def test_evaluation_text_is_never_trained_on(teacher, tok, tmp_path):
     from export.distill import training_rows
+    from export.distill.domains import CHAT_PROMPTS, EVAL_DOMAINS, TEXT_STARTS
 
-    train_texts, heldout = ddata.pydoc_split()
-    assert not set(train_texts) & set(heldout) and len(heldout) >= 7
+    own = tmp_path / "own.txt"
+    own.write_text("\n".join(TEXT_STARTS + CHAT_PROMPTS) * 3)
     leak = tmp_path / "leak.txt"
-    leak.write_text("Some harmless words. " * 40 + heldout[0][:3000] + " More words." * 40)
-    rows_ = training_rows(teacher, ["pydoc", leak], SEQ, seed=0, cache_root=tmp_path,
-                          synthetic_samples=0, synthetic_tokens=0)
-    held_ids = ddata.pack(heldout, tok, SEQ, 0).ravel()
-    assert not ddata.overlapping_rows(rows_, held_ids).any()
-    assert len(rows_) > 100
+    leak.write_text("".join("Some harmless words. " * 40 + d.load()[-1][:3000] for d in EVAL_DOMAINS))
+    clean = training_rows(teacher, [own], SEQ, seed=0, cache_root=tmp_path, synthetic_samples=0,
+                          synthetic_tokens=0)
+    rows_ = training_rows(teacher, [own, leak], SEQ, seed=0, cache_root=tmp_path, synthetic_samples=0,
+                          synthetic_tokens=0)
+    every = ddata.pack([leak.read_text()], tok, SEQ, 0)
+    assert len(rows_) < len(clean) + len(every) // 2  # most of the leaked rows were dropped ...
+    for d in EVAL_DOMAINS:  # ... and what is left shares no 32 tokens with any evaluation domain
+        held = ddata.pack(d.load(), tok, 1, 0).ravel()
+        assert not ddata.overlapping_rows(rows_, held).any(), d.name
+    assert len(clean) > 20
 
 
 def test_distill_end_to_end_writes_a_loadable_student(teacher, tok, tmp_path):
@@ -269,5 +275,6 @@ def test_report_metrics_agree_with_plain_numpy(teacher, tok):
     assert kld_fn(logits, other) == pytest.approx(report.kl_divergence(logits, other), rel=1e-9)
     assert top1_fn(logits, other) == report.top1_agreement(logits, other)
     same = report.compare(teacher.model, teacher.model, heldout_windows(tok, 0, window=SEQ, max_windows=2))
+    assert len(heldout_windows(tok, 0, window=SEQ, max_windows=2)) == 2
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["kld"] == pytest.approx(0.0, abs=1e-9)
     assert same["top1"] == 1.0 and same["teacher_params"] == same["student_params"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from export.distill import distill
 from export.distill import train as dtrain
-from export.distill.data import pydoc_split
+from export.distill.domains import CHAT_PROMPTS, TEXT_STARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PAUSE = 6, 3
@@ -26,7 +26,7 @@ STEPS, PAUSE = 6, 3
 def common(tmp: Path) -> dict:
     text = tmp / "train.txt"
     if not text.exists():
-        text.write_text("\n\n".join(pydoc_split()[0][:4]), encoding="utf-8")
+        text.write_text("\n".join(TEXT_STARTS + CHAT_PROMPTS) * 2, encoding="utf-8")
     return {"teacher_source": "tiny:llama", "layers": 1, "data": [str(text)], "steps": STEPS, "seq_len": 32,
             "top_k": 8, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "alpha": 1.0, "checkpoint_every": 100,
             "cache_dir": str(tmp / "cache"), "progress": False}

@@ -26,17 +26,17 @@ from .data import (
     fingerprint,
     overlapping_rows,
     pack,
-    pydoc_split,
     read_texts,
     synthesize,
 )
+from .domains import EVAL_DOMAINS
 from .prune import drop_layers, prune_mlp, select_layers
 from .train import CHECKPOINT, TrainConfig
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache" / "distill"
 PLAN = "distill.json"
 CALIBRATION_ROWS = 16  # training rows whose hidden states rank the layers (16 x 256 tokens for the demo)
-DataItem = Union[str, Path]  # "pydoc", "synthetic", or a UTF-8 text file
+DataItem = Union[str, Path]  # "synthetic" (teacher-written) or a UTF-8 text file
 
 
 @dataclass
@@ -67,30 +67,41 @@ def load_teacher(spec) -> Teacher:
 
 def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, seed: int, cache_root: Path,
                   synthetic_samples: int, synthetic_tokens: int) -> np.ndarray:
-    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with the held-out text."""
+    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with evaluation text."""
     texts: list[str] = []
     for item in data:
-        if item == "pydoc":
-            texts += pydoc_split()[0]
-        elif item == "synthetic":
+        if item == "synthetic":
             texts += synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
         else:
             texts += read_texts([Path(item)])
     rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
-    heldout = pack(pydoc_split()[1], teacher.tokenizer, seq_len, teacher.eos_id).ravel()
-    return rows[~overlapping_rows(rows, heldout)]
+    heldout = [t for d in EVAL_DOMAINS for t in d.load()]
+    return rows[~overlapping_rows(rows, pack(heldout, teacher.tokenizer, 1, teacher.eos_id).ravel())]
 
 
 def synthetic_texts(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path) -> list[str]:
     """Teacher-written texts, generated once and kept as JSON next to the top-k caches."""
-    path = Path(cache_root) / f"synthetic-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
+    path = Path(cache_root) / f"teacher-text-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
+    meta = teacher.source.tokenizer_meta
     texts = synthesize(teacher.model, teacher.tokenizer, n, new_tokens, seed=seed,
-                       pad_id=teacher.source.tokenizer_meta.get("pad_token_id") or 0)
+                       pad_id=meta.get("pad_token_id") or 0, eos_ids=meta.get("eos_token_ids") or (),
+                       chat=chat_renderer(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(texts), encoding="utf-8")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(texts), encoding="utf-8")
+    tmp.replace(path)
     return texts
+
+
+def chat_renderer(meta: dict):
+    """question -> the prompt text of the teacher's chat template (None when the teacher has no template)."""
+    from ..sources import render_chat
+
+    if not meta.get("chat_template"):
+        return None
+    return lambda question: render_chat(meta, question)
 
 
 def make_student(teacher: Teacher, calib: Sequence[torch.Tensor], keep: Sequence[int] | None,
@@ -121,9 +132,9 @@ def trained_layers(spec: str | Sequence[int], keep: Sequence[int], n_layers: int
 
 
 def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | None = None,
-            data: DataItem | Sequence[DataItem] = ("pydoc",), minutes: float | None = None,
+            data: DataItem | Sequence[DataItem] = ("synthetic",), minutes: float | None = None,
             steps: int | None = None, out_dir, seed: int = 0, resume: bool = True, temperature: float = 1.0,
-            alpha: float = 0.5, loss: str = "fkl", lr: float = 5e-4, batch_size: int = 4, seq_len: int = 256,
+            alpha: float = 1.0, loss: str = "fkl", lr: float = 5e-4, batch_size: int = 4, seq_len: int = 256,
             top_k: int = 64, iterative: int = 0, train_layers: str | Sequence[int] = "all",
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
@@ -133,9 +144,11 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
     and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
-    data: "pydoc" (all but the held-out tail of pydoc topics), "synthetic" (teacher-sampled text) and/or text
-    file paths. Budget: `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
-    loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE.
+    data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts) and/or
+    text file paths; rows that overlap the evaluation domains are dropped. Budget: `minutes` of wall time for
+    the whole call (data preparation included) and/or `steps`.
+    loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE
+    (alpha 1: pure distillation toward the teacher, the default).
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
     resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG), whatever
     world size wrote it. stop_after: pause after this global step (the schedule still spans `steps`).

@@ -1,4 +1,4 @@
-"""Distillation data: training text (pydoc topics, user files, teacher-written text) and the teacher's top-k cache.
+"""Distillation data: training text (teacher-written from diverse prompts, user files) and the teacher's top-k cache.
 
 The teacher runs once per token: its top-k log-probs are written to disk (raw .npy, no pickle, plus a JSON index)
 under a key hashed from the teacher's weights and the token ids, and every epoch reads them back.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,26 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .domains import CHAT_PROMPTS, TEXT_STARTS
+
 HELDOUT_FRACTION = 0.1  # the last 10% of pydoc topics (by key order) are the held-out evaluation text
-
-# Seed prompts for teacher-written text ("textbooks are all you need"): a document opening the teacher continues.
-SYNTHETIC_SUBJECTS = (
-    "Python lists and tuples", "dictionaries and hashing", "reading and writing files", "exceptions",
-    "classes and inheritance", "generators and iterators", "regular expressions", "unit testing",
-    "the command line", "recursion", "sorting algorithms", "binary search", "HTTP and web servers",
-    "SQL databases", "version control with git", "floating point numbers", "unicode strings",
-    "concurrency and threads", "memory management", "the photosynthesis process", "the water cycle",
-    "the French Revolution", "prime numbers", "probability", "linear algebra", "healthy cooking",
-    "the solar system", "electric circuits", "writing a good essay", "the history of computing",
-)
-SYNTHETIC_OPENINGS = (
-    "Chapter 3: {s}\n\nIn this chapter we explain {s} step by step.",
-    "A beginner's guide to {s}\n\n",
-    "Lecture notes: {s}\n\n1. Introduction\n",
-    "Question: Can you explain {s} with an example?\nAnswer:",
-    "# {s}\n\nThis tutorial covers",
-)
-
 
 def pydoc_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts) from CPython's pydoc topics, split by sorted key: held-out is the tail."""
@@ -64,26 +47,37 @@ def pack(texts: Sequence[str], tokenizer, seq_len: int, eos_id: int | None) -> n
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
-def synthetic_prompts(n: int, seed: int) -> list[str]:
+def synthetic_prompts(n: int, seed: int, chat: Callable[[str], str] | None = None) -> list[str]:
+    """n training prompts: text starts from several domains and, given a chat renderer, chat prompts (half each)."""
     rng = np.random.default_rng(seed)
-    subjects = rng.choice(len(SYNTHETIC_SUBJECTS), size=n)
-    openings = rng.choice(len(SYNTHETIC_OPENINGS), size=n)
-    return [SYNTHETIC_OPENINGS[o].format(s=SYNTHETIC_SUBJECTS[s]) for s, o in zip(subjects, openings)]
+    n_chat = n // 2 if chat is not None else 0
+    starts = [TEXT_STARTS[i] for i in rng.choice(len(TEXT_STARTS), size=n - n_chat)]
+    chats = [chat(CHAT_PROMPTS[i]) for i in rng.choice(len(CHAT_PROMPTS), size=n_chat)]
+    return [p for pair in zip(starts, chats) for p in pair] + starts[len(chats):]
 
 
 @torch.no_grad()
-def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 8,
-               temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0) -> list[str]:
-    """n texts sampled from the teacher, each a seed prompt followed by `new_tokens` generated tokens."""
-    prompts = synthetic_prompts(n, seed)
+def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 16,
+               temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0, eos_ids: Sequence[int] = (),
+               chat: Callable[[str], str] | None = None) -> list[str]:
+    """n texts written by the teacher: each prompt of synthetic_prompts() and up to `new_tokens` sampled tokens.
+
+    A text ends before the teacher's first end-of-sequence token (pack() puts one back); special tokens of the
+    chat template stay in the text, so the student learns the teacher's answers in their chat format.
+    """
+    prompts = synthetic_prompts(n, seed, chat)
     torch.manual_seed(seed)
     texts = []
-    for start in tqdm(range(0, n, batch), desc="synthetic text", unit="batch"):
+    stop = set(eos_ids)
+    for start in tqdm(range(0, n, batch), desc="teacher-written text", unit="batch"):
         ids, mask = _left_pad([tokenizer.encode(p).ids for p in prompts[start:start + batch]], pad_id)
         out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                             top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
-        for row, row_mask in zip(out, mask):
-            texts.append(tokenizer.decode(row[int((row_mask == 0).sum()):].tolist()))
+                             top_k=0, max_new_tokens=new_tokens, pad_token_id=pad_id,
+                             eos_token_id=list(stop) or None)
+        for row, row_mask in zip(out.tolist(), mask):
+            prompt, new = row[int((row_mask == 0).sum()):ids.shape[1]], row[ids.shape[1]:]
+            cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+            texts.append(tokenizer.decode(prompt + new[:cut], skip_special_tokens=False))
     return texts
 
 
