@@ -278,3 +278,19 @@ def test_report_metrics_agree_with_plain_numpy(teacher, tok):
     assert len(heldout_windows(tok, 0, window=SEQ, max_windows=2)) == 2
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["kld"] == pytest.approx(0.0, abs=1e-9)
     assert same["top1"] == 1.0 and same["teacher_params"] == same["student_params"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_layer_pruning_works_beyond_llama(arch):
+    from export.distill import load_teacher
+
+    t = load_teacher(f"tiny:{arch}")
+    ids = torch.from_numpy(np.arange(3, 27, dtype=np.int64))[None]  # [1, 24]
+    with torch.no_grad():
+        same = drop_layers(t.model, [0, 1])
+        torch.testing.assert_close(same(input_ids=ids).logits, t.model(input_ids=ids).logits, rtol=0, atol=0)
+        one = drop_layers(t.model, [1])
+        assert one.model.layers[0].self_attn.layer_idx == 0 and len(one.model.layers) == 1
+        assert len(getattr(one.config, "layer_types", None) or [0]) == 1
+        assert one(input_ids=ids).logits.shape == (1, 24, t.model.config.vocab_size)
+    assert t.model.config.num_hidden_layers == 2  # the teacher is untouched
