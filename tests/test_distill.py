@@ -167,6 +167,7 @@ def test_cache_holds_teacher_topk_and_is_reused(teacher, rows, tmp_path, monkeyp
     index = json.loads(index_file.read_text())
     index["filled"] = 4
     index_file.write_text(json.dumps(index))
+    np.save(cache.path / "done.npy", np.array([1, 1, 1, 1, 0, 0], dtype=np.uint8))
     calls = []
     real = teacher.model.forward
     monkeypatch.setattr(teacher.model, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))

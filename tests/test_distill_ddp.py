@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -66,7 +67,7 @@ def runs(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     distill(**base, out_dir=tmp / "one")
     distill(**base, out_dir=tmp / "one_then_two", stop_after=PAUSE)
-    torchrun([{**base, "out_dir": str(tmp / "two")},
+    torchrun([{**base, "out_dir": str(tmp / "two"), "cache_dir": str(tmp / "cache_two")},
               {**base, "out_dir": str(tmp / "two_micro"), "micro_batch": 1},
               {**base, "out_dir": str(tmp / "two_then_one"), "stop_after": PAUSE},
               {**base, "out_dir": str(tmp / "one_then_two")}])
@@ -77,6 +78,15 @@ def runs(tmp_path_factory) -> Path:
 def test_two_ranks_train_what_one_process_trains(runs):
     assert json.loads((runs / "two" / "distill.json").read_text())["world_size"] == 2
     assert_same_run(runs / "one", runs / "two")
+
+
+def test_two_ranks_build_the_same_teacher_cache(runs):
+    one, two = (json.loads((runs / r / "distill.json").read_text())["cache"] for r in ("one", "two"))
+    assert Path(two).parent == runs / "cache_two" and Path(one).name == Path(two).name
+    for name in ("tokens.npy", "top_ids.npy", "top_logp.npy"):
+        a, b = (np.load(Path(c) / name, allow_pickle=False) for c in (one, two))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert np.load(Path(two) / "done.npy", allow_pickle=False).all()
 
 
 def test_micro_batches_accumulate_to_the_same_step(runs):

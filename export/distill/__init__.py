@@ -168,15 +168,14 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
 
     teacher = load_teacher(teacher_source)
     teacher.model.to(d.device)
-    cache = None
-    for turn in ("first", "others"):  # rank 0 writes the texts and the cache; then the others find them done
-        if d.main == (turn == "first"):
-            rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
-                                 synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
-            if len(rows) == 0:
-                raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
-            cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint)
-        distmod.barrier(d)
+    if d.main and "synthetic" in items:  # the teacher writes its texts once; the other ranks read them
+        synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
+    distmod.barrier(d)
+    rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
+                         synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
+    if len(rows) == 0:
+        raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
+    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d)
     teacher.model.to("cpu")
 
     plan_file = out_dir / PLAN

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import dist as distmod
+from .dist import Dist
 from .domains import CHAT_PROMPTS, TEXT_STARTS
 
 HELDOUT_FRACTION = 0.1  # the last 10% of pydoc topics (by key order) are the held-out evaluation text
@@ -131,46 +132,65 @@ def cache_key(teacher_fp: str, tokens: np.ndarray, k: int) -> str:
 
 
 def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, batch: int = 4,
-                teacher_fp: str | None = None) -> TeacherCache:
-    """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache."""
+                teacher_fp: str | None = None, dist: Dist | None = None) -> TeacherCache:
+    """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache.
+
+    Under torch.distributed every rank calls this with the same tokens: rank 0 creates the files, each rank
+    computes its share of the row batches, and all return the complete cache. A row's "done" flag is set only
+    after its data is on disk, so a crash at any world size redoes only unfinished rows.
+    """
+    d = dist or distmod.current()
     teacher_fp = teacher_fp or fingerprint(teacher)
     path = Path(cache_root) / cache_key(teacher_fp, tokens, k)
-    path.mkdir(parents=True, exist_ok=True)
     index_file = path / "index.json"
-    n, seq = tokens.shape
-    index = json.loads(index_file.read_text()) if index_file.exists() else None
-    if index is None:
-        np.save(path / "tokens.npy", np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
-        np.lib.format.open_memmap(path / "top_ids.npy", mode="w+", dtype=np.int32, shape=(n, seq, k)).flush()
-        np.lib.format.open_memmap(path / "top_logp.npy", mode="w+", dtype=np.float16, shape=(n, seq, k)).flush()
-        index = {"teacher": teacher_fp, "k": k, "rows": n, "seq_len": seq, "filled": 0, "seconds": 0.0}
-        index_file.write_text(json.dumps(index, indent=1))
-    if index["filled"] < n:
-        _fill(teacher, path, index, batch)
+    if d.main and not index_file.exists():
+        _create(path, tokens, k, teacher_fp)
+    distmod.barrier(d)
+    index = json.loads(index_file.read_text())
+    if index["filled"] < index["rows"]:
+        _fill(teacher, path, index, batch, d)
+        distmod.barrier(d)
+        if d.main:
+            index["filled"] = int(np.load(path / "done.npy", allow_pickle=False).sum())
+            index_file.write_text(json.dumps(index, indent=1))
+        distmod.barrier(d)
     return load_cache(path)
 
 
+def _create(path: Path, tokens: np.ndarray, k: int, teacher_fp: str) -> None:
+    """Empty cache files for tokens [n, T]: data, per-row done flags, then the index that marks them usable."""
+    n, seq = tokens.shape
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "tokens.npy", np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
+    np.lib.format.open_memmap(path / "top_ids.npy", mode="w+", dtype=np.int32, shape=(n, seq, k)).flush()
+    np.lib.format.open_memmap(path / "top_logp.npy", mode="w+", dtype=np.float16, shape=(n, seq, k)).flush()
+    np.save(path / "done.npy", np.zeros(n, dtype=np.uint8), allow_pickle=False)
+    index = {"teacher": teacher_fp, "k": k, "rows": n, "seq_len": seq, "filled": 0}
+    (path / "index.json").write_text(json.dumps(index, indent=1))
+
+
 @torch.no_grad()
-def _fill(teacher, path: Path, index: dict, batch: int) -> None:
+def _fill(teacher, path: Path, index: dict, batch: int, d: Dist) -> None:
+    """This rank's share of the unfinished rows: batches of `batch` rows, dealt round-robin over the ranks."""
     tokens = np.load(path / "tokens.npy", allow_pickle=False)
     top_ids = np.load(path / "top_ids.npy", mmap_mode="r+", allow_pickle=False)
     top_logp = np.load(path / "top_logp.npy", mmap_mode="r+", allow_pickle=False)
-    k, n = index["k"], index["rows"]
+    done = np.load(path / "done.npy", mmap_mode="r+", allow_pickle=False)
+    todo = np.flatnonzero(done == 0)
+    mine = [todo[i:i + batch] for i in range(0, len(todo), batch)][d.rank::d.world]
     device = next(teacher.parameters()).device
-    bar = tqdm(total=n * tokens.shape[1], initial=index["filled"] * tokens.shape[1], desc="teacher top-k",
-               unit="tok", unit_scale=True)
-    for start in range(index["filled"], n, batch):
-        t0 = time.perf_counter()
-        ids = torch.from_numpy(tokens[start:start + batch].astype(np.int64))  # [B, T]
+    bar = tqdm(total=sum(map(len, mine)) * tokens.shape[1], desc="teacher top-k", unit="tok", unit_scale=True,
+               disable=not d.main)
+    for rows in mine:
+        ids = torch.from_numpy(tokens[rows].astype(np.int64))  # [B, T]
         logits = teacher(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, T, V]
-        vals, idx = (t.cpu() for t in torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1))  # [B, T, k]
-        top_ids[start:start + len(ids)] = idx.numpy().astype(np.int32)
-        top_logp[start:start + len(ids)] = vals.numpy().astype(np.float16)
+        vals, idx = (t.cpu() for t in torch.topk(torch.log_softmax(logits, dim=-1), index["k"], dim=-1))
+        top_ids[rows] = idx.numpy().astype(np.int32)  # [B, T, k]
+        top_logp[rows] = vals.numpy().astype(np.float16)
         top_ids.flush()
         top_logp.flush()
-        index["filled"] = start + len(ids)
-        index["seconds"] += time.perf_counter() - t0
-        (path / "index.json").write_text(json.dumps(index, indent=1))  # after the data: a crash only redoes work
+        done[rows] = 1  # after the data: a crash only redoes work
+        done.flush()
         bar.update(ids.numel())
     bar.close()
 
