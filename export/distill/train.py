@@ -207,7 +207,7 @@ def wrap(student: torch.nn.Module, d: Dist) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [d.device.index] if d.device.type == "cuda" else None
-    return DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(student, device_ids=ids)
 
 
 def train_step(model, optimizer, cache: TeacherCache, cfg: TrainConfig, step: int, lr: float,
