@@ -53,7 +53,7 @@ budget: $(BUNDLES)/smollm2-int4/manifest.json
 
 distill-demo: $(STAMP)
 	$(MAKE) model
-	$(PY) -m export.distill.demo --minutes 30 --layers 18 --out build/student
+	$(PY) -m export.distill --minutes 30 --layers 18 --out build/student
 	$(PY) bench/distill_compare.py --student build/student
 
 android-check: $(STAMP)

@@ -167,6 +167,7 @@ def test_cache_holds_teacher_topk_and_is_reused(teacher, rows, tmp_path, monkeyp
     index = json.loads(index_file.read_text())
     index["filled"] = 4
     index_file.write_text(json.dumps(index))
+    np.save(cache.path / "done.npy", np.array([1, 1, 1, 1, 0, 0], dtype=np.uint8))
     calls = []
     real = teacher.model.forward
     monkeypatch.setattr(teacher.model, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -209,10 +210,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_pa
 
     real_step = dtrain.train_step
 
-    def crash_at_5(model, opt, cache_, cfg_, step, lr):
+    def crash_at_5(model, opt, cache_, cfg_, step, *rest):
         if step == 5:
             raise KeyboardInterrupt
-        return real_step(model, opt, cache_, cfg_, step, lr)
+        return real_step(model, opt, cache_, cfg_, step, *rest)
 
     monkeypatch.setattr(dtrain, "train_step", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
@@ -227,18 +228,24 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_pa
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_heldout_text_is_never_trained_on(teacher, tok, tmp_path):
+def test_evaluation_text_is_never_trained_on(teacher, tok, tmp_path):
     from export.distill import training_rows
+    from export.distill.domains import CHAT_PROMPTS, EVAL_DOMAINS, TEXT_STARTS
 
-    train_texts, heldout = ddata.pydoc_split()
-    assert not set(train_texts) & set(heldout) and len(heldout) >= 7
+    own = tmp_path / "own.txt"
+    own.write_text("\n".join(TEXT_STARTS + CHAT_PROMPTS) * 3)
     leak = tmp_path / "leak.txt"
-    leak.write_text("Some harmless words. " * 40 + heldout[0][:3000] + " More words." * 40)
-    rows_ = training_rows(teacher, ["pydoc", leak], SEQ, seed=0, cache_root=tmp_path,
-                          synthetic_samples=0, synthetic_tokens=0)
-    held_ids = ddata.pack(heldout, tok, SEQ, 0).ravel()
-    assert not ddata.overlapping_rows(rows_, held_ids).any()
-    assert len(rows_) > 100
+    leak.write_text("".join("Some harmless words. " * 40 + d.load()[-1][:3000] for d in EVAL_DOMAINS))
+    clean = training_rows(teacher, [own], SEQ, seed=0, cache_root=tmp_path, synthetic_samples=0,
+                          synthetic_tokens=0)
+    rows_ = training_rows(teacher, [own, leak], SEQ, seed=0, cache_root=tmp_path, synthetic_samples=0,
+                          synthetic_tokens=0)
+    every = ddata.pack([leak.read_text()], tok, SEQ, 0)
+    assert len(rows_) < len(clean) + len(every) // 2  # most of the leaked rows were dropped ...
+    for d in EVAL_DOMAINS:  # ... and what is left shares no 32 tokens with any evaluation domain
+        held = ddata.pack(d.load(), tok, 1, 0).ravel()
+        assert not ddata.overlapping_rows(rows_, held).any(), d.name
+    assert len(clean) > 20
 
 
 def test_distill_end_to_end_writes_a_loadable_student(teacher, tok, tmp_path):
@@ -269,5 +276,22 @@ def test_report_metrics_agree_with_plain_numpy(teacher, tok):
     assert kld_fn(logits, other) == pytest.approx(report.kl_divergence(logits, other), rel=1e-9)
     assert top1_fn(logits, other) == report.top1_agreement(logits, other)
     same = report.compare(teacher.model, teacher.model, heldout_windows(tok, 0, window=SEQ, max_windows=2))
+    assert len(heldout_windows(tok, 0, window=SEQ, max_windows=2)) == 2
     assert same["ppl_ratio"] == pytest.approx(1.0) and same["kld"] == pytest.approx(0.0, abs=1e-9)
     assert same["top1"] == 1.0 and same["teacher_params"] == same["student_params"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_layer_pruning_works_beyond_llama(arch):
+    from export.distill import load_teacher
+
+    t = load_teacher(f"tiny:{arch}")
+    ids = torch.from_numpy(np.arange(3, 27, dtype=np.int64))[None]  # [1, 24]
+    with torch.no_grad():
+        same = drop_layers(t.model, [0, 1])
+        torch.testing.assert_close(same(input_ids=ids).logits, t.model(input_ids=ids).logits, rtol=0, atol=0)
+        one = drop_layers(t.model, [1])
+        assert one.model.layers[0].self_attn.layer_idx == 0 and len(one.model.layers) == 1
+        assert len(getattr(one.config, "layer_types", None) or [0]) == 1
+        assert one(input_ids=ids).logits.shape == (1, 24, t.model.config.vocab_size)
+    assert t.model.config.num_hidden_layers == 2  # the teacher is untouched

@@ -18,6 +18,7 @@ import torch
 
 from edge_runtime.config import tensor_names
 
+from . import dist as distmod
 from . import train as training
 from .data import (
     TeacherCache,
@@ -25,17 +26,17 @@ from .data import (
     fingerprint,
     overlapping_rows,
     pack,
-    pydoc_split,
     read_texts,
     synthesize,
 )
+from .domains import EVAL_DOMAINS
 from .prune import drop_layers, prune_mlp, select_layers
 from .train import CHECKPOINT, TrainConfig
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache" / "distill"
 PLAN = "distill.json"
 CALIBRATION_ROWS = 16  # training rows whose hidden states rank the layers (16 x 256 tokens for the demo)
-DataItem = Union[str, Path]  # "pydoc", "synthetic", or a UTF-8 text file
+DataItem = Union[str, Path]  # "synthetic" (teacher-written) or a UTF-8 text file
 
 
 @dataclass
@@ -66,30 +67,41 @@ def load_teacher(spec) -> Teacher:
 
 def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, seed: int, cache_root: Path,
                   synthetic_samples: int, synthetic_tokens: int) -> np.ndarray:
-    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with the held-out text."""
+    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with evaluation text."""
     texts: list[str] = []
     for item in data:
-        if item == "pydoc":
-            texts += pydoc_split()[0]
-        elif item == "synthetic":
+        if item == "synthetic":
             texts += synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
         else:
             texts += read_texts([Path(item)])
     rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
-    heldout = pack(pydoc_split()[1], teacher.tokenizer, seq_len, teacher.eos_id).ravel()
-    return rows[~overlapping_rows(rows, heldout)]
+    heldout = [t for d in EVAL_DOMAINS for t in d.load()]
+    return rows[~overlapping_rows(rows, pack(heldout, teacher.tokenizer, 1, teacher.eos_id).ravel())]
 
 
 def synthetic_texts(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path) -> list[str]:
     """Teacher-written texts, generated once and kept as JSON next to the top-k caches."""
-    path = Path(cache_root) / f"synthetic-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
+    path = Path(cache_root) / f"teacher-text-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
+    meta = teacher.source.tokenizer_meta
     texts = synthesize(teacher.model, teacher.tokenizer, n, new_tokens, seed=seed,
-                       pad_id=teacher.source.tokenizer_meta.get("pad_token_id") or 0)
+                       pad_id=meta.get("pad_token_id") or 0, eos_ids=meta.get("eos_token_ids") or (),
+                       chat=chat_renderer(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(texts), encoding="utf-8")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(texts), encoding="utf-8")
+    tmp.replace(path)
     return texts
+
+
+def chat_renderer(meta: dict):
+    """question -> the prompt text of the teacher's chat template (None when the teacher has no template)."""
+    from ..sources import render_chat
+
+    if not meta.get("chat_template"):
+        return None
+    return lambda question: render_chat(meta, question)
 
 
 def make_student(teacher: Teacher, calib: Sequence[torch.Tensor], keep: Sequence[int] | None,
@@ -120,26 +132,34 @@ def trained_layers(spec: str | Sequence[int], keep: Sequence[int], n_layers: int
 
 
 def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | None = None,
-            data: DataItem | Sequence[DataItem] = ("pydoc",), minutes: float | None = None,
+            data: DataItem | Sequence[DataItem] = ("synthetic",), minutes: float | None = None,
             steps: int | None = None, out_dir, seed: int = 0, resume: bool = True, temperature: float = 1.0,
-            alpha: float = 0.5, loss: str = "fkl", lr: float = 5e-4, batch_size: int = 4, seq_len: int = 256,
+            alpha: float = 1.0, loss: str = "fkl", lr: float = 5e-4, batch_size: int = 4, seq_len: int = 256,
             top_k: int = 64, iterative: int = 0, train_layers: str | Sequence[int] = "all",
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
-            warmup_steps: int = 10, progress: bool = True) -> Path:
+            warmup_steps: int = 10, progress: bool = True, device: str = "cpu", micro_batch: int | None = None,
+            stop_after: int | None = None) -> Path:
     """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
     and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
-    data: "pydoc" (all but the held-out tail of pydoc topics), "synthetic" (teacher-sampled text) and/or text
-    file paths. Budget: `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
-    loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE.
+    data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts) and/or
+    text file paths; rows that overlap the evaluation domains are dropped. Budget: `minutes` of wall time for
+    the whole call (data preparation included) and/or `steps`.
+    loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE
+    (alpha 1: pure distillation toward the teacher, the default).
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
-    resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG).
+    resume: continue from out_dir/checkpoint.pt if present (same layer choice, step, optimizer and RNG), whatever
+    world size wrote it. stop_after: pause after this global step (the schedule still spans `steps`).
+    batch_size is global: under torchrun each of the world's ranks trains on batch_size / world rows per step,
+    in micro-batches of micro_batch rows; rank 0 prepares the data and the teacher cache, the others read them.
+    device: "cpu" or "cuda" (each rank its own GPU).
     """
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(int(threads))
+    d = distmod.setup(device)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +167,16 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     items = [data] if isinstance(data, (str, Path)) else list(data)
 
     teacher = load_teacher(teacher_source)
+    teacher.model.to(d.device)
+    if d.main and "synthetic" in items:  # the teacher writes its texts once; the other ranks read them
+        synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
+    distmod.barrier(d)
     rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
                          synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
     if len(rows) == 0:
         raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
-    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint)
+    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d)
+    teacher.model.to("cpu")
 
     plan_file = out_dir / PLAN
     resuming = resume and (out_dir / CHECKPOINT).exists() and plan_file.exists()
@@ -163,20 +188,24 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
 
     prep = time.perf_counter() - start
     cfg = TrainConfig(steps=steps, minutes=None if minutes is None else max(minutes - prep / 60.0, 0.0),
-                      batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, temperature=temperature,
+                      stop_after=stop_after, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
+                      warmup_steps=warmup_steps, temperature=temperature,
                       alpha=alpha, loss=loss, train_embeddings=train_embeddings, train_layers=chosen,
                       checkpoint_every=checkpoint_every, seed=seed)
     plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
             "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),
-            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}}
-    plan_file.write_text(json.dumps(plan, indent=1, default=str))
-    state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress)
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "world_size": d.world}
+    if d.main:
+        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+    state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress, dist=d)
     plan.update(steps_done=state["step"], train_seconds=state["elapsed"], prep_seconds=prep,
                 final_loss=state["history"][-1][1:] if state["history"] else None,
                 wall_seconds=time.perf_counter() - start)
-    plan_file.write_text(json.dumps(plan, indent=1, default=str))
-    save_student(student, teacher, out_dir, plan)
+    if d.main:
+        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+        save_student(student.to("cpu"), teacher, out_dir, plan)
+    distmod.barrier(d)
     return out_dir
 
 

@@ -1,4 +1,4 @@
-"""Distillation data: training text (pydoc topics, user files, teacher-written text) and the teacher's top-k cache.
+"""Distillation data: training text (teacher-written from diverse prompts, user files) and the teacher's top-k cache.
 
 The teacher runs once per token: its top-k log-probs are written to disk (raw .npy, no pickle, plus a JSON index)
 under a key hashed from the teacher's weights and the token ids, and every epoch reads them back.
@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,26 +15,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import dist as distmod
+from .dist import Dist
+from .domains import CHAT_PROMPTS, TEXT_STARTS
+
 HELDOUT_FRACTION = 0.1  # the last 10% of pydoc topics (by key order) are the held-out evaluation text
-
-# Seed prompts for teacher-written text ("textbooks are all you need"): a document opening the teacher continues.
-SYNTHETIC_SUBJECTS = (
-    "Python lists and tuples", "dictionaries and hashing", "reading and writing files", "exceptions",
-    "classes and inheritance", "generators and iterators", "regular expressions", "unit testing",
-    "the command line", "recursion", "sorting algorithms", "binary search", "HTTP and web servers",
-    "SQL databases", "version control with git", "floating point numbers", "unicode strings",
-    "concurrency and threads", "memory management", "the photosynthesis process", "the water cycle",
-    "the French Revolution", "prime numbers", "probability", "linear algebra", "healthy cooking",
-    "the solar system", "electric circuits", "writing a good essay", "the history of computing",
-)
-SYNTHETIC_OPENINGS = (
-    "Chapter 3: {s}\n\nIn this chapter we explain {s} step by step.",
-    "A beginner's guide to {s}\n\n",
-    "Lecture notes: {s}\n\n1. Introduction\n",
-    "Question: Can you explain {s} with an example?\nAnswer:",
-    "# {s}\n\nThis tutorial covers",
-)
-
 
 def pydoc_split(heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
     """(train texts, held-out texts) from CPython's pydoc topics, split by sorted key: held-out is the tail."""
@@ -64,26 +48,37 @@ def pack(texts: Sequence[str], tokenizer, seq_len: int, eos_id: int | None) -> n
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
-def synthetic_prompts(n: int, seed: int) -> list[str]:
+def synthetic_prompts(n: int, seed: int, chat: Callable[[str], str] | None = None) -> list[str]:
+    """n training prompts: text starts from several domains and, given a chat renderer, chat prompts (half each)."""
     rng = np.random.default_rng(seed)
-    subjects = rng.choice(len(SYNTHETIC_SUBJECTS), size=n)
-    openings = rng.choice(len(SYNTHETIC_OPENINGS), size=n)
-    return [SYNTHETIC_OPENINGS[o].format(s=SYNTHETIC_SUBJECTS[s]) for s, o in zip(subjects, openings)]
+    n_chat = n // 2 if chat is not None else 0
+    starts = [TEXT_STARTS[i] for i in rng.choice(len(TEXT_STARTS), size=n - n_chat)]
+    chats = [chat(CHAT_PROMPTS[i]) for i in rng.choice(len(CHAT_PROMPTS), size=n_chat)]
+    return [p for pair in zip(starts, chats) for p in pair] + starts[len(chats):]
 
 
 @torch.no_grad()
-def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 8,
-               temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0) -> list[str]:
-    """n texts sampled from the teacher, each a seed prompt followed by `new_tokens` generated tokens."""
-    prompts = synthetic_prompts(n, seed)
+def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 16,
+               temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0, eos_ids: Sequence[int] = (),
+               chat: Callable[[str], str] | None = None) -> list[str]:
+    """n texts written by the teacher: each prompt of synthetic_prompts() and up to `new_tokens` sampled tokens.
+
+    A text ends before the teacher's first end-of-sequence token (pack() puts one back); special tokens of the
+    chat template stay in the text, so the student learns the teacher's answers in their chat format.
+    """
+    prompts = synthetic_prompts(n, seed, chat)
     torch.manual_seed(seed)
     texts = []
-    for start in tqdm(range(0, n, batch), desc="synthetic text", unit="batch"):
+    stop = set(eos_ids)
+    for start in tqdm(range(0, n, batch), desc="teacher-written text", unit="batch"):
         ids, mask = _left_pad([tokenizer.encode(p).ids for p in prompts[start:start + batch]], pad_id)
         out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                             top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
-        for row, row_mask in zip(out, mask):
-            texts.append(tokenizer.decode(row[int((row_mask == 0).sum()):].tolist()))
+                             top_k=0, max_new_tokens=new_tokens, pad_token_id=pad_id,
+                             eos_token_id=list(stop) or None)
+        for row, row_mask in zip(out.tolist(), mask):
+            prompt, new = row[int((row_mask == 0).sum()):ids.shape[1]], row[ids.shape[1]:]
+            cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+            texts.append(tokenizer.decode(prompt + new[:cut], skip_special_tokens=False))
     return texts
 
 
@@ -137,45 +132,65 @@ def cache_key(teacher_fp: str, tokens: np.ndarray, k: int) -> str:
 
 
 def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, batch: int = 4,
-                teacher_fp: str | None = None) -> TeacherCache:
-    """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache."""
+                teacher_fp: str | None = None, dist: Dist | None = None) -> TeacherCache:
+    """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache.
+
+    Under torch.distributed every rank calls this with the same tokens: rank 0 creates the files, each rank
+    computes its share of the row batches, and all return the complete cache. A row's "done" flag is set only
+    after its data is on disk, so a crash at any world size redoes only unfinished rows.
+    """
+    d = dist or distmod.current()
     teacher_fp = teacher_fp or fingerprint(teacher)
     path = Path(cache_root) / cache_key(teacher_fp, tokens, k)
-    path.mkdir(parents=True, exist_ok=True)
     index_file = path / "index.json"
-    n, seq = tokens.shape
-    index = json.loads(index_file.read_text()) if index_file.exists() else None
-    if index is None:
-        np.save(path / "tokens.npy", np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
-        np.lib.format.open_memmap(path / "top_ids.npy", mode="w+", dtype=np.int32, shape=(n, seq, k)).flush()
-        np.lib.format.open_memmap(path / "top_logp.npy", mode="w+", dtype=np.float16, shape=(n, seq, k)).flush()
-        index = {"teacher": teacher_fp, "k": k, "rows": n, "seq_len": seq, "filled": 0, "seconds": 0.0}
-        index_file.write_text(json.dumps(index, indent=1))
-    if index["filled"] < n:
-        _fill(teacher, path, index, batch)
+    if d.main and not index_file.exists():
+        _create(path, tokens, k, teacher_fp)
+    distmod.barrier(d)
+    index = json.loads(index_file.read_text())
+    if index["filled"] < index["rows"]:
+        _fill(teacher, path, index, batch, d)
+        distmod.barrier(d)
+        if d.main:
+            index["filled"] = int(np.load(path / "done.npy", allow_pickle=False).sum())
+            index_file.write_text(json.dumps(index, indent=1))
+        distmod.barrier(d)
     return load_cache(path)
 
 
+def _create(path: Path, tokens: np.ndarray, k: int, teacher_fp: str) -> None:
+    """Empty cache files for tokens [n, T]: data, per-row done flags, then the index that marks them usable."""
+    n, seq = tokens.shape
+    path.mkdir(parents=True, exist_ok=True)
+    np.save(path / "tokens.npy", np.ascontiguousarray(tokens, dtype=np.int32), allow_pickle=False)
+    np.lib.format.open_memmap(path / "top_ids.npy", mode="w+", dtype=np.int32, shape=(n, seq, k)).flush()
+    np.lib.format.open_memmap(path / "top_logp.npy", mode="w+", dtype=np.float16, shape=(n, seq, k)).flush()
+    np.save(path / "done.npy", np.zeros(n, dtype=np.uint8), allow_pickle=False)
+    index = {"teacher": teacher_fp, "k": k, "rows": n, "seq_len": seq, "filled": 0}
+    (path / "index.json").write_text(json.dumps(index, indent=1))
+
+
 @torch.no_grad()
-def _fill(teacher, path: Path, index: dict, batch: int) -> None:
+def _fill(teacher, path: Path, index: dict, batch: int, d: Dist) -> None:
+    """This rank's share of the unfinished rows: batches of `batch` rows, dealt round-robin over the ranks."""
     tokens = np.load(path / "tokens.npy", allow_pickle=False)
     top_ids = np.load(path / "top_ids.npy", mmap_mode="r+", allow_pickle=False)
     top_logp = np.load(path / "top_logp.npy", mmap_mode="r+", allow_pickle=False)
-    k, n = index["k"], index["rows"]
-    bar = tqdm(total=n * tokens.shape[1], initial=index["filled"] * tokens.shape[1], desc="teacher top-k",
-               unit="tok", unit_scale=True)
-    for start in range(index["filled"], n, batch):
-        t0 = time.perf_counter()
-        ids = torch.from_numpy(tokens[start:start + batch].astype(np.int64))  # [B, T]
-        logp = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # [B, T, V]
-        vals, idx = torch.topk(logp, k, dim=-1)  # [B, T, k], best first
-        top_ids[start:start + len(ids)] = idx.numpy().astype(np.int32)
-        top_logp[start:start + len(ids)] = vals.numpy().astype(np.float16)
+    done = np.load(path / "done.npy", mmap_mode="r+", allow_pickle=False)
+    todo = np.flatnonzero(done == 0)
+    mine = [todo[i:i + batch] for i in range(0, len(todo), batch)][d.rank::d.world]
+    device = next(teacher.parameters()).device
+    bar = tqdm(total=sum(map(len, mine)) * tokens.shape[1], desc="teacher top-k", unit="tok", unit_scale=True,
+               disable=not d.main)
+    for rows in mine:
+        ids = torch.from_numpy(tokens[rows].astype(np.int64))  # [B, T]
+        logits = teacher(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, T, V]
+        vals, idx = (t.cpu() for t in torch.topk(torch.log_softmax(logits, dim=-1), index["k"], dim=-1))
+        top_ids[rows] = idx.numpy().astype(np.int32)  # [B, T, k]
+        top_logp[rows] = vals.numpy().astype(np.float16)
         top_ids.flush()
         top_logp.flush()
-        index["filled"] = start + len(ids)
-        index["seconds"] += time.perf_counter() - t0
-        (path / "index.json").write_text(json.dumps(index, indent=1))  # after the data: a crash only redoes work
+        done[rows] = 1  # after the data: a crash only redoes work
+        done.flush()
         bar.update(ids.numel())
     bar.close()
 

@@ -21,11 +21,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _set_layers(model: nn.Module, layers: Sequence[nn.Module]) -> None:
-    """Point the model at `layers` (HF LlamaModel runs `layers[: config.num_hidden_layers]`)."""
+    """Point the model at `layers` (HF decoders run `layers[: config.num_hidden_layers]`).
+
+    Nothing here is Llama-only: a family whose layers differ (sliding vs full attention, as in Mistral, Qwen2 or
+    Gemma 3) keeps each layer's own kind, and config.layer_types follows the kept layers.
+    """
     model.model.layers = nn.ModuleList(layers)
     model.config.num_hidden_layers = len(layers)
     for i, layer in enumerate(layers):
         layer.self_attn.layer_idx = i  # the KV cache slot; only used with use_cache=True
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = [getattr(layer, "attention_type", "full_attention") for layer in layers]
 
 
 @torch.no_grad()

@@ -1,10 +1,13 @@
 """The knowledge-distillation loop: student vs the teacher's cached top-k, with checkpoints that resume exactly.
 
 The batch order, the learning rate and the loss depend only on (seed, step), so a run stopped at a checkpoint
-and resumed gives the same weights as one that never stopped.
+and resumed gives the same weights as one that never stopped, at any world size: under torch.distributed each rank
+takes its slice of the global batch (in micro-batches if asked), DDP averages the gradients, and the update equals
+the one-process update on the whole batch up to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -16,7 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import dist as distmod
 from .data import TeacherCache
+from .dist import Dist
 
 LOSSES = ("fkl", "rkl", "jsd")
 CHECKPOINT = "checkpoint.pt"
@@ -27,7 +32,9 @@ TAIL_FLOOR = 1e-6  # the top k of an fp16 cache can sum to a hair over 1
 class TrainConfig:
     steps: int | None = None  # stop after this many optimizer steps ...
     minutes: float | None = None  # ... or after this much training time, whichever comes first
-    batch_size: int = 8
+    stop_after: int | None = None  # pause after this step; the learning-rate schedule still spans `steps`
+    batch_size: int = 8  # global: rows per optimizer step summed over all ranks
+    micro_batch: int | None = None  # rows per forward pass on one rank (None: the rank's whole share)
     lr: float = 2e-4
     min_lr_fraction: float = 0.1  # cosine decay ends at lr * this
     warmup_steps: int = 10
@@ -132,76 +139,136 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
+def rank_slices(cfg: TrainConfig, d: Dist) -> list[slice]:
+    """This rank's micro-batches, as slices of the global batch [cfg.batch_size] rows."""
+    if cfg.batch_size % d.world:
+        raise ValueError(f"the global batch ({cfg.batch_size}) must be a multiple of the world size ({d.world})")
+    share = cfg.batch_size // d.world
+    micro = min(cfg.micro_batch or share, share)
+    if share % micro:
+        raise ValueError(f"the per-rank batch ({share}) must be a multiple of micro_batch ({micro})")
+    first = d.rank * share
+    return [slice(first + i, first + i + micro) for i in range(0, share, micro)]
+
+
 def train(student: torch.nn.Module, cache: TeacherCache, cfg: TrainConfig, ckpt_dir: Path, *,
-          resume: bool = True, progress: bool = True) -> dict:
+          resume: bool = True, progress: bool = True, dist: Dist | None = None) -> dict:
     """Distill into `student` (in place) from the cached teacher; returns {"step", "elapsed", "history"}.
 
-    Checkpoints go to ckpt_dir/checkpoint.pt every cfg.checkpoint_every steps and at the end; with resume=True
-    an existing checkpoint is loaded first (weights, optimizer, step, elapsed time, RNG).
+    Checkpoints go to ckpt_dir/checkpoint.pt every cfg.checkpoint_every steps and at the end (written by rank 0);
+    with resume=True an existing checkpoint is loaded first (weights, optimizer, step, elapsed time, RNG), whatever
+    world size wrote it. `dist` (default: the current process group, or one process) places this rank.
     """
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("give a budget: steps or minutes")
+    d = dist or distmod.current()
+    slices = rank_slices(cfg, d)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    student.to(d.device)
     optimizer = make_optimizer(set_trainable(student, cfg), cfg)
     state = {"step": 0, "elapsed": 0.0, "history": []}
     if resume and (ckpt_dir / CHECKPOINT).exists():
-        state = load_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer)
+        state = load_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer, d.device)
+    model = wrap(student, d)
     student.train()
     budget = math.inf if cfg.minutes is None else cfg.minutes * 60.0
     max_steps = cfg.steps if cfg.steps is not None else 10**9
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", unit="step", disable=not progress)
+    last = min(max_steps, cfg.stop_after or max_steps)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", unit="step", disable=not (progress and d.main))
     dt = 0.0
-    while state["step"] < max_steps and state["elapsed"] + dt < budget:  # + dt: the next step must fit too
+    while state["step"] < last and state["elapsed"] + dt < budget:  # + dt: the next step must fit too
         t0 = time.perf_counter()
         prog = max(state["step"] / max_steps, state["elapsed"] / budget)
-        losses = train_step(student, optimizer, cache, cfg, state["step"], lr_at(cfg, state["step"], prog))
-        dt = time.perf_counter() - t0
+        lr = lr_at(cfg, state["step"], prog)
+        losses = distmod.mean(d, train_step(model, optimizer, cache, cfg, state["step"], lr, slices, d.device))
+        dt = distmod.maximum(d, time.perf_counter() - t0)  # every rank sees the same clock: they stop together
         state["step"] += 1
         state["elapsed"] += dt
         state["history"].append([state["step"], *losses])
-        tokens = cfg.batch_size * cache.tokens.shape[1]
         bar.update(1)
         bar.set_postfix(loss=f"{losses[0]:.3f}", kd=f"{losses[1]:.3f}", ce=f"{losses[2]:.3f}",
-                        tok_s=f"{tokens / dt:.0f}")
+                        tok_s=f"{cfg.batch_size * cache.tokens.shape[1] / dt:.0f}")
         if state["step"] % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer, state, cfg)
+            save_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer, state, cfg, d)
     bar.close()
-    save_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer, state, cfg)
+    save_checkpoint(ckpt_dir / CHECKPOINT, student, optimizer, state, cfg, d)
     student.eval()
     return state
 
 
-def train_step(student, optimizer, cache: TeacherCache, cfg: TrainConfig, step: int, lr: float):
-    """One optimizer step on batch `step`; returns (loss, kd, ce) as floats."""
-    rows = np.sort(batch_rows(len(cache), cfg.batch_size, step, cfg.seed))  # sorted: faster memmap reads
-    ids = torch.from_numpy(cache.tokens[rows].astype(np.int64))  # [B, T]
-    top_ids = torch.from_numpy(cache.top_ids[rows].astype(np.int64))  # [B, T, k]
-    top_logp = torch.from_numpy(cache.top_logp[rows].astype(np.float32))  # [B, T, k]
+def wrap(student: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """DDP around the student when there are several ranks (it averages gradients in backward)."""
+    if not d.active:
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=ids)
+
+
+def train_step(model, optimizer, cache: TeacherCache, cfg: TrainConfig, step: int, lr: float,
+               slices: list[slice] | None = None, device: torch.device | None = None):
+    """One optimizer step on global batch `step` (this rank's `slices` of it); returns this rank's
+    (loss, kd, ce) as floats, each the mean over its rows."""
+    rows = batch_rows(len(cache), cfg.batch_size, step, cfg.seed)  # [batch_size], the same on every rank
+    slices = slices or [slice(0, cfg.batch_size)]
+    share = sum(s.stop - s.start for s in slices)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    logits = student(input_ids=ids, use_cache=False).logits.float()  # [B, T, V]
-    s_full = torch.log_softmax(logits, dim=-1)  # shared by both losses: one pass over the vocabulary
-    zero = logits.new_zeros(())
-    kd = kd_from_logp(s_full, top_ids, top_logp, cfg.temperature, cfg.loss) if cfg.alpha > 0 else zero
-    ce = ce_from_logp(s_full, ids) if cfg.alpha < 1 else zero
-    loss = cfg.alpha * cfg.temperature ** 2 * kd + (1.0 - cfg.alpha) * ce
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    totals = [0.0, 0.0, 0.0]
+    for i, sl in enumerate(slices):
+        weight = (sl.stop - sl.start) / share  # micro-batch means add up to the rank's mean
+        sync = i == len(slices) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():  # DDP all-reduces on the last micro-batch
+            parts = micro_step(model, cache, cfg, np.sort(rows[sl]), weight, device)  # sorted: faster memmap reads
+        totals = [t + weight * p for t, p in zip(totals, parts)]
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
     optimizer.step()
-    return loss.item(), kd.item(), ce.item()
+    return totals
 
 
-def save_checkpoint(path: Path, model, optimizer, state: dict, cfg: TrainConfig) -> None:
-    """torch.save of plain state dicts (loadable with weights_only=True), written atomically."""
+def micro_step(model, cache: TeacherCache, cfg: TrainConfig, rows: np.ndarray, weight: float,
+               device: torch.device | None) -> list[float]:
+    """Forward and backward of `rows` with the loss scaled by `weight`; returns the unscaled (loss, kd, ce)."""
+    dev = device or torch.device("cpu")
+    ids = torch.from_numpy(cache.tokens[rows].astype(np.int64)).to(dev)  # [B, T]
+    top_ids = torch.from_numpy(cache.top_ids[rows].astype(np.int64)).to(dev)  # [B, T, k]
+    top_logp = torch.from_numpy(cache.top_logp[rows].astype(np.float32)).to(dev)  # [B, T, k]
+    logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    s_full = torch.log_softmax(logits, dim=-1)  # shared by both losses: one pass over the vocabulary
+    zero = logits.new_zeros(())
+    kd = kd_from_logp(s_full, top_ids, top_logp.to(logits.dtype), cfg.temperature, cfg.loss) if cfg.alpha > 0 \
+        else zero
+    ce = ce_from_logp(s_full, ids) if cfg.alpha < 1 else zero
+    loss = cfg.alpha * cfg.temperature ** 2 * kd + (1.0 - cfg.alpha) * ce
+    (loss * weight).backward()
+    return [loss.item(), kd.item(), ce.item()]
+
+
+def save_checkpoint(path: Path, model, optimizer, state: dict, cfg: TrainConfig, dist: Dist | None = None) -> None:
+    """torch.save of plain state dicts (loadable with weights_only=True), written atomically by rank 0.
+
+    Nothing in it depends on the world size: the data cursor is the global step, the optimizer state is the
+    one every rank holds (DDP keeps them identical).
+    """
+    d = dist or distmod.current()
+    if d.main:
+        _write_checkpoint(path, model, optimizer, state, cfg)
+    distmod.barrier(d)  # nobody reads or moves on before the file is whole
+
+
+def _write_checkpoint(path: Path, model, optimizer, state: dict, cfg: TrainConfig) -> None:
     blob = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "optimizer": _to_cpu(optimizer.state_dict()),
         "step": state["step"],
         "elapsed": state["elapsed"],
         "history": state["history"],
@@ -214,9 +281,21 @@ def save_checkpoint(path: Path, model, optimizer, state: dict, cfg: TrainConfig)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    blob = torch.load(path, weights_only=True)
+def load_checkpoint(path: Path, model, optimizer, device: torch.device | None = None) -> dict:
+    """Weights and optimizer state from `path` into model / optimizer; returns {"step", "elapsed", "history"}."""
+    blob = torch.load(path, weights_only=True, map_location=device or "cpu")
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["torch_rng"])
+    torch.set_rng_state(blob["torch_rng"].cpu())
     return {"step": blob["step"], "elapsed": blob["elapsed"], "history": blob["history"]}
+
+
+def _to_cpu(obj):
+    """A state dict with every tensor moved to the CPU (a checkpoint loads on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
