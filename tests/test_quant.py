@@ -93,7 +93,8 @@ def write_bundle(root, arrays):
         index[name] = {"offset": len(blob), "nbytes": a.nbytes, "dtype": a.dtype.name, "shape": list(a.shape)}
         blob += a.tobytes()
     (root / "weights.bin").write_bytes(bytes(blob))
-    manifest = {"weights": {"file": "weights.bin", "tensors": index}}
+    manifest = {"weights": {"file": "weights.bin", "tensors": index},
+                "files": {"weights.bin": {"bytes": len(blob), "sha256": ""}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return Bundle(root, manifest)
 
