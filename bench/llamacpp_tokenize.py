@@ -1,5 +1,5 @@
-"""Record llama.cpp's token ids for held-out texts and a unicode fuzz set: the tokenizer ground truth the tests
-compare both of our tokenizer paths to (ids and texts only, no model bytes).
+"""Record llama.cpp's token ids (and its detokenization of them) for held-out texts and a unicode fuzz set: the
+tokenizer ground truth the tests compare both of our tokenizer paths to (ids and texts only, no model bytes).
 
 Runs in the llama-cpp-python environment (not a dependency of this project), on the GGUF file itself:
     /work/peers/llama/bin/python bench/llamacpp_tokenize.py cache/models/gemma-3-270m-q4_k_m.gguf \\
@@ -98,8 +98,12 @@ def main() -> None:
     def ids(text: str, add_bos: bool = False) -> list[int]:
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    cases = [{"domain": d, "text": t, "ids": ids(t)} for d, t in held_out_texts()]
-    cases += [{"domain": "fuzz", "text": t, "ids": ids(t)} for t in fuzz_texts()]
+    def case(domain: str, text: str) -> dict:
+        out = ids(text)
+        decoded = llm.detokenize(out, special=True).decode("utf-8", errors="replace")
+        return {"domain": domain, "text": text, "ids": out, "decoded": decoded}
+
+    cases = [case(d, t) for d, t in held_out_texts()] + [case("fuzz", t) for t in fuzz_texts()]
     doc = {
         "model": args.gguf.name, "sha256": sha256(args.gguf), "llama_cpp_python": llama_cpp.__version__,
         "special": True,
