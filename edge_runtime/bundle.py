@@ -14,7 +14,7 @@ from .config import ModelConfig
 from .errors import BundleError, UnsupportedModelError
 
 FORMAT = "edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's `decoder` entry (fused units, per-layer attention pattern)
 MANIFEST = "manifest.json"
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
 

@@ -122,7 +122,7 @@ def write_bundle(root: Path, script: list[int], max_context: int = 64, chat_temp
     spec = json.loads(tiny_tokenizer_json())
     vocab = len(spec["model"]["vocab"])  # the special tokens are in it too (trained in)
     manifest = {
-        "format": "edge-bundle", "format_version": 1, "architecture": "llama",
+        "format": "edge-bundle", "format_version": 2, "architecture": "llama",
         "config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": 8, "intermediate_size": 16,
                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4},
         "graph": {"contract": contract, "file": "model.onnx", "script": [int(t) for t in script],
