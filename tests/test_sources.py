@@ -16,7 +16,7 @@ from export.sources.hf import read_hf_folder, save_hf_folder
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-TINY_SPECS = ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:llama-untied")
+TINY_SPECS = ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:llama-untied", "tiny:gemma3")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,7 +69,7 @@ def test_tiny_variants_and_bad_specs():
             load_source(bad)
 
 
-@pytest.mark.parametrize("spec", ("tiny:llama", "tiny:qwen2", "tiny:mistral"))
+@pytest.mark.parametrize("spec", ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:gemma3"))
 def test_hf_folder_round_trip_matches_transformers(spec, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

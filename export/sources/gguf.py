@@ -15,43 +15,28 @@ import numpy as np
 from edge_runtime.bundle import sha256_file
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for
+from edge_runtime.spec.base import GGUF_GLOBAL, GGUF_LLAMA_BLOCK
 
 from . import GGUFBlocks, SourceModel, check_tensors
 
-# GGUF general.architecture -> HF model_type. llama.cpp stores Mistral 7B-style models as "llama".
+# GGUF general.architecture -> HF model_type (each spec's gguf_arch; its gguf_block names the block tensors).
+# llama.cpp stores Mistral 7B-style models as "llama".
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-# Architectures whose Q/K rows convert_hf_to_gguf.py permuted (its rope pairs adjacent dims, HF rotates halves).
-PERMUTED_QK = ("llama",)
-
-GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # kind -> (fp16 scales per block: d [, m], bytes of quants per block of 32): Q4_1 is 2*2 + 16 bytes.
 BLOCK_LAYOUT = {"q4_0": (1, 16), "q4_1": (2, 16), "q8_0": (1, 32)}
 
 
-def hf_name(gguf_name: str) -> str:
-    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
-    if gguf_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, block_names: dict = GGUF_LLAMA_BLOCK) -> str:
+    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight);
+    block_names: the family's DecoderSpec.gguf_block."""
+    if gguf_name in GGUF_GLOBAL:
+        return GGUF_GLOBAL[gguf_name]
     m = BLOCK_RE.match(gguf_name)
-    if m is None or m.group(2) not in BLOCK_NAMES:
-        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Llama-family equivalent")
-    return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m is None or m.group(2) not in block_names:
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Hugging Face equivalent")
+    return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_order(rows: int, n_head: int) -> np.ndarray:
@@ -165,16 +150,21 @@ def read_gguf(path) -> SourceModel:
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported (know {sorted(ARCHITECTURES)})")
     tokenizer_json, meta = tokenizer_from_gguf(fields)
+    n_vocab = len(fields["tokenizer.ggml.tokens"].data)
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    spec = spec_for(read_config(fields, arch, n_vocab, tied=tied))
+    cfg = spec.config
     tensors, blocks = {}, {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, spec.gguf_block)
         tensors[name], b = read_tensor(t)
         if b is not None:
             blocks[name] = b
-    n_vocab = len(fields["tokenizer.ggml.tokens"].data)
-    cfg = read_config(fields, arch, n_vocab, tied="lm_head.weight" not in tensors)
-    if arch in PERMUTED_QK:
+    if spec.gguf_permuted_qk:
         unpermute_qk(cfg, tensors, blocks)
+    for name in spec.norm_names():  # llama.cpp stores (offset + weight), HF the weight (Gemma: offset 1)
+        if spec.norm_offset:
+            tensors[name] = tensors[name] - np.float32(spec.norm_offset)
     check_tensors(cfg, tensors, str(path))
     origin = {"format": "gguf", "path": str(path), "sha256": sha256_file(path)}
     return SourceModel(cfg, tensors, tokenizer_json, meta, origin, gguf_blocks=blocks)
