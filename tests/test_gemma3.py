@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import Bundle
+from edge_runtime.bundle import FORMAT_VERSION, Bundle
 from edge_runtime.llama_numpy import DecoderForward, DenseWeights
 from edge_runtime.spec import spec_for
 from export.sources import SourceModel, load_source
@@ -111,7 +111,7 @@ def test_fp32_bundle_matches_the_float_model(tiny_bundle, source, backend):
     from export.reference import FloatReference
 
     bundle = Bundle.open(tiny_bundle("tiny:gemma3", "fp32"))
-    assert bundle.manifest["format_version"] == 2
+    assert bundle.manifest["format_version"] == FORMAT_VERSION
     assert [layer["window"] for layer in bundle.manifest["decoder"]["layers"]] == [8, 8, None]
     ids = np.random.default_rng(2).integers(0, source.config.vocab_size, N)
     ref = FloatReference(source)

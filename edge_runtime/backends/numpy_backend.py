@@ -229,7 +229,12 @@ class NumpyBackend:
         self.kv_dtype = kv_dtype
         self.pool = RowPool(self.threads)
         self.weights = BundleWeights(bundle, self.pool, resident_bytes, float_activations)
-        self.model = DecoderForward(cfg, self.weights, self.context, kv_dtype)
+        spec = spec_for(cfg)
+        windows = tuple(layer.get("window") for layer in (bundle.manifest.get("decoder") or {}).get("layers", ()))
+        if windows != spec.windows:
+            raise BundleError(f"bundle {bundle.root}: the manifest's layer windows {windows} are not those of a "
+                              f"{cfg.model_type} of this config {spec.windows}")
+        self.model = DecoderForward(cfg, self.weights, self.context, kv_dtype, spec)
         self.vocab_size = cfg.vocab_size
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
