@@ -1,5 +1,6 @@
-"""Check our GGUF reading against transformers' own GGUF loading: every tensor bit for bit (names by gguf-py's
-TensorNameMap, quant blocks by export.sources.gguf_blocks, Gemma norms 1 + w undone) and the config keys.
+"""Check our GGUF reader (export.sources.gguf.read_gguf) against transformers' own GGUF loading: every tensor
+bit for bit (names from the family's spec, quant blocks by export.sources.gguf_blocks, Gemma norms 1 + w
+undone, Llama Q/K rows un-permuted) and the config keys.
 
 Needs transformers, accelerate, torch and gguf (e.g. the onnxruntime-genai peer environment):
     PYTHONPATH=. /work/peers/genai/bin/python bench/gguf_vs_transformers.py cache/models/gemma-3-270m-q4_k_m.gguf
@@ -17,39 +18,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf", type=Path)
     args = ap.parse_args(argv)
-    import gguf
     import torch
     from transformers import AutoModelForCausalLM
 
-    from export.sources.gguf import NORM_PLUS_ONE, config_dict, read_tensor
+    from export.sources.gguf import read_gguf
 
     model = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name,
                                                  dtype=torch.float32)
-    reader = gguf.GGUFReader(args.gguf)
-    arch = reader.fields["general.architecture"].contents()
-    by_name = {t.name: t for t in reader.tensors}
-    arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
-    differ = 0
+    ours = read_gguf(args.gguf)
     state = model.state_dict()
+    differ = 0
     for name, want in state.items():
-        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname not in by_name:  # a tied lm_head
+        if name not in ours.tensors:  # a tied lm_head
             continue
-        got, _ = read_tensor(by_name[gname])
-        if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
-            got = got - np.float32(1)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            continue  # rows permuted by llama.cpp's converter; tests/test_sources.py covers the un-permuting
-        if got.shape != tuple(want.shape) or not np.array_equal(got, want.numpy()):
+        if not np.array_equal(ours.tensors[name], want.numpy()):
             differ += 1
             print(f"differs: {name}")
-    ours = config_dict(reader.fields, arch, len(reader.fields["tokenizer.ggml.tokens"].data),
-                       tied="output.weight" not in by_name)
+    missing = sorted(set(ours.tensors) - set(state))
     theirs = model.config.to_dict()
-    keys = [k for k in ours if k in theirs and ours[k] != theirs[k] and k != "model_type"]
-    print(f"{len(state)} tensors, {differ} differ; config keys differing: "
-          + (", ".join(f"{k} ours {ours[k]!r} theirs {theirs[k]!r}" for k in keys) or "none"))
+    mine = ours.config.to_dict()
+    keys = [k for k in mine if k in theirs and mine[k] != theirs[k] and k not in ("model_type", "layer_types")]
+    print(f"{len(state)} tensors, {differ} differ, {len(missing)} not in transformers; config keys differing: "
+          + (", ".join(f"{k} ours {mine[k]!r} theirs {theirs[k]!r}" for k in keys) or "none"))
     return 1 if differ else 0
 
 

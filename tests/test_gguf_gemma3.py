@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.sources.gguf import config_dict, gguf_names
+from export.sources.gguf import config_dict
 
 gguf = pytest.importorskip("gguf")
 
@@ -46,13 +46,3 @@ def test_gemma3_config(tmp_path):
 def test_gemma3_global_period_from_metadata(tmp_path):
     cfg = config_dict(gemma3_fields(tmp_path, **{"attention.sliding_window_pattern": 3}), "gemma3", 10, True)
     assert cfg["layer_types"][:6] == ["sliding_attention", "sliding_attention", "full_attention"] * 2
-
-
-def test_llama_names_come_from_gguf_py():
-    from edge_runtime.config import ModelConfig
-
-    cfg = ModelConfig("llama", 32, 16, 24, 2, 2, 1, 8, tie_word_embeddings=False)
-    names = gguf_names(cfg, "llama")
-    assert names["model.layers.1.post_attention_layernorm.weight"] == "blk.1.ffn_norm.weight"
-    assert names["lm_head.weight"] == "output.weight" and names["model.norm.weight"] == "output_norm.weight"
-    assert len(set(names.values())) == len(names)

@@ -1,13 +1,14 @@
 """GGUF reader: llama.cpp names, layouts and quant blocks -> a SourceModel in Hugging Face layout (fp32).
 
-Tensor names come from the architecture's HF names (edge_runtime.config.tensor_names) mapped by gguf-py's own
-TensorNameMap; quantization blocks are read by export.sources.gguf_blocks.
+Tensor names, the Q/K permutation and the stored norm offset come from the family's DecoderSpec
+(edge_runtime.spec); quantization blocks are read by export.sources.gguf_blocks.
 
 Usage check on the real model (greedy answer of the float reference, must be coherent English):
     .venv/bin/python -m export.sources.gguf cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,24 +16,34 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import sha256_file
-from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for
+from edge_runtime.spec.base import GGUF_GLOBAL, GGUF_LLAMA_BLOCK
 
 from . import SourceModel, check_tensors
 from .gguf_blocks import GGUF_TYPES, GGUFBlocks, split_blocks
 
-# GGUF general.architecture -> HF model_type. llama.cpp stores Mistral 7B-style models as "llama".
+# GGUF general.architecture -> HF model_type (each spec's gguf_arch; its gguf_block names the block tensors).
+# llama.cpp stores Mistral 7B-style models as "llama".
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
-# Architectures whose Q/K rows convert_hf_to_gguf.py permuted (its rope pairs adjacent dims, HF rotates halves).
-PERMUTED_QK = ("llama",)
-# Architectures whose converter stored RMSNorm weights as 1 + w: ggml's norm multiplies by the weight, HF's
-# Gemma computes x * (1 + w) (transformers' Gemma2TensorProcessor subtracts the 1 again).
-NORM_PLUS_ONE = ("gemma3",)
 # Gemma 3 facts llama.cpp's loader fixes instead of reading them (llama-model.cpp, LLM_ARCH_GEMMA3): the local
 # (sliding-window) layers' rope base and one global layer in every six; these are HF Gemma3TextConfig's
 # defaults too.
 GEMMA3_ROPE_LOCAL_BASE = 10000.0
 GEMMA3_GLOBAL_PERIOD = 6
+BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str, block_names: dict = GGUF_LLAMA_BLOCK) -> str:
+    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight);
+    block_names: the family's DecoderSpec.gguf_block."""
+    if gguf_name in GGUF_GLOBAL:
+        return GGUF_GLOBAL[gguf_name]
+    m = BLOCK_RE.match(gguf_name)
+    if m is None or m.group(2) not in block_names:
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Hugging Face equivalent")
+    return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_order(rows: int, n_head: int) -> np.ndarray:
@@ -110,21 +121,6 @@ def read_config(fields: dict, arch: str, n_vocab: int, tied: bool) -> ModelConfi
     return ModelConfig.from_dict(config_dict(fields, arch, n_vocab, tied))
 
 
-def gguf_names(cfg: ModelConfig, arch: str) -> dict[str, str]:
-    """HF name -> GGUF name of every tensor of tensor_names(cfg), by gguf-py's own per-architecture map."""
-    import gguf
-
-    arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
-    name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
-    out = {}
-    for name in tensor_names(cfg):
-        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise UnsupportedModelError(f"{name} has no GGUF name for architecture {arch}")
-        out[name] = gname
-    return out
-
-
 def read_tensor(t) -> tuple[np.ndarray, GGUFBlocks | None]:
     """(float32 [rows, cols] or [n], blocks or None) for one ReaderTensor."""
     from gguf.quants import dequantize
@@ -175,26 +171,21 @@ def read_gguf(path) -> SourceModel:
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported (know {sorted(ARCHITECTURES)})")
     tokenizer_json, meta = tokenizer_from_gguf(fields)
-    by_name = {t.name: t for t in reader.tensors}
     n_vocab = len(fields["tokenizer.ggml.tokens"].data)
-    cfg = read_config(fields, arch, n_vocab, tied="output.weight" not in by_name)
-    names = gguf_names(cfg, arch)
-    extra = sorted(set(by_name) - set(names.values()))
-    if extra:
-        raise UnsupportedModelError(f"GGUF tensor {extra[0]} has no {arch} equivalent ({len(extra)} such)")
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    spec = spec_for(read_config(fields, arch, n_vocab, tied=tied))
+    cfg = spec.config
     tensors, blocks = {}, {}
-    for name, gname in names.items():
-        if gname not in by_name:
-            raise UnsupportedModelError(f"{path}: missing GGUF tensor {gname} ({name})")
-        tensors[name], b = read_tensor(by_name[gname])
+    for t in reader.tensors:
+        name = hf_name(t.name, spec.gguf_block)
+        tensors[name], b = read_tensor(t)
         if b is not None:
             blocks[name] = b
-    if arch in PERMUTED_QK:
+    if spec.gguf_permuted_qk:
         unpermute_qk(cfg, tensors, blocks)
-    if arch in NORM_PLUS_ONE:
-        for name in tensors:
-            if name.endswith("norm.weight"):
-                tensors[name] = tensors[name] - np.float32(1)
+    for name in spec.norm_names():  # llama.cpp stores (offset + weight), HF the weight (Gemma: offset 1)
+        if spec.norm_offset:
+            tensors[name] = tensors[name] - np.float32(spec.norm_offset)
     check_tensors(cfg, tensors, str(path))
     origin = {"format": "gguf", "path": str(path), "sha256": sha256_file(path)}
     return SourceModel(cfg, tensors, tokenizer_json, meta, origin, gguf_blocks=blocks)
