@@ -54,7 +54,7 @@ def quantized_weights(src, variant: str, embed_bits: int, block_size: int = 32) 
 
 def build(args) -> None:
     from export.bundle_writer import write_bundle
-    from export.graph import GraphOptions, build_llama_graph
+    from export.graph import GraphOptions, build_decoder_graph
     from export.sources import load_source
 
     src = load_source(str(GGUF))
@@ -64,7 +64,7 @@ def build(args) -> None:
         for acc in args.accuracy_levels:
             options = GraphOptions(accuracy_level=acc, max_context=args.max_context, fuse_qkv=not args.no_fuse,
                                    fuse_gate_up=not args.no_fuse, kv_dtype=args.kv_dtype)
-            graph = build_llama_graph(src.config, weights, options)
+            graph = build_decoder_graph(src.config, weights, options)
             out = Path(args.out) / f"{variant}-e{args.embed_bits}-acc{acc}{'-unfused' if args.no_fuse else ''}"
             out = out.with_name(out.name + (f"-bs{args.block_size}" if args.block_size != 32 else "")
                                 + ("-kv16" if args.kv_dtype == "float16" else ""))

@@ -97,7 +97,7 @@ def self_check(path: str, threads: int = 2, window: int = 0, steps: int = 32) ->
 
 
 def _norm_float64(model, x, name):
-    """LlamaForward.norm with the mean of squares summed in float64: the same function, rounded differently."""
+    """DecoderForward.norm with the mean of squares summed in float64: the same function, rounded differently."""
     import numpy as np
 
     var = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True).astype(np.float32)

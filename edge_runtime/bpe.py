@@ -1,9 +1,10 @@
 """Pure-Python reader of a bundle's tokenizer.json (byte-level BPE) for when `tokenizers` cannot be imported.
 
-Gives the same ids and decoded text as `tokenizers` 0.22 for what Llama-family files use: model BPE,
-normalizer null/NFC/NFD/NFKC/NFKD/Sequence, pre-tokenizers ByteLevel/Split/Digits/Sequence (see
-`pretokenize.py`), added tokens, post-processor TemplateProcessing/ByteLevel/Sequence, decoder
-ByteLevel/Sequence. Anything else raises UnsupportedModelError when the file is loaded, never later.
+Gives the same ids and decoded text as `tokenizers` 0.22 for what Llama-family and SentencePiece-style (Gemma)
+files use: model BPE (with byte fallback), normalizer null/NFC/NFD/NFKC/NFKD/Replace/Prepend/Sequence,
+pre-tokenizers ByteLevel/Split/Digits/Sequence (see `pretokenize.py`), added tokens, post-processor
+TemplateProcessing/ByteLevel/Sequence, decoder ByteLevel/Replace/ByteFallback/Fuse/Strip/Sequence. Anything
+else raises UnsupportedModelError when the file is loaded, never later.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .errors import UnsupportedModelError
 from .pretokenize import CHAR_BYTES, ONIG_LETTER, WHITE_SPACE, build_pre_tokenizer, class_body, parse_ranges
 
 CACHE_SIZE = 50_000  # words; like `tokenizers`, a full cache stops taking new words (no eviction)
+CACHE_MAX_WORD = 256  # longer words are not cached (tokenizers' bpe MAX_LENGTH): without a pre-tokenizer a
+# "word" is a whole text piece
 
 
 class TokenTable:
@@ -167,7 +170,7 @@ class BpeModel:
         ids = self.cache.get(word)
         if ids is None:
             ids = tuple(self._merge_all(self._initial_symbols(word)))
-            if len(self.cache) < CACHE_SIZE:
+            if len(self.cache) < CACHE_SIZE and len(word) < CACHE_MAX_WORD:
                 self.cache[word] = ids
         return ids
 
@@ -253,6 +256,12 @@ def build_normalizer(spec) -> Normalizer:
     kind = spec.get("type")
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return unicode_form(kind)
+    if kind == "Replace":
+        old, new = _string_pattern(spec, "normalizer"), spec["content"]
+        return lambda text: text.replace(old, new)
+    if kind == "Prepend":
+        prepend = spec["prepend"]
+        return lambda text: prepend + text if text else text  # tokenizers leaves an empty text empty
     if kind == "Sequence":
         steps = [build_normalizer(s) for s in spec["normalizers"]]
 
@@ -263,6 +272,15 @@ def build_normalizer(spec) -> Normalizer:
 
         return run
     raise UnsupportedModelError(f"tokenizer normalizer {kind!r} is not supported without `tokenizers`")
+
+
+def _string_pattern(spec: dict, where: str) -> str:
+    """The literal of a Replace's {"String": ...} pattern (regex patterns are not supported here)."""
+    pattern = spec.get("pattern") or {}
+    if "String" not in pattern:
+        raise UnsupportedModelError(f"tokenizer {where} Replace with a {sorted(pattern)} pattern is not supported "
+                                    "without `tokenizers`")
+    return pattern["String"]
 
 
 def unicode_form(form: str) -> Normalizer:
@@ -451,12 +469,65 @@ def byte_level_decode(tokens: list[str]) -> list[str]:
     return [data.decode("utf-8", errors="replace")]
 
 
+def byte_fallback_decode(tokens: list[str]) -> list[str]:
+    """decoders::ByteFallback: runs of <0xXX> tokens become their UTF-8 text, or one U+FFFD per byte when the
+    run is not valid UTF-8; other tokens pass unchanged."""
+    out: list[str] = []
+    run = bytearray()
+    for token in tokens + [None]:
+        byte = _fallback_byte(token)
+        if byte is not None:
+            run.append(byte)
+            continue
+        if run:
+            try:
+                out.append(run.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.extend("\ufffd" * len(run))
+            run.clear()
+        if token is not None:
+            out.append(token)
+    return out
+
+
+def _fallback_byte(token: str | None) -> int | None:
+    if token is None or len(token) != 6 or not token.startswith("<0x") or not token.endswith(">"):
+        return None
+    try:
+        return int(token[3:5], 16)
+    except ValueError:
+        return None
+
+
+def strip_decoder(content: str, start: int, stop: int) -> Decoder:
+    """decoders::Strip: up to `start` leading and `stop` trailing `content` chars off each token."""
+    def strip(token: str) -> str:
+        lo, hi = 0, len(token)
+        while lo < min(start, hi) and token[lo] == content:
+            lo += 1
+        for _ in range(stop):
+            if hi > lo and token[hi - 1] == content:
+                hi -= 1
+        return token[lo:hi]
+
+    return lambda tokens: [strip(t) for t in tokens]
+
+
 def build_decoder(spec) -> Decoder:
     if spec is None:
         return lambda tokens: [" ".join(tokens)]  # Tokenizer::decode joins with spaces without a decoder
     kind = spec.get("type")
     if kind == "ByteLevel":
         return byte_level_decode
+    if kind == "Replace":
+        old, new = _string_pattern(spec, "decoder"), spec["content"]
+        return lambda tokens: [t.replace(old, new) for t in tokens]
+    if kind == "ByteFallback":
+        return byte_fallback_decode
+    if kind == "Fuse":
+        return lambda tokens: ["".join(tokens)]
+    if kind == "Strip":
+        return strip_decoder(spec["content"], int(spec.get("start", 0)), int(spec.get("stop", 0)))
     if kind == "Sequence":
         steps = [build_decoder(s) for s in spec["decoders"]]
 

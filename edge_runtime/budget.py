@@ -12,8 +12,9 @@ The peak is the larger of two moments:
 * weights      what the backend keeps resident: ONNX Runtime's prepacked MatMulNBits copies (codes, scales and
                block sums), the memory-mapped tensors it reads in place; NumPy's mmapped weights.bin plus any
                dequantized float32 matrices it keeps (`resident_bytes`);
-* KV cache     layers x kv_heads x head_dim x context x dtype x 2: reserved when the backend is built and
-               resident as positions fill, so the plan is the ceiling a full context reaches;
+* KV cache     kv_heads x head_dim x dtype x 2 x the positions each layer keeps (the context, or its window
+               for a sliding-window layer kept as a ring: manifest `decoder.layers`): reserved when the backend
+               is built and resident as positions fill, so the plan is the ceiling a full context reaches;
 * activations  a prefill chunk's hidden states, MLP and attention scores [heads, chunk, context] (+ the
                allocator's slack, measured);
 * logits       the float32 vocabulary rows a step returns.
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from .bundle import kv_dtypes
 from .config import ModelConfig
 from .errors import EdgeError, MemoryBudgetError
+from .spec import kv_capacity
 from .stats import MB, format_size
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: measured on SmolLM2 int4, it prefills
@@ -191,9 +193,21 @@ def import_runtime_libraries(backend: str) -> None:
 
 # -- components ------------------------------------------------------------------------------------------------
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str) -> int:
-    """layers x kv_heads x head_dim x context x dtype x 2 (keys and values)."""
-    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * KV_DTYPE_BYTES[kv_dtype] * 2
+def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None) -> int:
+    """kv_heads x head_dim x dtype x 2 (keys and values) x the positions of every layer: the context, or a
+    sliding-window layer's ring of min(window, context) when `windows` (per layer, None: full) is given."""
+    windows = windows if windows is not None else (None,) * cfg.num_hidden_layers
+    positions = sum(kv_capacity(w, context) for w in windows)
+    return positions * cfg.num_key_value_heads * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] * 2
+
+
+def layer_windows(manifest: dict) -> tuple:
+    """The window of every layer (None: full attention), as the manifest's decoder entry lists them."""
+    return tuple(layer.get("window") for layer in (manifest.get("decoder") or {}).get("layers", ()))
+
+
+# Backends whose sliding-window layers keep a window-sized ring (the others keep the whole context).
+RING_BACKENDS = ("numpy",)
 
 
 def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32") -> tuple[int, int, int]:
@@ -277,12 +291,15 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
         wnote = f"zero-point tables + float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
     act = activation_bytes(cfg, prefill_chunk, context, cal, kv_dtype) + cal.workspace * threads
+    windows = layer_windows(manifest) if family in RING_BACKENDS else None
+    rings = sum(w is not None for w in windows or ())
+    kv_note = f"{kv_dtype}, {context} positions" + (f", {rings} window layers as rings" if rings else "")
     components = (
         Component("runtime", runtime, f"Python, NumPy, edge_runtime, {'onnxruntime, ' if family == 'ort' else ''}"
                                       f"{'tokenizers' if impl == 'tokenizers' else 'no tokenizers'}"),
         Component("tokenizer", tok, f"{impl} implementation"),
         Component("weights", weights + cal.session, wnote + " + backend state"),
-        Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype), f"{kv_dtype}, {context} positions"),
+        Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype, windows), kv_note),
         Component("mapped", mapped, "weights.bin pages read in place (at most all of them)"),
         Component("activations", act, f"prefill chunk {min(prefill_chunk, context)} at the end of the context"),
         Component("logits", logits_bytes(cfg), f"vocab {cfg.vocab_size}"),

@@ -16,7 +16,7 @@ from .manifest_checks import check_manifest, seal
 from .onnx_refs import ProtobufError, external_data_locations
 
 FORMAT = "edge-bundle"
-FORMAT_VERSION = 2  # 2: the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY)
+FORMAT_VERSION = 3  # 2: the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY); 3: its `decoder`
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # the weight index of a model far larger than any this runtime targets
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place

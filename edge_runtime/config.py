@@ -8,9 +8,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-# Architectures whose decoder block the graph builder and the NumPy backend implement.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -27,7 +24,14 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
-    sliding_window: Optional[int] = None  # Mistral; recorded, attention is full-causal within the context
+    sliding_window: Optional[int] = None  # keys a windowed layer attends to (edge_runtime.spec: which layers)
+    rope_scaling: Optional[Mapping[str, Any]] = None  # HF rope_scaling ("linear" supported)
+    # Gemma 3 (None elsewhere)
+    layer_types: Optional[tuple] = None  # "sliding_attention" | "full_attention" per layer
+    rope_local_base_freq: Optional[float] = None  # rope base of the sliding-window layers
+    query_pre_attn_scalar: Optional[float] = None  # attention scores scaled by its -1/2 power
+    attn_logit_softcapping: Optional[float] = None  # scores -> c * tanh(scores / c)
+    final_logit_softcapping: Optional[float] = None  # logits -> c * tanh(logits / c)
 
     @property
     def kv_dim(self) -> int:
@@ -50,23 +54,8 @@ class ModelConfig:
             d["num_key_value_heads"] = d["num_attention_heads"]
         if d.get("model_type") == "qwen2" and "attention_bias" not in d:
             d["attention_bias"] = True
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-
-def tensor_names(cfg: ModelConfig) -> list[str]:
-    """Hugging Face names of every float tensor of a Llama-family decoder, in file order."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            names.append(p + f"self_attn.{proj}.weight")
-            if cfg.attention_bias:
-                names.append(p + f"self_attn.{proj}.bias")
-        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")]
-    names.append("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names

@@ -18,18 +18,13 @@ DAMP = 0.01  # fraction of mean(diag H) added to the diagonal: keeps the Cholesk
 
 
 def hessian_keys(config) -> dict[str, str]:
-    """HF weight name -> the key of the input its matmul reads (q/k/v share one, gate/up share one)."""
-    keys = {}
-    for i in range(config.num_hidden_layers):
-        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for p in ("q_proj", "k_proj", "v_proj"):
-            keys[f"{a}.{p}.weight"] = f"{i}.attn_in"
-        keys[f"{a}.o_proj.weight"] = f"{i}.o_in"
-        keys[f"{m}.gate_proj.weight"] = keys[f"{m}.up_proj.weight"] = f"{i}.mlp_in"
-        keys[f"{m}.down_proj.weight"] = f"{i}.down_in"
-    if not config.tie_word_embeddings:  # a tied matrix is also the embedding table: GPTQ would skew its rows
-        keys["lm_head.weight"] = "lm_head_in"
-    return keys
+    """HF weight name -> the key of the input its matmul reads (q/k/v share one, gate/up share one).
+
+    Not the embedding table: tied, it is also the lm_head, and GPTQ would skew its rows for the lookup.
+    """
+    from edge_runtime.spec import EMBED, spec_for
+
+    return {n: u.input for u in spec_for(config).units() if u.input for n in u.names if n != EMBED}
 
 
 def input_hessians(torch_model, windows: Sequence[Sequence[int]], keys: Mapping[str, str]) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from edge_runtime.chat import render
-from edge_runtime.config import LLAMA_FAMILY
 from edge_runtime.errors import EdgeError, FidelityError
+from edge_runtime.spec import EMBED, LM_HEAD, supported
 from edge_runtime.tokenizer import Tokenizer
 
 from .sources import SourceModel, load_source
@@ -72,7 +72,7 @@ def kv_dtypes_of(opts: "ExportOptions") -> tuple[str, ...]:
     attention converts every key it reads) and the memory planner the float16 one (half the cache: 45 MB
     instead of 90 at context 2048) when a budget needs it. --kv-dtype keeps just one.
     """
-    from .graph.llama import KV_DTYPES
+    from .graph.decoder import KV_DTYPES
 
     return (opts.kv_dtype,) if opts.kv_dtype else KV_DTYPES
 
@@ -139,11 +139,11 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
     the table at 8 bits, which costs bytes on disk but no per-token reads."""
     if not source.config.tie_word_embeddings:
         return source
-    name = "model.embed_tokens.weight"
-    tensors = {**source.tensors, "lm_head.weight": source.tensors[name]}
+    name = EMBED
+    tensors = {**source.tensors, LM_HEAD: source.tensors[name]}
     blocks = dict(source.gguf_blocks)
     if name in blocks:
-        blocks["lm_head.weight"] = blocks[name]
+        blocks[LM_HEAD] = blocks[name]
     config = dataclasses.replace(source.config, tie_word_embeddings=False)
     return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks, config=config)
 
@@ -155,7 +155,7 @@ def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym")
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
                          block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
                          int8_method=int8_method)
-    name = "model.embed_tokens.weight"
+    name = EMBED
     spec = specs.get(name)
     if opts.untie_embeddings and spec is not None and spec.bits == 4:
         blocks = source.gguf_blocks.get(name) if opts.transcode else None
@@ -249,11 +249,11 @@ def smoothed_source(source: SourceModel, ref, opts: ExportOptions) -> tuple[Sour
 
     Smoothed tensors lose their GGUF blocks: they are re-quantized, not transcoded."""
     from .sensitivity import activation_scales
-    from .smooth import KINDS, changed, smooth_llama
+    from .smooth import KINDS, changed, smooth_decoder
 
     windows = calibration_windows(source, SMOOTH_WINDOWS)
     act = activation_scales(ref.torch_model, windows, source.config.tie_word_embeddings)
-    tensors = smooth_llama(source.tensors, source.config, act, opts.smooth_alpha)
+    tensors = smooth_decoder(source.tensors, source.config, act, opts.smooth_alpha)
     moved = set(changed(source.tensors, tensors))
     blocks = {n: b for n, b in source.gguf_blocks.items() if n not in moved}
     note = {"alpha": opts.smooth_alpha, "kinds": list(KINDS), "calibration_tokens": sum(map(len, windows))}
@@ -349,7 +349,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     manifest gains `fidelity`), and renamed into place only if it passes the --max-kld gate.
     """
     from .bundle_writer import _replace_dir, check_out_dir, write_bundle
-    from .graph.llama import CONTRACT, GraphOptions, build_llama_graph
+    from .graph import CONTRACT, GraphOptions, build_decoder_graph
     from .reference import FloatReference
 
     out_dir = Path(out_dir)
@@ -366,7 +366,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         if opts.untie_embeddings:
             source = untie_embeddings(source)
         steps.done()
-        if source.config.model_type not in LLAMA_FAMILY:
+        if not supported(source.config.model_type):
             steps.close()
             from .optimum_fallback import export_fallback_bundle
 
@@ -381,13 +381,13 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         steps.done()
         steps.start("build graph")
         max_context = int(opts.max_context or source.config.max_position_embeddings)
-        graphs = {kv: build_llama_graph(source.config, weights,
-                                        GraphOptions(accuracy_level=opts.accuracy_level, max_context=max_context,
-                                                     kv_dtype=kv))
+        graphs = {kv: build_decoder_graph(source.config, weights,
+                                          GraphOptions(accuracy_level=opts.accuracy_level, max_context=max_context,
+                                                       kv_dtype=kv))
                   for kv in kv_dtypes_of(opts)}                       # the default first
         # With int8 activations two executors agree only statistically (an ulp flips int8 roundings, which
         # compound); the same weights with float32 activations give them a graph to agree on to float rounding.
-        exact = None if opts.accuracy_level == 0 or not quantization["tensors"] else build_llama_graph(
+        exact = None if opts.accuracy_level == 0 or not quantization["tensors"] else build_decoder_graph(
             source.config, weights, GraphOptions(accuracy_level=0, max_context=max_context, kv_dtype="float32"))
         steps.done()
         steps.start("float reference probes")

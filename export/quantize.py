@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import EdgeError
 from edge_runtime.quant import BLOCK_SIZES, QUANT_TYPES, BlockQuant, pack_4bit
 
@@ -412,17 +412,6 @@ def quantize_tensor(name: str, w: np.ndarray, spec: QuantSpec, gguf_blocks: Opti
     raise EdgeError(f"{name}: unsupported quantization width {spec.bits} bits (supported: 4, 8)")
 
 
-def _linear_in_features(config: ModelConfig, name: str) -> Optional[int]:
-    """K of a linear weight (or the embedding, quantized along hidden), None for norms and biases."""
-    if not name.endswith(".weight") or name.endswith("norm.weight"):
-        return None
-    if name.endswith("o_proj.weight"):
-        return config.q_dim
-    if name.endswith("down_proj.weight"):
-        return config.intermediate_size
-    return config.hidden_size
-
-
 def _fitting_block_size(k: int, wanted: int) -> Optional[int]:
     """The largest supported block size <= wanted that divides K (None: keep the tensor in fp32)."""
     return next((bs for bs in sorted(BLOCK_SIZES, reverse=True) if bs <= wanted and k % bs == 0), None)
@@ -471,9 +460,13 @@ def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping
         from .gptq import hessian_keys
 
         gptq_names = set(hessian_keys(config))
+    from edge_runtime.spec import spec_for
+
+    spec = spec_for(config)
+    in_features = spec.in_features()  # the matrices; norms and biases stay fp32
     specs = {}
-    for name in tensor_names(config):
-        k = _linear_in_features(config, name)
+    for name in spec.tensor_names():
+        k = in_features.get(name)
         bs = None if k is None else _fitting_block_size(k, block_size)
         if preset == "fp32" or bs is None:
             specs[name] = None

@@ -1,4 +1,4 @@
-"""The float reference: the source model's fp32 weights in transformers' own Llama / Qwen2 / Mistral code."""
+"""The float reference: the source model's fp32 weights in transformers' own code for its family."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,47 +7,19 @@ import numpy as np
 
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for, supported
 
 from .sources import SourceModel
 
-# model_type -> (transformers config class, causal-LM class, architectures entry of config.json)
-HF_CLASSES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-}
-
 
 def hf_config_dict(cfg: ModelConfig, meta: dict | None = None) -> dict:
-    """A transformers config.json for `cfg` (fp32); token ids come from tokenizer meta when given."""
-    if cfg.model_type not in HF_CLASSES:
+    """A transformers config.json for `cfg` (fp32, from its DecoderSpec); token ids come from tokenizer meta."""
+    if not supported(cfg.model_type):
         raise UnsupportedModelError(f"architecture '{cfg.model_type}' has no float reference")
     if cfg.model_type == "llama" and cfg.attention_bias:
         # transformers' Llama puts the bias on o_proj too, which our tensor list does not carry.
         raise UnsupportedModelError("llama with attention_bias is not supported")
-    d = {
-        "architectures": [HF_CLASSES[cfg.model_type][1]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "torch_dtype": "float32",
-    }
-    if cfg.model_type == "llama":
-        d.update(attention_bias=False, mlp_bias=False)
-    if cfg.model_type == "mistral":
-        d["sliding_window"] = cfg.sliding_window
-    if cfg.model_type == "qwen2":
-        d.update(use_sliding_window=False, sliding_window=cfg.sliding_window)
+    d = spec_for(cfg).hf_config()
     if meta:
         eos = list(meta.get("eos_token_ids") or [])
         d.update(bos_token_id=meta.get("bos_token_id"), pad_token_id=meta.get("pad_token_id"),
@@ -60,8 +32,9 @@ def build_torch_model(source: SourceModel):
     import torch
     import transformers
 
+    spec = spec_for(source.config)
     conf = hf_config_dict(source.config, source.tokenizer_meta)
-    conf_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[source.config.model_type])
+    conf_cls, model_cls = (getattr(transformers, n) for n in spec.hf_classes)
     hf_conf = conf_cls(**{k: v for k, v in conf.items() if k not in ("architectures", "model_type")})
     hf_conf._attn_implementation = "eager"
     # Build on the meta device and adopt the numpy buffers (assign=True): no random init, no 4-byte copy.
@@ -74,12 +47,33 @@ def build_torch_model(source: SourceModel):
         raise UnsupportedModelError(f"float reference: missing {missing}, unexpected {unexpected}")
     if source.config.tie_word_embeddings:
         model.tie_weights()
-    # inv_freq is a non-persistent buffer, so no state dict carries it: rebuild the rotary module on the CPU.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_conf)
+    rebuild_buffers(model, hf_conf)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise UnsupportedModelError(f"float reference: {left[0]} was not loaded")
     return model.eval()
+
+
+def rebuild_buffers(model, hf_conf) -> None:
+    """Non-persistent buffers no state dict carries, rebuilt on the CPU: every rotary module's inv_freq (Gemma 3
+    has a local one too) and Gemma's embedding scale (sqrt(hidden), a float32 scalar as transformers makes it)."""
+    import copy
+
+    import torch
+
+    inner = model.model
+    for name in ("rotary_emb", "rotary_emb_local"):
+        module = getattr(inner, name, None)
+        if module is None:
+            continue
+        conf = hf_conf
+        if name == "rotary_emb_local":  # as Gemma3TextModel builds it
+            conf = copy.deepcopy(hf_conf)
+            conf.rope_theta, conf.rope_scaling = conf.rope_local_base_freq, {"rope_type": "default"}
+        setattr(inner, name, type(module)(config=conf))
+    embed = inner.embed_tokens
+    if getattr(embed, "embed_scale", None) is not None and embed.embed_scale.is_meta:
+        embed.embed_scale = torch.tensor(hf_conf.hidden_size ** 0.5)
 
 
 class FloatReference:

@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_runtime.config import ModelConfig
 from edge_runtime.quant import BlockQuant
+from edge_runtime.spec import EMBED, LM_HEAD, Unit, spec_for
 
 from .quantize import QuantSpec, preset_specs, quantize_tensor
 
@@ -33,27 +34,9 @@ VOCAB_INT8_BLOCK = 64
 CACHE_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One matmul of the graph: a label and the HF weights it multiplies by."""
-
-    label: str
-    names: tuple
-
-
 def units(config: ModelConfig) -> list[Unit]:
-    """Every quantizable matmul, fused as the graph builder fuses them (export.graph.llama)."""
-    out = []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out += [Unit(f"layers.{i}.qkv", tuple(p + f"self_attn.{m}_proj.weight" for m in "qkv")),
-                Unit(f"layers.{i}.o", (p + "self_attn.o_proj.weight",)),
-                Unit(f"layers.{i}.gate_up", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
-                Unit(f"layers.{i}.down", (p + "mlp.down_proj.weight",))]
-    out.append(Unit("embed", ("model.embed_tokens.weight",)))
-    if not config.tie_word_embeddings:
-        out.append(Unit("lm_head", ("lm_head.weight",)))
-    return out
+    """Every quantizable matmul, fused as the graph builder fuses them (DecoderSpec.units)."""
+    return spec_for(config).units()
 
 
 def _layer_of(unit: Unit) -> int | None:
@@ -72,7 +55,7 @@ def activation_scales(torch_model, windows: Sequence[Sequence[int]], tied: bool)
     hooks = []
     for mod_name, mod in torch_model.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            name = "model.embed_tokens.weight" if (tied and mod_name == "lm_head") else f"{mod_name}.weight"
+            name = EMBED if (tied and mod_name == "lm_head") else f"{mod_name}.weight"
 
             def hook(_m, args, name=name):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()   # [tokens, K]
@@ -120,7 +103,7 @@ class PerturbedKL:
     def _param(self, hf_name: str):
         if hf_name in self.params:
             return self.params[hf_name]
-        return self.params["lm_head.weight"]  # tied: lm_head shares the embedding's parameter
+        return self.params[LM_HEAD]  # tied: lm_head shares the embedding's parameter
 
     def kl(self, replace: Mapping[str, np.ndarray], first_layer: int | None = None) -> float:
         """Mean KL over calibration positions with `replace` (HF name -> float32 [N, K]) swapped in.

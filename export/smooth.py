@@ -5,14 +5,15 @@ so one large channel makes every other channel of its block coarse. Scaling inpu
 the weight's column k up by s_k leaves the product unchanged and flattens the blocks; 1/s_k is folded into the
 op that makes the input, so the graph stays the same:
 
-    q/k/v     input = RMSNorm(h) * input_layernorm.weight          -> input_layernorm.weight / s
-    gate/up   input = RMSNorm(h) * post_attention_layernorm.weight -> post_attention_layernorm.weight / s
-    down      input = silu(gate) * up                              -> up_proj rows / s
+    q/k/v     input = RMSNorm(h) * attn_norm (Layer roles of edge_runtime.spec)  -> attn_norm / s
+    gate/up   input = RMSNorm(h) * mlp_norm                        -> mlp_norm / s
+    down      input = act(gate) * up                               -> up_proj rows / s
     o         input = attention(q, k, v) per head                  -> v_proj rows (and bias) / s, where the
               query heads that read one KV head share its scales (grouped-query attention)
 
 s_k = act_k^alpha / wmax_k^(1 - alpha) (act: the channel's RMS on calibration text, wmax: the largest |W[:, k]|
-over the weights the input feeds), normalized to geometric mean 1. The lm_head (tied to the embedding, whose
+over the weights the input feeds), normalized to geometric mean 1. A family whose norms scale by
+(offset + weight) (Gemma) gets weight' = (offset + weight) / s - offset. The lm_head (tied to the embedding, whose
 columns cannot be rescaled without also rescaling the embedding lookup) is left alone.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from edge_runtime.config import ModelConfig
+from edge_runtime.spec import spec_for
 
 KINDS = ("qkv", "gate_up", "down", "o")
 DEFAULT_ALPHA = 0.5  # measured on SmolLM2-135M: 0.5-0.75 within noise per kind; 1.0 and 0.3 clearly worse
@@ -57,32 +59,31 @@ def _scale_rows(t: dict, name: str, inv: np.ndarray) -> None:
         t[bias] = (t[bias] * inv).astype(np.float32)
 
 
-def _smooth_norm_fed(t: dict, norm: str, names: Sequence[str], act: np.ndarray, alpha: float) -> None:
+def _smooth_norm_fed(t: dict, norm: str, names: Sequence[str], act: np.ndarray, alpha: float,
+                     offset: float) -> None:
     s = smoothing_scales(act, _col_absmax(t, names), alpha)        # [hidden]
-    t[norm] = (t[norm] / s).astype(np.float32)
+    t[norm] = ((t[norm] + np.float32(offset)) / s - np.float32(offset)).astype(np.float32)
     _scale_inputs(t, names, s)
 
 
-def _smooth_down(t: dict, mlp: str, act: np.ndarray, alpha: float) -> None:
-    down = mlp + "down_proj.weight"
+def _smooth_down(t: dict, up: str, down: str, act: np.ndarray, alpha: float) -> None:
     s = smoothing_scales(act, _col_absmax(t, [down]), alpha)       # [intermediate]
-    _scale_rows(t, mlp + "up_proj.weight", 1.0 / s)                # silu(gate) * (up / s)
+    _scale_rows(t, up, 1.0 / s)                                    # act(gate) * (up / s)
     _scale_inputs(t, [down], s)
 
 
-def _smooth_o(t: dict, cfg: ModelConfig, attn: str, act: np.ndarray, alpha: float) -> None:
-    o = attn + "o_proj.weight"
+def _smooth_o(t: dict, cfg: ModelConfig, v: str, o: str, act: np.ndarray, alpha: float) -> None:
     kvh, group, d = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     # o_proj input channel h*D + j comes from v channel (h // group)*D + j: one scale per KV channel.
     a = np.asarray(act).reshape(kvh, group, d).max(axis=1)                     # [KVH, D]
     w = _col_absmax(t, [o]).reshape(kvh, group, d).max(axis=1)                 # [KVH, D]
     s = smoothing_scales(a.reshape(-1), w.reshape(-1), alpha).reshape(kvh, d)  # [KVH, D]
-    _scale_rows(t, attn + "v_proj.weight", 1.0 / s.reshape(-1))
+    _scale_rows(t, v, 1.0 / s.reshape(-1))
     _scale_inputs(t, [o], np.repeat(s[:, None, :], group, axis=1).reshape(-1))  # [H*D]
 
 
-def smooth_llama(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, act_rms: Mapping[str, np.ndarray],
-                 alpha: float = DEFAULT_ALPHA, kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
+def smooth_decoder(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, act_rms: Mapping[str, np.ndarray],
+                   alpha: float = DEFAULT_ALPHA, kinds: Sequence[str] = KINDS) -> dict[str, np.ndarray]:
     """A copy of `tensors` (HF names, fp32) with the smoothing of `kinds` folded in; the float model it
     describes computes the same function (up to float rounding).
 
@@ -92,20 +93,17 @@ def smooth_llama(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, act_rms: M
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown smoothing kinds {sorted(unknown)} (choose from {', '.join(KINDS)})")
+    spec = spec_for(cfg)
     t = dict(tensors)
-    for i in range(cfg.num_hidden_layers):
-        layer, attn, mlp = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    for ly in spec.layers:
         if "qkv" in kinds:
-            _smooth_norm_fed(t, layer + "input_layernorm.weight", [attn + f"{p}_proj.weight" for p in "qkv"],
-                             act_rms[attn + "q_proj.weight"], alpha)
+            _smooth_norm_fed(t, ly.attn_norm, [ly.q, ly.k, ly.v], act_rms[ly.q], alpha, spec.norm_offset)
         if "gate_up" in kinds:
-            _smooth_norm_fed(t, layer + "post_attention_layernorm.weight",
-                             [mlp + "gate_proj.weight", mlp + "up_proj.weight"], act_rms[mlp + "gate_proj.weight"],
-                             alpha)
+            _smooth_norm_fed(t, ly.mlp_norm, [ly.gate, ly.up], act_rms[ly.gate], alpha, spec.norm_offset)
         if "down" in kinds:
-            _smooth_down(t, mlp, act_rms[mlp + "down_proj.weight"], alpha)
+            _smooth_down(t, ly.up, ly.down, act_rms[ly.down], alpha)
         if "o" in kinds:
-            _smooth_o(t, cfg, attn, act_rms[attn + "o_proj.weight"], alpha)
+            _smooth_o(t, cfg, ly.v, ly.o, act_rms[ly.o], alpha)
     return t
 
 

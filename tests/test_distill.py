@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
+from edge_runtime.spec import spec_for
 from export.distill import data as ddata
 from export.distill import train as dtrain
 from export.distill.prune import block_influence, drop_layers, mlp_width, prune_mlp, select_layers
@@ -46,7 +47,7 @@ def make_teacher_source(tok, layers: int = 4):
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")}))
     state = model.state_dict()
     scale = {"model.norm.weight": SHARPEN}
-    tensors = {n: (state[n] * scale.get(n, 1.0)).numpy().copy() for n in tensor_names(cfg)}
+    tensors = {n: (state[n] * scale.get(n, 1.0)).numpy().copy() for n in spec_for(cfg).tensor_names()}
     meta = {"bos_token_id": None, "eos_token_ids": [0], "pad_token_id": 0, "special_tokens": {},
             "chat_template": None, "add_bos_token": False}
     return SourceModel(cfg, tensors, tok.to_str(), meta, {"format": "test"})

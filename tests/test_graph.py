@@ -17,7 +17,7 @@ from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ContextOverflowError, UnsupportedModelError
 from edge_runtime.quant import BlockQuant
 from export.bundle_writer import write_bundle
-from export.graph import GraphOptions, build_llama_graph
+from export.graph import GraphOptions, build_decoder_graph
 from export.quantize import quantize_int4, quantize_int8
 
 TINY = {"vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -48,7 +48,7 @@ def hf_logits(hf, ids=IDS) -> np.ndarray:
 
 
 def make_backend(tmp_path, cfg, weights, context=32, **opts) -> OrtBackend:
-    graph = build_llama_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT, **opts))
+    graph = build_decoder_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT, **opts))
     out = write_bundle(tmp_path / "bundle", config=cfg, graph=graph, manifest_fields={"max_context": MAX_CONTEXT},
                        extra_files={"tokenizer.json": "{}"})
     return OrtBackend(Bundle.open(out), context=context, threads=1)
@@ -135,7 +135,7 @@ def test_decode_path_layout_survives_session_optimization(tmp_path):
     cfg, weights = hf_weights(hf)
     qweights = quantize_linears(weights, lambda w: quantize_int4(w, 32, method="rtn", offsets=True))
     qweights["model.embed_tokens.weight"] = quantize_int4(weights["model.embed_tokens.weight"], 32, method="rtn")
-    graph = build_llama_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
     out = write_bundle(tmp_path / "b", config=cfg, graph=graph, manifest_fields={}, extra_files={})
     g = optimized_graph(out / "model.onnx", tmp_path)
     producer = {o: n for n in g.node for o in n.output}
@@ -155,7 +155,7 @@ def test_tied_quantized_embedding_is_stored_once(tmp_path):
     hf = tiny_hf("llama", tied=True)
     cfg, weights = hf_weights(hf)
     qweights = quantize_linears(weights, lambda w: quantize_int4(w, 32, method="rtn"))
-    graph = build_llama_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
     out = write_bundle(tmp_path / "b", config=cfg, graph=graph, manifest_fields={}, extra_files={})
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     model_inits = {t.name: t for t in model.graph.initializer}
@@ -171,7 +171,7 @@ def test_bundle_index_reads_back_every_weight(tmp_path):
     cfg, weights = hf_weights(hf)
     qweights = quantize_linears(weights, lambda w: quantize_int4(w, 32, method="rtn", offsets=True))
     qweights["model.embed_tokens.weight"] = quantize_int8(weights["model.embed_tokens.weight"], 32)
-    graph = build_llama_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, qweights, GraphOptions(max_context=MAX_CONTEXT))
     bundle = Bundle.open(write_bundle(tmp_path / "b", config=cfg, graph=graph, manifest_fields={"max_context": 64},
                                       extra_files={"tokenizer.json": "{}"}))
     expected = {}
@@ -204,20 +204,20 @@ def test_bundle_writer_is_atomic(tmp_path):
         if done > total // 2:
             raise Boom()
 
-    graph = build_llama_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
     with pytest.raises(Boom):
         write_bundle(out, config=cfg, graph=graph, manifest_fields={}, extra_files={}, progress=fail_midway)
     assert os.listdir(tmp_path) == []  # nothing left behind, not even the temp folder
 
-    graph = build_llama_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
     write_bundle(out, config=cfg, graph=graph, manifest_fields={"note": "first"}, extra_files={})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    graph = build_llama_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
     with pytest.raises(Boom):
         write_bundle(out, config=cfg, graph=graph, manifest_fields={}, extra_files={}, progress=fail_midway)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old bundle is untouched
     assert os.listdir(tmp_path) == ["bundle"]
-    graph = build_llama_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
+    graph = build_decoder_graph(cfg, weights, GraphOptions(max_context=MAX_CONTEXT))
     write_bundle(out, config=cfg, graph=graph, manifest_fields={"note": "second"}, extra_files={})
     assert json.loads((out / "manifest.json").read_text())["note"] == "second"
     assert os.listdir(tmp_path) == ["bundle"]

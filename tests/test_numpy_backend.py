@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 
 from edge_runtime.bundle import Bundle
-from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ContextOverflowError, EdgeError, UnsupportedModelError
 from edge_runtime.kernels import BLOCKWISE_MAX_ROWS, QuantMatrix, RowPool
-from edge_runtime.llama_numpy import DenseWeights, LlamaForward, rope_tables
+from edge_runtime.llama_numpy import DecoderForward, DenseWeights
 from edge_runtime.quant import BlockQuant, pack_4bit
+from edge_runtime.rope import full_tables, half_tables
+from edge_runtime.spec import Rope, spec_for
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 96
@@ -89,7 +91,7 @@ def test_rope_tables_match_transformers():
                                           max_position_embeddings=300))
     pos = torch.arange(300)[None]
     cos, sin = hf(torch.zeros(1, 300, 16), pos)
-    ours = rope_tables(16, 100000.0, 300)
+    ours = full_tables(300, 16, Rope(100000.0))
     # float32 pow differs by an ulp between NumPy and torch; at position 300 that moves an angle by ~1e-5.
     np.testing.assert_allclose(ours[0], cos[0].numpy(), atol=2e-5, rtol=0)
     np.testing.assert_allclose(ours[1], sin[0].numpy(), atol=2e-5, rtol=0)
@@ -122,7 +124,7 @@ def test_forward_matches_transformers(model_type, tied):
         ref = hf_model(cfg, tensors)(torch.from_numpy(ids)[None]).logits[0].numpy()  # [40, V]
     assert np.abs(ref).max() > 1.0  # logits decisive enough for the tolerance to mean something
 
-    model = LlamaForward(cfg, DenseWeights(tensors, cfg), CONTEXT)
+    model = DecoderForward(cfg, DenseWeights(tensors, cfg), CONTEXT)
     np.testing.assert_allclose(model.forward(ids, 0, np.arange(40)), ref, atol=1e-4, rtol=0)
     model.forward(ids[:13], 0, np.array([12]))                     # chunked prefill: 13 + 27
     np.testing.assert_allclose(model.forward(ids[13:], 13, np.arange(27)), ref[13:], atol=1e-4, rtol=0)
@@ -137,7 +139,7 @@ def build_bundle(out: Path, cfg: ModelConfig, tensors: dict, preset: str, accura
                  kv_dtype: str = "float32") -> Path:
     """A tiny edge-llama-v1 bundle written by the exporter's graph builder and bundle writer."""
     from export.bundle_writer import write_bundle
-    from export.graph.llama import GraphOptions, build_llama_graph
+    from export.graph.decoder import GraphOptions, build_decoder_graph
     from export.quantize import preset_specs, quantize_tensor
 
     specs = preset_specs(cfg, preset, method=int4_method, offsets=offsets)
@@ -147,7 +149,7 @@ def build_bundle(out: Path, cfg: ModelConfig, tensors: dict, preset: str, accura
         weights[name] = w if spec is None else quantize_tensor(name, w, spec)
         if spec is not None:
             qmeta[name] = weights[name].manifest_entry(spec.method)
-    graph = build_llama_graph(cfg, weights, GraphOptions(accuracy_level=accuracy_level, max_context=CONTEXT,
+    graph = build_decoder_graph(cfg, weights, GraphOptions(accuracy_level=accuracy_level, max_context=CONTEXT,
                                                          fuse_qkv=fuse, fuse_gate_up=fuse, kv_dtype=kv_dtype))
     fields = {"max_context": CONTEXT, "quantization": {"preset": preset, "tensors": qmeta},
               "graph": {"contract": "edge-llama-v1", "kv_dtype": kv_dtype, "accuracy_level": accuracy_level}}
@@ -214,8 +216,8 @@ def dequantized_weights(bundle: Bundle) -> DenseWeights:
     cfg = bundle.config
     qmeta = bundle.manifest["quantization"]["tensors"]
     tensors = {n: BlockQuant.from_bundle(bundle, n, qmeta[n]).dequantize() if n in qmeta else bundle.tensor(n)
-               for n in tensor_names(cfg)}
-    return DenseWeights(tensors, cfg)
+               for n in spec_for(cfg).tensor_names()}
+    return DenseWeights(tensors, cfg, norms_folded=True)
 
 
 @pytest.mark.parametrize("name", ["llama-fp32", "llama-int8", "llama-int4", "qwen2-int4-offsets",
@@ -227,7 +229,7 @@ def test_backend_matches_dequantized_reference_and_ort(bundles, name):
     fused = BUNDLES[name][4]  # the builder stores fused q/k/v and gate/up back to back: one product each
     assert ("(4 fused groups)" if fused else "(0 fused groups)") in backend.describe()
     ours = run_steps(backend, ids, prefill=20)
-    reference = LlamaForward(bundle.config, dequantized_weights(bundle), CONTEXT)
+    reference = DecoderForward(bundle.config, dequantized_weights(bundle), CONTEXT)
     np.testing.assert_allclose(ours, run_steps(reference, ids, prefill=20), atol=1e-4, rtol=0)
     # ONNX Runtime with fp32 activations (accuracy_level 0) computes the same function.
     np.testing.assert_allclose(ours, run_steps(ort_backend(bundle), ids, prefill=20), atol=1e-3, rtol=0)
@@ -368,7 +370,7 @@ def test_int8_activation_emulation_matches_matmulnbits_accuracy_level_4(bits, ro
 
 
 class _QKV:
-    """A Weights stub for LlamaForward.self_attn: q/k/v come from a given [S, (H + 2 KVH) D] array, o_proj is
+    """A Weights stub for DecoderForward.self_attn: q/k/v come from a given [S, (H + 2 KVH) D] array, o_proj is
     the identity, so self_attn returns the attention output itself."""
 
     def __init__(self, cfg: ModelConfig, qkv: np.ndarray):
@@ -384,19 +386,17 @@ class _QKV:
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 def test_attention_matches_group_query_attention(kv_dtype):
-    """LlamaForward's attention against ORT's GroupQueryAttention node as the graph uses it (packed qkv, rotary
+    """DecoderForward's attention against ORT's GroupQueryAttention node as the graph uses it (packed qkv, rotary
     from the cos/sin caches, causal prefill); with a float16 cache the node runs in float16, and the NumPy side
     rounds where it does: then nearly every output is bit for bit ORT's."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.graph.ops import rotary_tables
-
     cfg, s_len = tiny_config(), 40
     h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dt, onnx_dt = np.dtype(kv_dtype), (TensorProto.FLOAT16 if kv_dtype == "float16" else TensorProto.FLOAT)
     qkv = (2 * np.random.default_rng(8).standard_normal((s_len, (h + 2 * kvh) * d))).astype(np.float32)
-    cos, sin = rotary_tables(CONTEXT, d, cfg.rope_theta)
+    cos, sin = half_tables(CONTEXT, d, Rope(cfg.rope_theta))
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "pk", "pv", "seqlens_k", "total", "cos", "sin"],
                             ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=h,
                             kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0)
@@ -416,8 +416,8 @@ def test_attention_matches_group_query_attention(kv_dtype):
         "qkv": qkv.astype(dt)[None], "pk": zeros, "pv": zeros, "seqlens_k": np.array([s_len - 1], np.int32),
         "total": np.array(s_len, np.int32)})[0][0].astype(np.float32)      # [S, H*D]
 
-    model_np = LlamaForward(cfg, _QKV(cfg, qkv), CONTEXT, kv_dtype)
-    ours = model_np.self_attn(0, qkv, 0)                                     # [S, H*D]
+    model_np = DecoderForward(cfg, _QKV(cfg, qkv), CONTEXT, kv_dtype)
+    ours = model_np.self_attn(model_np.spec.layers[0], qkv, 0)                                    # [S, H*D]
     scale = np.abs(ref).max()
     if kv_dtype == "float16":
         assert (ours == ref).mean() > 0.99 and np.abs(ours - ref).max() <= 2e-3 * scale

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime.config import tensor_names
 from edge_runtime.quant import BlockQuant
+from edge_runtime.spec import spec_for
 from export import sensitivity as S
 
 
@@ -24,7 +24,7 @@ def test_units_cover_every_linear_weight_once_fused_like_the_graph(tiny):
     source = tiny[0]
     us = S.units(source.config)
     names = [n for u in us for n in u.names]
-    linear = [n for n in tensor_names(source.config) if n.endswith("proj.weight") or "embed" in n]
+    linear = [n for n in spec_for(source.config).tensor_names() if n.endswith("proj.weight") or "embed" in n]
     assert sorted(names) == sorted(linear) and len(names) == len(set(names))
     assert [u.label for u in us[:4]] == ["layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down"]
     assert us[-1].label == "embed"  # tied: the embedding is the lm_head too

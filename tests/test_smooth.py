@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.kernels import int8_blocks
-from edge_runtime.llama_numpy import DenseWeights, LlamaForward, rms_norm
+from edge_runtime.llama_numpy import DecoderForward, DenseWeights, rms_norm
 from export import smooth as S
 from export.quantize import transcode_gguf
 from export.sources import GGUFBlocks, load_source
@@ -33,7 +33,7 @@ def random_act(cfg, rng) -> dict:
 
 
 def logits(source, tensors, ids):
-    fwd = LlamaForward(source.config, DenseWeights(tensors, source.config), len(ids))
+    fwd = DecoderForward(source.config, DenseWeights(tensors, source.config), len(ids))
     return fwd.forward(np.asarray(ids, np.int64), 0, np.arange(len(ids)))  # [S, V]
 
 
@@ -41,7 +41,7 @@ def logits(source, tensors, ids):
 def test_smoothing_leaves_the_float_model_unchanged(spec):
     source = load_source(spec)
     ids = list(RNG.integers(3, source.config.vocab_size, 24))
-    smoothed = S.smooth_llama(source.tensors, source.config, random_act(source.config, RNG), alpha=0.5)
+    smoothed = S.smooth_decoder(source.tensors, source.config, random_act(source.config, RNG), alpha=0.5)
     moved = S.changed(source.tensors, smoothed)
     assert any("input_layernorm" in n for n in moved) and any("v_proj" in n for n in moved)
     assert not any("embed" in n or n == "model.norm.weight" for n in moved)  # the (tied) lm_head is left alone
@@ -52,10 +52,10 @@ def test_smoothing_leaves_the_float_model_unchanged(spec):
 def test_smoothing_kinds_are_independent():
     source = load_source("tiny:llama")
     act = random_act(source.config, RNG)
-    only_o = S.changed(source.tensors, S.smooth_llama(source.tensors, source.config, act, kinds=("o",)))
+    only_o = S.changed(source.tensors, S.smooth_decoder(source.tensors, source.config, act, kinds=("o",)))
     assert sorted({n.split(".", 3)[-1] for n in only_o}) == ["self_attn.o_proj.weight", "self_attn.v_proj.weight"]
     with pytest.raises(ValueError):
-        S.smooth_llama(source.tensors, source.config, act, kinds=("lm_head",))
+        S.smooth_decoder(source.tensors, source.config, act, kinds=("lm_head",))
 
 
 def test_smoothing_scales():

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime.config import tensor_names
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for
 from export.fetch import default_model_path
 from export.reference import FloatReference
 from export.sources import load_source, render_chat
@@ -16,7 +16,7 @@ from export.sources.hf import read_hf_folder, save_hf_folder
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-TINY_SPECS = ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:llama-untied")
+TINY_SPECS = ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:llama-untied", "tiny:gemma3")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,7 +45,7 @@ def chat_ids(source, text="What is an assignment statement?"):
 @pytest.mark.parametrize("spec", TINY_SPECS)
 def test_tiny_source_and_reference(spec):
     src = load_source(spec)
-    assert list(src.tensors) == tensor_names(src.config)
+    assert list(src.tensors) == spec_for(src.config).tensor_names()
     assert all(t.dtype == np.float32 for t in src.tensors.values())
     assert 300 <= src.config.vocab_size <= 512
     assert src.config.tie_word_embeddings == ("lm_head.weight" not in src.tensors)
@@ -69,7 +69,7 @@ def test_tiny_variants_and_bad_specs():
             load_source(bad)
 
 
-@pytest.mark.parametrize("spec", ("tiny:llama", "tiny:qwen2", "tiny:mistral"))
+@pytest.mark.parametrize("spec", ("tiny:llama", "tiny:qwen2", "tiny:mistral", "tiny:gemma3"))
 def test_hf_folder_round_trip_matches_transformers(spec, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

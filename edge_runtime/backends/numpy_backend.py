@@ -1,9 +1,9 @@
-"""NumPy backend for the `edge-llama-v1` contract: the Llama-family forward pass over a bundle's weights.bin.
+"""NumPy backend for the `edge-llama-v1` contract: the decoder forward pass over a bundle's weights.bin.
 
 It needs nothing but NumPy. Float tensors are read-only views of the memory-mapped weights file; quantized
 linears run through kernels.QuantMatrix on the packed codes (never dequantized whole), except those that a
-`resident_bytes` budget allows to keep as dequantized float32 copies. Weights that the graph builder stored
-side by side (q/k/v, gate/up) are multiplied as one matrix.
+`resident_bytes` budget allows to keep as dequantized float32 copies. The units the manifest lists as fused
+(q/k/v, gate/up: manifest `decoder.units`) are multiplied as one matrix.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from typing import Union
 
 import numpy as np
 
-from ..config import LLAMA_FAMILY, ModelConfig
+from ..config import ModelConfig
 from ..errors import BundleError, ContextOverflowError, EdgeError, UnsupportedModelError
 from ..kernels import FloatMatrix, QuantMatrix, RowPool, set_blas_threads
-from ..llama_numpy import KV_DTYPES, LlamaForward
+from ..llama_numpy import KV_DTYPES, DecoderForward
 from ..quant import SUFFIXES, BlockQuant
+from ..spec import EMBED, spec_for, supported
 
 CONTRACT = "edge-llama-v1"
-EMBED = "model.embed_tokens.weight"
 
 
 Matrix = Union[FloatMatrix, QuantMatrix]
@@ -56,7 +56,7 @@ class BundleWeights:
         # The graph's MatMulNBits rounds activations to int8 at accuracy_level 4: do the same (same contract),
         # unless asked for the bundle's exact graph (float32 activations).
         self.int8_activations = bundle.accuracy_level == 4 and not float_activations
-        self.head_name = EMBED if self.cfg.tie_word_embeddings else "lm_head.weight"
+        self.head_name = spec_for(self.cfg).head
         self.groups: dict[tuple, Matrix] = {}          # names stored together -> one matrix
         self.rows: dict[str, tuple[tuple, int, int]] = {}  # name -> (its group, its rows r0:r1 in the group)
         self.vectors: dict[str, np.ndarray] = {}        # norms and biases, looked up once
@@ -65,13 +65,13 @@ class BundleWeights:
         self.resident = self._make_resident(int(resident_bytes))
 
     def _matrix_groups(self) -> list[tuple]:
-        groups = [(self.head_name,)] + ([] if self.cfg.tie_word_embeddings else [(EMBED,)])
-        for i in range(self.cfg.num_hidden_layers):
-            attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            groups += [(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
-                       (attn + "o_proj.weight",),
-                       (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
-                       (mlp + "down_proj.weight",)]
+        """The manifest's units: a fused one as one group, the others one weight each."""
+        units = (self.bundle.manifest.get("decoder") or {}).get("units")
+        if units is None:
+            raise BundleError(f"bundle {self.bundle.root}: the manifest lists no decoder units")
+        groups = []
+        for u in units:
+            groups += [tuple(u["names"])] if u.get("fused") else [(n,) for n in u["names"]]
         return groups
 
     def _add_group(self, names: tuple) -> None:
@@ -211,9 +211,8 @@ class NumpyBackend:
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"the numpy backend runs {CONTRACT} bundles, not {bundle.contract}")
         cfg = bundle.config
-        if cfg.model_type not in LLAMA_FAMILY:
-            raise UnsupportedModelError(f"the numpy backend runs {', '.join(LLAMA_FAMILY)}, "
-                                        f"not {cfg.model_type}")
+        if not supported(cfg.model_type):
+            raise UnsupportedModelError(f"the numpy backend has no decoder spec for {cfg.model_type}")
         # Default: the default graph's KV precision, so both backends run the same contract (a float16 cache
         # also means float16 attention, llama_numpy.py).
         kv_dtype = bundle.run_kv_dtype(kv_dtype, float_activations)
@@ -230,7 +229,12 @@ class NumpyBackend:
         self.kv_dtype = kv_dtype
         self.pool = RowPool(self.threads)
         self.weights = BundleWeights(bundle, self.pool, resident_bytes, float_activations)
-        self.model = LlamaForward(cfg, self.weights, self.context, kv_dtype)
+        spec = spec_for(cfg)
+        windows = tuple(layer.get("window") for layer in (bundle.manifest.get("decoder") or {}).get("layers", ()))
+        if windows != spec.windows:
+            raise BundleError(f"bundle {bundle.root}: the manifest's layer windows {windows} are not those of a "
+                              f"{cfg.model_type} of this config {spec.windows}")
+        self.model = DecoderForward(cfg, self.weights, self.context, kv_dtype, spec)
         self.vocab_size = cfg.vocab_size
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from edge_runtime.config import tensor_names
+from edge_runtime.spec import spec_for
 
 from . import dist as distmod
 from . import train as training
@@ -216,7 +216,7 @@ def student_source(student: torch.nn.Module, teacher: Teacher, plan: dict):
     cfg = dataclasses.replace(teacher.source.config, num_hidden_layers=student.config.num_hidden_layers,
                               intermediate_size=student.config.intermediate_size)
     state = student.state_dict()
-    tensors = {n: state[n].detach().float().numpy().copy() for n in tensor_names(cfg)}
+    tensors = {n: state[n].detach().float().numpy().copy() for n in spec_for(cfg).tensor_names()}
     origin = {"format": "distilled", "teacher": teacher.source.origin, "keep": plan["keep"]}
     return SourceModel(cfg, tensors, teacher.source.tokenizer_json, dict(teacher.source.tokenizer_meta), origin)
 

@@ -133,3 +133,14 @@ class GraphBuilder:
         model.ir_version = 10
         helper.set_model_props(model, {WEIGHT_LAYOUT_KEY: json.dumps(self.weight_layout())})
         return model
+
+
+def fused_initializers(model: onnx.ModelProto) -> set[str]:
+    """Names of the fused weights (q/k/v, gate/up) in a built graph, without the quantized arrays' suffixes."""
+    entry = next((p.value for p in model.metadata_props if p.key == WEIGHT_LAYOUT_KEY), None)
+    if entry is None:
+        return set()
+    layout = json.loads(entry)
+    from edge_runtime.quant import SUFFIXES
+
+    return {next((n.removesuffix(f".{s}") for s in SUFFIXES if n.endswith(f".{s}")), n) for n in layout["parts"]}

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from .builder import MS_DOMAIN, GraphBuilder, onnx_dtype
 
 
@@ -43,6 +41,16 @@ def silu_mul(g: GraphBuilder, gate: str, up: str, name: str) -> str:
     """silu(gate) * up. QuickGelu with alpha=1 is exactly x * sigmoid(x), one fused kernel instead of two."""
     act = g.op("QuickGelu", [gate], f"{name}/act_fn/QuickGelu", domain=MS_DOMAIN, alpha=1.0)
     return g.op("Mul", [act, up], f"{name}/Mul")
+
+
+def gelu_tanh_mul(g: GraphBuilder, gate: str, up: str, name: str) -> str:
+    """gelu_tanh(gate) * up. FastGelu is GELU's tanh approximation (HF gelu_pytorch_tanh), one fused kernel."""
+    act = g.op("FastGelu", [gate], f"{name}/act_fn/FastGelu", domain=MS_DOMAIN)
+    return g.op("Mul", [act, up], f"{name}/Mul")
+
+
+# DecoderSpec.activation -> the gated product helper
+ACTIVATION_MUL = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
 
 
 def cast(g: GraphBuilder, x: str, dtype, name: str) -> str:
@@ -99,25 +107,20 @@ def nbits_linear(g: GraphBuilder, x: str, inits: dict[str, str], bias: str | Non
 
 def group_query_attention(g: GraphBuilder, qkv: str, past_key: str, past_value: str, seqlens_k: str,
                           total_len: str, cos_cache: str, sin_cache: str, num_heads: int, kv_heads: int,
-                          present: tuple[str, str], name: str) -> str:
+                          present: tuple[str, str], name: str, scale: float | None = None,
+                          window: int | None = None, softcap: float | None = None) -> str:
     """Rotary + causal GQA over packed qkv [1, S, (H + 2*KVH) * D] with a shared past/present KV buffer.
 
     Writes this chunk's K/V at positions seqlens_k + 1 - S .. seqlens_k of the [1, KVH, C, D] buffers and
-    returns the attention output [1, S, H * D].
+    returns the attention output [1, S, H * D]. scale: None for 1/sqrt(D). window: keys a query sees, itself
+    included (HF sliding_window, and ORT's local_window_size: checked against the float model in the tests).
+    softcap c: scores become c * tanh(scores / c).
     """
     out, _, _ = g.op("GroupQueryAttention",
                 [qkv, None, None, past_key, past_value, seqlens_k, total_len, cos_cache, sin_cache],
                 f"{name}/GroupQueryAttention", domain=MS_DOMAIN, outputs=[f"{name}/output_0", *present],
-                num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+                num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+                scale=None if scale is None else float(scale),
+                local_window_size=None if window is None else int(window),
+                softcap=None if not softcap else float(softcap))
     return out
-
-
-def rotary_tables(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, head_dim/2], matching HF LlamaRotaryEmbedding (no scaling).
-
-    The angles are rounded to float32 as HF computes them (inv_freq and position * inv_freq in float32), so
-    long positions see the same phase as the float reference; cos/sin are then taken in float64.
-    """
-    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
-    angles = np.outer(np.arange(max_positions, dtype=np.float32), inv_freq).astype(np.float32)  # [P, D/2]
-    return np.cos(angles.astype(np.float64)).astype(np.float32), np.sin(angles.astype(np.float64)).astype(np.float32)

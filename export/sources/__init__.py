@@ -17,7 +17,7 @@ class SourceModel:
     """A float model in Hugging Face layout: what every exporter step and the float reference start from."""
 
     config: ModelConfig
-    tensors: dict[str, np.ndarray]  # float32, names/layouts of edge_runtime.config.tensor_names, linear [out, in]
+    tensors: dict[str, np.ndarray]  # float32, names/layouts of DecoderSpec.tensor_names, linear [out, in]
     tokenizer_json: str  # Hugging Face `tokenizers` JSON
     tokenizer_meta: dict  # bos_token_id, eos_token_ids, pad_token_id, special_tokens, chat_template, add_bos_token
     origin: dict  # format, path, sha256 (of the file; of config.json + weights for a folder; none for tiny)
@@ -28,7 +28,7 @@ class SourceModel:
 def load_source(spec: str) -> SourceModel:
     """Load `spec`: a .gguf file, a HF folder (config.json + *.safetensors + tokenizer.json), or tiny:<arch>.
 
-    tiny specs: tiny:llama, tiny:qwen2, tiny:mistral, optionally suffixed -tied / -untied.
+    tiny specs: tiny:llama, tiny:qwen2, tiny:mistral, tiny:gemma3, optionally suffixed -tied / -untied.
     """
     spec = str(spec)
     if spec.startswith("tiny:"):
@@ -50,36 +50,22 @@ def load_source(spec: str) -> SourceModel:
 
 
 def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
-    """Raise unless `tensors` holds exactly the float32 tensors tensor_names(config) lists, with HF shapes."""
-    from edge_runtime.config import tensor_names
-
-    missing = [n for n in tensor_names(config) if n not in tensors]
+    """Raise unless `tensors` holds every float32 tensor of the config's decoder spec, with HF shapes."""
+    shapes = expected_shapes(config)
+    missing = [n for n in shapes if n not in tensors]
     if missing:
         raise UnsupportedModelError(f"{where}: missing tensor {missing[0]} ({len(missing)} missing)")
-    for name, want in expected_shapes(config).items():
+    for name, want in shapes.items():
         got = tuple(tensors[name].shape)
         if got != want:
             raise UnsupportedModelError(f"{where}: tensor {name} has shape {got}, config implies {want}")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """HF shape of every tensor in tensor_names(cfg)."""
-    from edge_runtime.config import tensor_names
+    """HF shape of every tensor of the config's decoder spec, in file order."""
+    from edge_runtime.spec import spec_for
 
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    by_suffix = {
-        "embed_tokens.weight": (cfg.vocab_size, h), "lm_head.weight": (cfg.vocab_size, h),
-        "norm.weight": (h,), "layernorm.weight": (h,),
-        "q_proj.weight": (cfg.q_dim, h), "k_proj.weight": (cfg.kv_dim, h), "v_proj.weight": (cfg.kv_dim, h),
-        "q_proj.bias": (cfg.q_dim,), "k_proj.bias": (cfg.kv_dim,), "v_proj.bias": (cfg.kv_dim,),
-        "o_proj.weight": (h, cfg.q_dim),
-        "gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f),
-    }
-    out = {}
-    for name in tensor_names(cfg):
-        suffix = next(s for s in by_suffix if name.endswith(s))
-        out[name] = by_suffix[suffix]
-    return out
+    return spec_for(cfg).shapes()
 
 
 def render_chat(tokenizer_meta: dict, user_text: str, system: str | None = None) -> str:

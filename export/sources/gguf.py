@@ -1,5 +1,8 @@
 """GGUF reader: llama.cpp names, layouts and quant blocks -> a SourceModel in Hugging Face layout (fp32).
 
+Tensor names, the Q/K permutation and the stored norm offset come from the family's DecoderSpec
+(edge_runtime.spec); quantization blocks are read by export.sources.gguf_blocks.
+
 Usage check on the real model (greedy answer of the float reference, must be coherent English):
     .venv/bin/python -m export.sources.gguf cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 """
@@ -15,42 +18,32 @@ import numpy as np
 from edge_runtime.bundle import sha256_file
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for
+from edge_runtime.spec.base import GGUF_GLOBAL, GGUF_LLAMA_BLOCK
 
 from . import SourceModel, check_tensors
 from .gguf_blocks import GGUF_TYPES, GGUFBlocks, split_blocks
 
-# GGUF general.architecture -> HF model_type. llama.cpp stores Mistral 7B-style models as "llama".
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-# Architectures whose Q/K rows convert_hf_to_gguf.py permuted (its rope pairs adjacent dims, HF rotates halves).
-PERMUTED_QK = ("llama",)
-
-GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+# GGUF general.architecture -> HF model_type (each spec's gguf_arch; its gguf_block names the block tensors).
+# llama.cpp stores Mistral 7B-style models as "llama".
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+# Gemma 3 facts llama.cpp's loader fixes instead of reading them (llama-model.cpp, LLM_ARCH_GEMMA3): the local
+# (sliding-window) layers' rope base and one global layer in every six; these are HF Gemma3TextConfig's
+# defaults too.
+GEMMA3_ROPE_LOCAL_BASE = 10000.0
+GEMMA3_GLOBAL_PERIOD = 6
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str:
-    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight)."""
-    if gguf_name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[gguf_name]
+def hf_name(gguf_name: str, block_names: dict = GGUF_LLAMA_BLOCK) -> str:
+    """llama.cpp tensor name -> HF name (blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight);
+    block_names: the family's DecoderSpec.gguf_block."""
+    if gguf_name in GGUF_GLOBAL:
+        return GGUF_GLOBAL[gguf_name]
     m = BLOCK_RE.match(gguf_name)
-    if m is None or m.group(2) not in BLOCK_NAMES:
-        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Llama-family equivalent")
-    return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m is None or m.group(2) not in block_names:
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name} has no Hugging Face equivalent")
+    return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
 
 
 def unpermute_order(rows: int, n_head: int) -> np.ndarray:
@@ -76,8 +69,8 @@ def float32_decimal(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def read_config(fields: dict, arch: str, n_vocab: int, tied: bool) -> ModelConfig:
-    """ModelConfig from the {arch}.* metadata keys."""
+def config_dict(fields: dict, arch: str, n_vocab: int, tied: bool) -> dict:
+    """The model's Hugging Face config.json keys from the {arch}.* metadata keys."""
     def get(key, default=None):
         f = fields.get(f"{arch}.{key}")
         return default if f is None else f.contents()
@@ -86,21 +79,46 @@ def read_config(fields: dict, arch: str, n_vocab: int, tied: bool) -> ModelConfi
     hidden = int(get("embedding_length"))
     if get("rope.scaling.type") not in (None, "none"):
         raise UnsupportedModelError(f"GGUF rope scaling '{get('rope.scaling.type')}' is not supported")
-    return ModelConfig(
-        model_type=ARCHITECTURES[arch],
-        vocab_size=int(get("vocab_size", n_vocab)),
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
-        num_attention_heads=n_head,
-        num_key_value_heads=int(get("attention.head_count_kv", n_head)),
-        head_dim=int(get("attention.key_length", hidden // n_head)),
-        rms_norm_eps=float32_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float32_decimal(get("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings=tied,
-        attention_bias=ARCHITECTURES[arch] == "qwen2",
-    )
+    cfg = {
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": int(get("vocab_size", n_vocab)),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "head_dim": int(get("attention.key_length", hidden // n_head)),
+        "rms_norm_eps": float32_decimal(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float32_decimal(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": tied,
+        "attention_bias": arch == "qwen2",
+    }
+    if arch == "gemma3":
+        cfg.update(gemma3_config(get, cfg))
+    return cfg
+
+
+def gemma3_config(get, cfg: dict) -> dict:
+    """Gemma 3's own keys: sliding window, which layers are global, their rope bases, the query scale."""
+    period = int(get("attention.sliding_window_pattern", GEMMA3_GLOBAL_PERIOD))
+    layer_types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                   for i in range(cfg["num_hidden_layers"])]
+    return {
+        "sliding_window": int(get("attention.sliding_window")),
+        "sliding_window_pattern": period,
+        "layer_types": layer_types,
+        "rope_local_base_freq": GEMMA3_ROPE_LOCAL_BASE,
+        "query_pre_attn_scalar": cfg["head_dim"],  # llama.cpp scales queries by 1/sqrt(head_dim) (below 27B)
+        "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": get("final_logit_softcapping"),
+        "attn_logit_softcapping": get("attn_logit_softcapping"),
+    }
+
+
+def read_config(fields: dict, arch: str, n_vocab: int, tied: bool) -> ModelConfig:
+    """ModelConfig from the {arch}.* metadata keys."""
+    return ModelConfig.from_dict(config_dict(fields, arch, n_vocab, tied))
 
 
 def read_tensor(t) -> tuple[np.ndarray, GGUFBlocks | None]:
@@ -142,7 +160,8 @@ def open_reader(path: Path):
 
 
 def read_gguf(path) -> SourceModel:
-    """Load every tensor of a Llama-family GGUF, dequantized to fp32 in HF names/layouts, plus its tokenizer."""
+    """Load every tensor of a GGUF (Llama family, Gemma 3), dequantized to fp32 in HF names/layouts, its
+    quantization blocks, and its tokenizer."""
     from .gguf_tokenizer import tokenizer_from_gguf
 
     path = Path(path)
@@ -152,16 +171,21 @@ def read_gguf(path) -> SourceModel:
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"GGUF architecture '{arch}' is not supported (know {sorted(ARCHITECTURES)})")
     tokenizer_json, meta = tokenizer_from_gguf(fields)
+    n_vocab = len(fields["tokenizer.ggml.tokens"].data)
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    spec = spec_for(read_config(fields, arch, n_vocab, tied=tied))
+    cfg = spec.config
     tensors, blocks = {}, {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, spec.gguf_block)
         tensors[name], b = read_tensor(t)
         if b is not None:
             blocks[name] = b
-    n_vocab = len(fields["tokenizer.ggml.tokens"].data)
-    cfg = read_config(fields, arch, n_vocab, tied="lm_head.weight" not in tensors)
-    if arch in PERMUTED_QK:
+    if spec.gguf_permuted_qk:
         unpermute_qk(cfg, tensors, blocks)
+    for name in spec.norm_names():  # llama.cpp stores (offset + weight), HF the weight (Gemma: offset 1)
+        if spec.norm_offset:
+            tensors[name] = tensors[name] - np.float32(spec.norm_offset)
     check_tensors(cfg, tensors, str(path))
     origin = {"format": "gguf", "path": str(path), "sha256": sha256_file(path)}
     return SourceModel(cfg, tensors, tokenizer_json, meta, origin, gguf_blocks=blocks)

@@ -1,4 +1,5 @@
-"""A Hugging Face tokenizer.json (byte-level BPE) rebuilt from a GGUF's tokenizer.ggml.* metadata."""
+"""A Hugging Face tokenizer.json rebuilt from a GGUF's tokenizer.ggml.* metadata: byte-level BPE ("gpt2") or
+SentencePiece-style BPE over scored pieces ("llama": Gemma, Llama 2, Mistral)."""
 from __future__ import annotations
 
 import json
@@ -97,7 +98,7 @@ def tokenizer_json(tokens: list[str], types: list[int], merges: list[str], pre: 
     return json.dumps(doc, ensure_ascii=False)
 
 
-def tokenizer_meta(fields: dict, tokens: list[str], pre: str) -> dict:
+def tokenizer_meta(fields: dict, tokens: list[str], pre: str, add_bos_default: bool = False) -> dict:
     """bos / eos / pad ids, their strings, chat template and add_bos_token, from tokenizer.ggml.* keys."""
     def token_id(key):
         v = field(fields, f"tokenizer.ggml.{key}_token_id")
@@ -113,18 +114,78 @@ def tokenizer_meta(fields: dict, tokens: list[str], pre: str) -> dict:
         "pad_token_id": pad,
         "special_tokens": specials,
         "chat_template": field(fields, "tokenizer.chat_template"),
-        # Without the key llama.cpp prepends BOS only for Llama-3 style vocabularies.
-        "add_bos_token": bool(field(fields, "tokenizer.ggml.add_bos_token", pre in IGNORE_MERGES)),
+        # Without the key llama.cpp prepends BOS for SentencePiece and Llama-3 style vocabularies.
+        "add_bos_token": bool(field(fields, "tokenizer.ggml.add_bos_token", add_bos_default or pre in IGNORE_MERGES)),
     }
+
+
+SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def spm_merges(tokens: list[str], types: list[int], scores: list[float]) -> list:
+    """Every pair of pieces whose concatenation is a normal piece, highest-scoring concatenation first.
+
+    llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm) starts from characters and repeatedly joins the
+    adjacent pair whose concatenation is the best-scoring piece in the vocabulary, leftmost on ties. A BPE over
+    these merges, ranked by that score, makes the same choices (scores of normal pieces are distinct). Control
+    and user-defined pieces are matched in the raw text before the model, so no merge needs to produce them.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    found = []  # (-score of the merged piece, its id, left length, left, right)
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind != NORMAL or len(tok) < 2:
+            continue
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in vocab and right in vocab:
+                found.append((-scores[i], i, cut, left, right))
+    found.sort()
+    if any(" " in left or " " in right for *_, left, right in found):
+        return [[left, right] for *_, left, right in found]
+    # "left right" strings: the same file for `tokenizers`, and about a third less memory to parse
+    return [f"{left} {right}" for *_, left, right in found]
+
+
+def spm_tokenizer_json(fields: dict, tokens: list[str], types: list[int]) -> str:
+    """tokenizer.json for a "llama" (SentencePiece) vocabulary: spaces become U+2581, BPE with the merges of
+    spm_merges, unknown characters as their UTF-8 bytes (<0xXX> pieces); control and user-defined pieces are
+    added tokens matched verbatim first, as llama.cpp does."""
+    scores = [float(s) for s in field(fields, "tokenizer.ggml.scores", [0.0] * len(tokens))]
+    unk = field(fields, "tokenizer.ggml.unknown_token_id")
+    prefix = bool(field(fields, "tokenizer.ggml.add_space_prefix", True))
+    replace_space = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    normalizer = replace_space
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if prefix:  # llama.cpp prepends the space to the text, and drops it again when decoding
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, replace_space]}
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    model = bpe_model(tokens, [], ignore_merges=False)
+    model.update(byte_fallback=True, fuse_unk=True, merges=spm_merges(tokens, types, scores),
+                 unk_token=None if unk is None else tokens[int(unk)])
+    doc = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": added_tokens(tokens, types),
+        "normalizer": normalizer,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": model,
+    }
+    return json.dumps(doc, ensure_ascii=False)
 
 
 def tokenizer_from_gguf(fields: dict) -> tuple[str, dict]:
     """(tokenizer.json text, tokenizer_meta) from a GGUFReader's fields."""
     model = field(fields, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise UnsupportedModelError(f"GGUF tokenizer model '{model}' is not supported (only gpt2 byte-level BPE)")
+    if model not in ("gpt2", "llama"):
+        raise UnsupportedModelError(f"GGUF tokenizer model '{model}' is not supported (gpt2 byte-level BPE, "
+                                    "llama SentencePiece)")
     tokens = field(fields, "tokenizer.ggml.tokens")
     types = [int(t) for t in field(fields, "tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
+    if model == "llama":
+        meta = tokenizer_meta(fields, tokens, "llama", add_bos_default=True)
+        return spm_tokenizer_json(fields, tokens, types), meta
     merges = field(fields, "tokenizer.ggml.merges", [])
     pre = field(fields, "tokenizer.ggml.pre", "gpt-2")
     return tokenizer_json(tokens, types, merges, pre), tokenizer_meta(fields, tokens, pre)

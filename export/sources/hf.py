@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.config import LLAMA_FAMILY, ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import FAMILIES, spec_for, supported
+from edge_runtime.spec.base import rope_factor
 
 from . import SourceModel, check_tensors
 
@@ -24,15 +26,14 @@ def read_json(path: Path) -> dict:
 
 def read_config(folder: Path) -> ModelConfig:
     d = read_json(folder / "config.json")
-    if d.get("model_type") not in LLAMA_FAMILY:
+    if not supported(d.get("model_type")):
         raise UnsupportedModelError(
-            f"{folder}: model_type '{d.get('model_type')}' is not supported (know {', '.join(LLAMA_FAMILY)})")
-    scaling = d.get("rope_scaling") or {}
-    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise UnsupportedModelError(f"{folder}: rope_scaling {scaling} is not supported")
+            f"{folder}: model_type '{d.get('model_type')}' is not supported (know {', '.join(sorted(FAMILIES))})")
     if d["model_type"] == "llama" and d.get("attention_bias"):
         raise UnsupportedModelError(f"{folder}: llama with attention_bias is not supported")
-    return ModelConfig.from_dict(d)
+    cfg = ModelConfig.from_dict(d)
+    rope_factor(cfg.rope_scaling)  # rejects an unsupported rope_scaling
+    return cfg
 
 
 def read_tensors(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -42,7 +43,7 @@ def read_tensors(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedModelError(f"{folder}: no *.safetensors weights")
-    wanted, out = set(tensor_names(cfg)), {}
+    wanted, out = set(spec_for(cfg).tensor_names()), {}
     for f in files:
         with safe_open(f, framework="pt") as st:
             names = st.keys()
@@ -116,11 +117,11 @@ def _model_type(folder: Path):
 
 
 def read_hf_folder(folder) -> SourceModel:
-    """A Llama-family HF folder as a SourceModel (fp32)."""
+    """An HF folder of a family of edge_runtime.spec as a SourceModel (fp32); others through optimum."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UnsupportedModelError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    if _model_type(folder) not in LLAMA_FAMILY:
+    if not supported(_model_type(folder)):
         # Architectures the graph builder does not know go through optimum's exporter (graph optimum-kv-v1).
         from ..optimum_fallback import read_fallback_source
 
@@ -176,7 +177,7 @@ def save_hf_folder(source: SourceModel, out_dir) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = tensor_names(source.config)
+    names = spec_for(source.config).tensor_names()
     save_file({n: np.ascontiguousarray(source.tensors[n], dtype=np.float32) for n in names},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     files = {

@@ -1,4 +1,4 @@
-"""Tiny seeded random-init Llama / Qwen2 / Mistral models with a small trained byte-level BPE, for fast tests."""
+"""Tiny seeded random-init Llama / Qwen2 / Mistral / Gemma 3 models with a small trained byte-level BPE, for tests."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +7,9 @@ import zlib
 
 import numpy as np
 
-from edge_runtime.config import ModelConfig, tensor_names
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.spec import spec_for
 
 from . import SourceModel, check_tensors, expected_shapes
 
@@ -19,6 +20,13 @@ CHATML = (
     " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma 3: two sliding-window layers then a global one, a window shorter than the tests' sequences (so it
+# matters), head_dim * heads != hidden and a query_pre_attn_scalar != head_dim (so both scales are exercised)
+GEMMA3 = {"model_type": "gemma3_text", "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+          "rms_norm_eps": 1e-6, "sliding_window": 8, "num_hidden_layers": 3, "num_key_value_heads": 1,
+          "head_dim": 32, "query_pre_attn_scalar": 24.0,
+          "layer_types": ("sliding_attention", "sliding_attention", "full_attention")}
+
 # arch -> (ModelConfig fields beyond the shared shape, tied by default, tokenizer conventions of the family)
 ARCHS = {
     "llama": ({"rope_theta": 10000.0, "rms_norm_eps": 1e-5}, True,
@@ -27,6 +35,7 @@ ARCHS = {
               {"bos_token_id": None, "pad_token_id": 0, "add_bos_token": False}),
     "mistral": ({"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 512}, False,
                 {"bos_token_id": 1, "pad_token_id": 2, "add_bos_token": True}),
+    "gemma3": (GEMMA3, True, {"bos_token_id": 1, "pad_token_id": 0, "add_bos_token": True}),
 }
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512}
@@ -67,9 +76,10 @@ def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     """Seeded weights scaled so activations stay O(1) and logits are decisive (std ~ a few units)."""
     rng = np.random.default_rng(seed)
     out = {}
+    offset = spec_for(cfg).norm_offset  # Gemma's norms scale by (1 + weight)
     for name, shape in expected_shapes(cfg).items():
         if name.endswith("norm.weight"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
+            w = 1.0 - offset + 0.1 * rng.standard_normal(shape)
         elif name.endswith(".bias"):
             w = 0.1 * rng.standard_normal(shape)
         elif name == "model.embed_tokens.weight":
@@ -84,7 +94,8 @@ def parse_spec(spec: str) -> tuple[str, bool]:
     """'llama' / 'qwen2-untied' / 'mistral-tied' -> (arch, tied)."""
     arch, _, tie = spec.partition("-")
     if arch not in ARCHS or tie not in ("", "tied", "untied"):
-        raise UnsupportedModelError(f"unknown tiny model 'tiny:{spec}' (use tiny:llama|qwen2|mistral[-tied|-untied])")
+        raise UnsupportedModelError(f"unknown tiny model 'tiny:{spec}' "
+                                    "(use tiny:llama|qwen2|mistral|gemma3[-tied|-untied])")
     return arch, ARCHS[arch][1] if tie == "" else tie == "tied"
 
 
@@ -96,11 +107,11 @@ def tiny_source(spec: str) -> SourceModel:
     fields, _, conventions = ARCHS[arch]
     tok_json = tiny_tokenizer_json()
     vocab = Tokenizer.from_str(tok_json).get_vocab_size()
-    cfg = ModelConfig(model_type=arch, vocab_size=vocab, tie_word_embeddings=tied, **SHAPE, **fields)
+    cfg = ModelConfig(**{"model_type": arch, "vocab_size": vocab, "tie_word_embeddings": tied, **SHAPE, **fields})
     tensors = random_tensors(cfg, seed=zlib.crc32(spec.encode()))
     check_tensors(cfg, tensors, f"tiny:{spec}")
     digest = hashlib.sha256()
-    for name in tensor_names(cfg):
+    for name in spec_for(cfg).tensor_names():
         digest.update(tensors[name].tobytes())
     origin = {"format": "tiny", "path": f"tiny:{spec}", "sha256": digest.hexdigest()}
     return SourceModel(cfg, tensors, tok_json, tiny_meta(conventions), origin)

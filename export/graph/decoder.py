@@ -1,15 +1,17 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) as an `edge-llama-v1` ONNX graph (docs/bundle-format.md).
+"""The decoder of every edge_runtime.spec family as an `edge-llama-v1` ONNX graph (docs/bundle-format.md).
 
-One method per block; an architecture differs from Llama by overriding a hook (Qwen2: q/k/v bias).
+One method per block; what differs between families (norms around attention and MLP, q/k norms, activation,
+embedding scale, attention scale/window/softcap, rope per layer) is read from the DecoderSpec.
 Weights arrive by Hugging Face name, each a float32 array or an `edge_runtime.quant.BlockQuant`.
 
-    input_ids [1,S] -> embedding -> [S,H] = h
-      layer i:  x = norm(h) ; h += o_proj(GQA(qkv_proj(x)))        (residual adds fused into the next norm)
-                x = norm(h) ; h += down_proj(silu(gate(x)) * up(x))
-    h[logits_index] -> final norm -> lm_head -> logits [1,L,V]
+    input_ids [1,S] -> embedding (* embed_scale) -> [S,H] = h
+      layer i:  x = norm(h) ; a = o_proj(GQA(qkv_proj(x))) ; h += attn_out_norm(a)   (residual adds fused
+                x = norm(h) ; m = down(act(gate(x)) * up(x)) ; h += mlp_out_norm(m)     into the next norm)
+    h[logits_index] -> final norm -> lm_head (-> softcap) -> logits [1,L,V]
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -20,6 +22,8 @@ import onnx
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
 from edge_runtime.quant import BlockQuant
+from edge_runtime.rope import half_tables
+from edge_runtime.spec import EMBED, FINAL_NORM, Layer, spec_for
 
 from . import ops
 from .builder import MS_DOMAIN, GraphBuilder
@@ -47,27 +51,21 @@ def _quant_signature(w: Weight):
     return ("float",)
 
 
-class LlamaGraph:
+class DecoderGraph:
     """Builds the decoder graph for one config and one set of weights."""
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, Weight], options: GraphOptions = GraphOptions()):
         self.cfg = config
+        self.spec = spec_for(config)
         self.weights = weights
         self.opt = options
         self.g = GraphBuilder(f"{config.model_type}-decoder")
-
-    # -- hooks ------------------------------------------------------------------------------------------------
-
-    def qkv_bias_names(self, i: int) -> list[str] | None:
-        """HF names of the q/k/v biases of layer i, or None (Llama has none unless config.attention_bias)."""
-        if not self.cfg.attention_bias:
-            return None
-        return [f"model.layers.{i}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
+        self.norm_names = set(self.spec.norm_names())
 
     # -- whole graph ------------------------------------------------------------------------------------------
 
     def build(self) -> onnx.ModelProto:
-        cfg, g = self.cfg, self.g
+        cfg, g, layers = self.cfg, self.g, self.spec.layers
         ids = g.input("input_ids", np.int64, [1, "sequence"])
         logits_index = g.input("logits_index", np.int64, ["logits_count"])
         self.seqlens_k = g.input("seqlens_k", np.int32, [1])
@@ -75,39 +73,60 @@ class LlamaGraph:
         if self.opt.kv_dtype not in KV_DTYPES:
             raise UnsupportedModelError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {self.opt.kv_dtype!r}")
         self.kv_dtype = np.dtype(self.opt.kv_dtype)
-        cos, sin = (t.astype(self.kv_dtype) for t in ops.rotary_tables(self.opt.context(cfg), cfg.head_dim,
-                                                                          cfg.rope_theta))
-        # Named per dtype: a bundle's float32- and float16-KV graphs share one weights.bin (export.bundle_writer)
-        suffix = "" if self.kv_dtype == np.float32 else f".{self.kv_dtype.name}"
-        self.cos_cache = g.weight(f"rotary.cos_cache{suffix}", cos)
-        self.sin_cache = g.weight(f"rotary.sin_cache{suffix}", sin)
+        self.rotary = self.rotary_caches()
 
         h = self.embedding(ids)                                                       # [S, H]
-        x = ops.rms_norm(g, h, self._w("model.layers.0.input_layernorm.weight"), cfg.rms_norm_eps,
-                         "/model/layers.0/input_layernorm")
-        for i in range(cfg.num_hidden_layers):
-            p = f"/model/layers.{i}"
-            attn = self.attention(i, x)
-            x, h = ops.skip_rms_norm(g, attn, h, self._w(f"model.layers.{i}.post_attention_layernorm.weight"),
-                                     cfg.rms_norm_eps, f"{p}/post_attention_layernorm")
-            mlp = self.mlp(i, x)
-            if i + 1 < cfg.num_hidden_layers:
-                x, h = ops.skip_rms_norm(g, mlp, h, self._w(f"model.layers.{i + 1}.input_layernorm.weight"),
-                                         cfg.rms_norm_eps, f"/model/layers.{i + 1}/input_layernorm")
+        x = self.norm(h, layers[0].attn_norm)
+        for ly in layers:
+            a = self.out_norm(self.attention(ly, x), ly.attn_out_norm)
+            x, h = ops.skip_rms_norm(g, a, h, self._w(ly.mlp_norm), cfg.rms_norm_eps, self._path(ly.mlp_norm))
+            m = self.out_norm(self.mlp(ly, x), ly.mlp_out_norm)
+            if ly.index + 1 < len(layers):
+                nxt = layers[ly.index + 1].attn_norm
+                x, h = ops.skip_rms_norm(g, m, h, self._w(nxt), cfg.rms_norm_eps, self._path(nxt))
             else:
-                h = ops.add(g, mlp, h, f"{p}/residual")
+                h = ops.add(g, m, h, f"/model/layers.{ly.index}/residual")
         # Only the requested positions reach the final norm and the vocab-sized lm_head.
         h = ops.gather_rows(g, h, logits_index, "/model/logits_index")                # [L, H]
-        x = ops.rms_norm(g, h, self._w("model.norm.weight"), cfg.rms_norm_eps, "/model/norm")
-        self.lm_head(x, "logits")                                                     # [1, L, V]
+        x = self.norm(h, FINAL_NORM, "/model/norm")
+        self.logits(x, "logits")                                                      # [1, L, V]
         g.output("logits", np.float32, [1, "logits_count", cfg.vocab_size])
         return g.to_model()
 
+    def rotary_caches(self) -> dict:
+        """Rope -> (cos, sin) initializers [max_context, D/2]: one pair per distinct rope of the spec, in the
+        KV dtype. Named per dtype: a bundle's float32- and float16-KV graphs share one weights.bin."""
+        suffix = "" if self.kv_dtype == np.float32 else f".{self.kv_dtype.name}"
+        out = {}
+        for k, rope in enumerate(self.spec.ropes):
+            prefix = "rotary." if k == 0 else f"rotary.{k}."
+            cos, sin = (t.astype(self.kv_dtype) for t in half_tables(self.opt.context(self.cfg), self.cfg.head_dim,
+                                                                       rope))
+            out[rope] = (self.g.weight(f"{prefix}cos_cache{suffix}", cos), self.g.weight(f"{prefix}sin_cache{suffix}",
+                                                                                          sin))
+        return out
+
     # -- blocks -----------------------------------------------------------------------------------------------
 
+    def norm(self, x: str, name: str, path: str | None = None) -> str:
+        return ops.rms_norm(self.g, x, self._w(name), self.cfg.rms_norm_eps, path or self._path(name))
+
+    def out_norm(self, x: str, name: str | None) -> str:
+        """A block output's own norm before the residual add (Gemma), or x itself."""
+        return self.norm(x, name) if name else x
+
     def embedding(self, ids: str) -> str:
-        """input_ids [1, S] -> hidden [S, H]; a quantized table is gathered and dequantized row by row."""
-        g, name = self.g, "model.embed_tokens.weight"
+        """input_ids [1, S] -> hidden [S, H], times the family's embedding scale."""
+        h = self.lookup(ids)                                                          # [S, H]
+        scale = self.spec.embed_scale()
+        if scale is None:
+            return h
+        # HF multiplies by the scale rounded to the table's dtype (float32)
+        return self.g.op("Mul", [h, self.g.constant(np.float32(scale), np.float32)], "/model/embed_tokens/scale/Mul")
+
+    def lookup(self, ids: str) -> str:
+        """input_ids [1, S] -> the embedding table's rows [S, H]; a quantized table is dequantized row by row."""
+        g, name = self.g, EMBED
         flat = ops.reshape(g, ids, [-1], "/model/embed_tokens/ids")                    # [S]
         w = self.weights[name]
         if not isinstance(w, BlockQuant):
@@ -127,38 +146,68 @@ class LlamaGraph:
             h = ops.reshape(g, h, [-1, k], "/model/embed_tokens/hidden")
         return h
 
-    def attention(self, i: int, x: str) -> str:
-        """x [S, H] -> o_proj(GQA(rotary(q), rotary(k), v)) [S, H]; writes this chunk into layer i's KV cache."""
-        cfg, g = self.cfg, self.g
+    def attention(self, ly: Layer, x: str) -> str:
+        """x [S, H] -> o_proj(GQA(rotary(q), rotary(k), v)) [S, H]; writes this chunk into the layer's KV cache.
+
+            x -> qkv_proj -> [S, Dq + 2 Dkv] -(q/k norms: split, per-head RMSNorm)-> GQA -> o_proj
+        """
+        cfg, g, i = self.cfg, self.g, ly.index
         p, path = f"model.layers.{i}.self_attn", f"/model/layers.{i}/attn"
-        names = [f"{p}.{m}.weight" for m in ("q_proj", "k_proj", "v_proj")]
         sizes = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
-        qkv = self.linear(x, names, f"{p}.qkv_proj.weight", f"{path}/qkv_proj", self.qkv_bias_names(i),
+        qkv = self.linear(x, [ly.q, ly.k, ly.v], f"{p}.qkv_proj.weight", f"{path}/qkv_proj", ly.qkv_bias,
                           fuse=self.opt.fuse_qkv)                                      # [S, Dq + 2 Dkv]
+        if ly.q_norm:
+            q, k, v = ops.split_last(g, qkv, sizes, f"{path}/qkv")
+            q = self.head_norm(q, ly.q_norm, cfg.q_dim, f"{path}/q_norm")             # [S, Dq]
+            k = self.head_norm(k, ly.k_norm, cfg.kv_dim, f"{path}/k_norm")            # [S, Dkv]
+            qkv = g.op("Concat", [q, k, v], f"{path}/qkv/Concat", axis=-1)
         qkv = ops.reshape(g, qkv, [1, -1, sum(sizes)], f"{path}/qkv")                  # [1, S, Dq + 2 Dkv]
         if self.kv_dtype != np.float32:  # attention runs in the cache's precision
             qkv = ops.cast(g, qkv, self.kv_dtype, f"{path}/qkv")
         past = self._kv_input(i)
+        cos, sin = self.rotary[ly.rope]
+        scale = self.spec.attn_scale()
         attn = ops.group_query_attention(
-            g, qkv, past[0], past[1], self.seqlens_k, self.total_len, self.cos_cache, self.sin_cache,
-            cfg.num_attention_heads, cfg.num_key_value_heads, (f"present.{i}.key", f"present.{i}.value"), path)
+            g, qkv, past[0], past[1], self.seqlens_k, self.total_len, cos, sin,
+            cfg.num_attention_heads, cfg.num_key_value_heads, (f"present.{i}.key", f"present.{i}.value"), path,
+            scale=None if math.isclose(scale, cfg.head_dim ** -0.5, rel_tol=1e-12) else scale,
+            window=ly.window, softcap=self.spec.attn_softcap())
         if self.kv_dtype != np.float32:
             attn = ops.cast(g, attn, np.float32, f"{path}/output")
         attn = ops.reshape(g, attn, [-1, cfg.q_dim], f"{path}/output")                # [S, Dq]
-        return self.linear(attn, [f"{p}.o_proj.weight"], None, f"{path}/o_proj")
+        return self.linear(attn, [ly.o], None, f"{path}/o_proj")
 
-    def mlp(self, i: int, x: str) -> str:
-        """x [S, H] -> down(silu(gate(x)) * up(x)) [S, H]."""
+    def head_norm(self, x: str, name: str, width: int, path: str) -> str:
+        """x [S, heads*D] -> RMSNorm over each head's D values -> [S, heads*D]."""
+        d = self.cfg.head_dim
+        y = ops.reshape(self.g, x, [-1, d], f"{path}/heads")                          # [S*heads, D]
+        y = ops.rms_norm(self.g, y, self._w(name), self.cfg.rms_norm_eps, path)
+        return ops.reshape(self.g, y, [-1, width], f"{path}/rows")                    # [S, heads*D]
+
+    def mlp(self, ly: Layer, x: str) -> str:
+        """x [S, H] -> down(act(gate(x)) * up(x)) [S, H]."""
+        i = ly.index
         p, path = f"model.layers.{i}.mlp", f"/model/layers.{i}/mlp"
-        gate_up = self.linear(x, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"], f"{p}.gate_up_proj.weight",
-                              f"{path}/gate_up_proj", fuse=self.opt.fuse_gate_up)    # [S, 2 I]
+        gate_up = self.linear(x, [ly.gate, ly.up], f"{p}.gate_up_proj.weight", f"{path}/gate_up_proj",
+                              fuse=self.opt.fuse_gate_up)                             # [S, 2 I]
         gate, up = ops.split_last(self.g, gate_up, [self.cfg.intermediate_size] * 2, f"{path}/gate_up")
-        return self.linear(ops.silu_mul(self.g, gate, up, path), [f"{p}.down_proj.weight"], None,
-                           f"{path}/down_proj")
+        act = ops.ACTIVATION_MUL[self.spec.activation]
+        return self.linear(act(self.g, gate, up, path), [ly.down], None, f"{path}/down_proj")
+
+    def logits(self, x: str, output: str) -> str:
+        """x [L, H] -> `output` [1, L, V]: the lm_head, then the final softcap when the config sets one."""
+        cap = self.cfg.final_logit_softcapping
+        if not cap:
+            return self.lm_head(x, output)
+        g = self.g
+        y = self.lm_head(x, "/lm_head/logits")                                        # [1, L, V]
+        y = g.op("Div", [y, g.constant(np.float32(cap), np.float32)], "/lm_head/softcap/Div")
+        y = g.op("Tanh", [y], "/lm_head/softcap/Tanh")
+        return g.op("Mul", [y, g.constant(np.float32(cap), np.float32)], "/lm_head/softcap/Mul", outputs=[output])
 
     def lm_head(self, x: str, output: str) -> str:
         """x [L, H] -> `output` [1, L, V]; with tied embeddings it reads the embedding's own initializers."""
-        g, name = self.g, "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
+        g, name = self.g, self.spec.head
         w = self.weights[name]
         if isinstance(w, BlockQuant) and w.offsets is None:
             # MatMulNBits reads [1, L, H] and writes the bound logits buffer itself; a Reshape after it would
@@ -207,7 +256,20 @@ class LlamaGraph:
         return out
 
     def _w(self, name: str) -> str:
-        return self.g.weight(name, np.asarray(self.weights[name], dtype=np.float32))
+        """A float initializer; a norm weight carries the family's norm_offset folded in (Gemma's 1 + w)."""
+        w = np.asarray(self.weights[name], dtype=np.float32)
+        if name in self.norm_names and self.spec.norm_offset:
+            w = w + np.float32(self.spec.norm_offset)
+        return self.g.weight(name, w)
+
+    @staticmethod
+    def _path(name: str) -> str:
+        """Node path of a norm: model.layers.3.input_layernorm.weight -> /model/layers.3/input_layernorm."""
+        parts = name.removesuffix(".weight").split(".")
+        if parts[1] == "layers":
+            parts = [parts[0], f"layers.{parts[2]}", *(["attn"] if parts[3] == "self_attn" else []),
+                     *parts[3 + (parts[3] == "self_attn"):]]
+        return "/" + "/".join(parts)
 
     def _kv_input(self, i: int) -> tuple[str, str]:
         shape = [1, self.cfg.num_key_value_heads, "context", self.cfg.head_dim]
@@ -217,23 +279,7 @@ class LlamaGraph:
         return out
 
 
-class Qwen2Graph(LlamaGraph):
-    """Qwen2: Llama with biases on q/k/v (whatever config.attention_bias says)."""
-
-    def qkv_bias_names(self, i: int) -> list[str] | None:
-        return [f"model.layers.{i}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-
-
-ARCHITECTURES = {"llama": LlamaGraph, "mistral": LlamaGraph, "qwen2": Qwen2Graph}
-
-
-def build_llama_graph(config: ModelConfig, weights: Mapping[str, Weight],
-                      options: GraphOptions = GraphOptions()) -> onnx.ModelProto:
+def build_decoder_graph(config: ModelConfig, weights: Mapping[str, Weight],
+                        options: GraphOptions = GraphOptions()) -> onnx.ModelProto:
     """The `edge-llama-v1` decoder graph for `config`, initializers inline (see export.bundle_writer)."""
-    try:
-        cls = ARCHITECTURES[config.model_type]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"the graph builder has no decoder for model_type {config.model_type!r} "
-            f"(known: {', '.join(sorted(ARCHITECTURES))})") from None
-    return cls(config, weights, options).build()
+    return DecoderGraph(config, weights, options).build()
