@@ -34,3 +34,11 @@ class MemoryBudgetError(EdgeError):
 
 class FidelityError(EdgeError):
     """A bundle is further from its float reference than allowed."""
+
+
+class StreamBusyError(EdgeError):
+    """A generation was started on a model whose KV cache an open stream of this thread still uses."""
+
+
+class SessionFileError(EdgeError):
+    """A session file is damaged, or was saved from another bundle or KV dtype."""

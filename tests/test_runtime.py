@@ -248,8 +248,8 @@ def test_stop_string_across_pieces_is_never_emitted(tmp_path):
     script = prompt + ids_of(" here END of story")
     model = make_model(tmp_path, script)
     # " E" / "ND" style splits: the stop string spans several tokens and starts mid-token.
-    stream = model.generate("stop", max_new_tokens=40, stop=["D of", "xyz"], stream=True)
-    pieces = list(stream)
+    stream = model.stream("stop", max_new_tokens=40, stop=["D of", "xyz"])
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == " here EN" and stream.finish_reason == "stop"
     assert not any("D" in p for p in pieces)
     assert tiny_tokenizer().decode(stream.token_ids).startswith(" here END of")
@@ -260,7 +260,7 @@ def test_partial_stop_prefix_is_released(tmp_path):
     script = prompt + ids_of(" cat sat on the mat.") + [EOS]
     model = make_model(tmp_path, script)
     stream = model.stream("the", max_new_tokens=40, stop=" cat dog")
-    pieces = list(stream)
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == " cat sat on the mat." and stream.finish_reason == "eos"
     # held back text is released at EOS too
     out = model.generate("the", max_new_tokens=40, stop="mat.!")
@@ -288,7 +288,7 @@ def test_streaming_never_emits_broken_utf8(tmp_path):
     assert sum(tok.decode([t]).endswith("\ufffd") for t in ids_of(text)) >= 6  # really split into bytes
     model = make_model(tmp_path, script)
     stream = model.stream("hello", max_new_tokens=60)
-    pieces = list(stream)
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     # Cut inside the emoji: the held-back bytes are flushed (as U+FFFD) at the end, like a full decode.
     n = len(ids_of(" café 日本 ")) + 2
@@ -313,7 +313,7 @@ def test_stream_is_lazy_and_can_be_closed(tmp_path):
     assert model.backend.calls == []  # nothing runs before iteration
     first = next(stream)
     stream.close()
-    assert first == " b" and len(model.backend.calls) == 1  # just the prefill
+    assert first.text == " b" and len(model.backend.calls) == 1  # just the prefill
 
 
 def test_prefill_runs_in_chunks_with_last_position_logits(tmp_path):
@@ -395,15 +395,18 @@ def test_overflow_slide_keeps_last_half_and_restarts_positions(tmp_path):
     expected, windows = slide_reference(prompt, script, 8, 20)
     assert stream.token_ids == expected and stream.finish_reason == "length"
     assert stream.stats.slides == len(windows) >= 3
-    refills = [c[1] for c in model.backend.calls[1:] if c[0] == 0]  # prefills from position 0 after the first
-    assert refills == windows and all(len(w) == 4 for w in windows)
+    # A window the cache already holds (the script repeats) is reused, not run again from position 0.
+    refills = [c[1] for c in model.backend.calls[1:] if c[0] == 0]
+    assert refills and all(r in windows for r in refills) and all(len(w) == 4 for w in windows)
+    held = model._cache.ids
+    assert held == model.backend.cache[:len(held)].tolist() == windows[-1] + expected[-1 - (len(held) - 4):-1]
 
 
 def test_slide_keeps_bos(tmp_path):
     model = make_model(tmp_path, list(range(3, 23)), context=8, overflow="slide", add_bos_token=True)
     out = model.generate("a b", max_new_tokens=16)
-    slides = [c for c in model.backend.calls[1:] if c[0] == 0]
-    assert slides and all(c[1][0] == 1 for c in slides)  # BOS (id 1) stays the first cached token
+    slides = [c for c in model.backend.calls[1:] if c[0] <= 1 and len(c[1]) > 1]  # BOS is reused
+    assert slides and all(c[0] == 1 for c in slides) and model.backend.cache[0] == 1 == model._cache.ids[0]
     assert model.backend.calls[0][1][0] == 1 and len(out.token_ids) == 16
 
 

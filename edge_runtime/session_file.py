@@ -1,0 +1,136 @@
+"""The session file: a conversation and the KV state of its tokens, bound to one bundle and KV dtype.
+
+    b"EDGESESS" | sha256 (64 hex digits) | header length (8 bytes, little-endian) | header JSON | payload
+
+The checksum covers everything after it. The header holds the bundle's identity (sha256 of its manifest),
+the KV dtype, the token ids whose keys/values are saved, the conversation, and the shape and dtype of each
+array; the payload is those arrays' raw bytes, in the order the backend reports them (Backend.kv_arrays),
+cut to the saved positions along the position axis (-2). Nothing is ever unpickled or evaluated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import sha256_file
+from .chat import check_messages
+from .errors import SessionFileError
+
+MAGIC = b"EDGESESS"
+FORMAT = 1
+_DIGEST = 64
+_LEN = struct.Struct("<Q")
+MAX_HEADER = 64 << 20  # a header is ids and messages: far below this unless the file is damaged
+
+
+@dataclass
+class Saved:
+    ids: list[int]
+    system: str | None
+    messages: list[dict]
+
+
+def bundle_identity(bundle) -> str:
+    return sha256_file(bundle.path("manifest.json"))
+
+
+def save(path, model, ids: list[int], system: str | None, messages: list[dict]) -> Path:
+    """Write the file atomically (a temporary beside it, then renamed). The cache must hold `ids`."""
+    arrays = [a[..., :min(len(ids), a.shape[-2]), :] for a in model.backend.kv_arrays()]
+    header = {"format": FORMAT, "bundle": bundle_identity(model.bundle), "kv_dtype": str(arrays[0].dtype),
+              "ids": [int(i) for i in ids], "system": system, "messages": messages,
+              "arrays": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]}
+    head = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    digest = hashlib.sha256(_LEN.pack(len(head)) + head)
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).data)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + digest.hexdigest().encode("ascii") + _LEN.pack(len(head)) + head)
+            for a in arrays:
+                f.write(np.ascontiguousarray(a).data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SessionFileError(f"cannot write session file {path}: {e.strerror or e}") from None
+    return path
+
+
+def _read(path: Path) -> tuple[dict, memoryview]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SessionFileError(f"cannot read session file {path}: {e.strerror or e}") from None
+    start = len(MAGIC) + _DIGEST
+    if len(data) < start + _LEN.size or not data.startswith(MAGIC):
+        raise SessionFileError(f"{path} is not an edge-runtime session file")
+    if hashlib.sha256(data[start:]).hexdigest().encode("ascii") != data[len(MAGIC):start]:
+        raise SessionFileError(f"session file {path} is damaged (checksum mismatch)")
+    (n,) = _LEN.unpack_from(data, start)
+    body = start + _LEN.size
+    if n > min(MAX_HEADER, len(data) - body):
+        raise SessionFileError(f"session file {path} is damaged (header length)")
+    try:
+        header = json.loads(data[body:body + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SessionFileError(f"session file {path} is damaged (header)") from None
+    return header, memoryview(data)[body + n:]
+
+
+def _check_header(path: Path, header, model) -> list[np.ndarray]:
+    """The backend's KV arrays, after checking the header is this bundle's, this KV dtype's and well formed."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise SessionFileError(f"session file {path} has an unknown format")
+    if header.get("bundle") != bundle_identity(model.bundle):
+        raise SessionFileError(f"session file {path} was saved from another bundle than {model.bundle.root}")
+    targets = model.backend.kv_arrays()
+    if header.get("kv_dtype") != str(targets[0].dtype):
+        raise SessionFileError(f"session file {path} holds a {header.get('kv_dtype')} KV cache, this model runs "
+                               f"{targets[0].dtype} (load the model with kv_dtype={header.get('kv_dtype')})")
+    ids, specs = header.get("ids"), header.get("arrays")
+    if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < model.bundle.config.vocab_size
+                                          for i in ids)):
+        raise SessionFileError(f"session file {path} is damaged (token ids)")
+    if len(ids) > model.context:
+        raise SessionFileError(f"session file {path} holds {len(ids)} tokens, more than this model's context "
+                               f"of {model.context}")
+    if not isinstance(specs, list) or len(specs) != len(targets):
+        raise SessionFileError(f"session file {path} does not match this backend's KV layout")
+    return targets
+
+
+def load(path, model) -> Saved:
+    """Check the file and put its KV state into the model's cache (the caller holds the cache's claim)."""
+    path = Path(path)
+    header, payload = _read(path)
+    targets = _check_header(path, header, model)
+    n, offset = len(header["ids"]), 0
+    views = []
+    for spec, dst in zip(header["arrays"], targets):
+        part = dst[..., :min(n, dst.shape[-2]), :]
+        if not isinstance(spec, dict) or spec.get("shape") != list(part.shape) or spec.get("dtype") != str(dst.dtype):
+            raise SessionFileError(f"session file {path} does not match this backend's KV layout")
+        views.append((part, offset))
+        offset += part.nbytes
+    if offset != len(payload):
+        raise SessionFileError(f"session file {path} is damaged (payload size)")
+    system, messages = header.get("system"), header.get("messages")
+    if system is not None and not isinstance(system, str):
+        raise SessionFileError(f"session file {path} is damaged (system prompt)")
+    try:
+        messages = check_messages(messages) if messages else []
+    except Exception:
+        raise SessionFileError(f"session file {path} is damaged (messages)") from None
+    model._cache.truncate(0)
+    for part, start in views:
+        part[...] = np.frombuffer(payload[start:start + part.nbytes], dtype=part.dtype).reshape(part.shape)
+    model._cache.ids.extend(header["ids"])
+    return Saved(list(header["ids"]), system, messages)
