@@ -16,6 +16,8 @@ COMMANDS = {
     "run": "edge_runtime.cli",
     "verify": "edge_runtime.verify",
     "budget": "edge_runtime.budget_cli",
+    "chat": "edge_runtime.chat_cli",
+    "serve": "edge_runtime.serve_cli",
 }
 
 
