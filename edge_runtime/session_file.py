@@ -20,7 +20,7 @@ import numpy as np
 
 from .bundle import sha256_file
 from .chat import check_messages
-from .errors import SessionFileError
+from .errors import EdgeError, SessionFileError
 
 MAGIC = b"EDGESESS"
 FORMAT = 1
@@ -64,31 +64,26 @@ def save(path, model, ids: list[int], system: str | None, messages: list[dict]) 
     return path
 
 
-def _read(path: Path) -> tuple[dict, memoryview]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SessionFileError(f"cannot read session file {path}: {e.strerror or e}") from None
+def _read_header(path: Path, f, size: int, digest) -> dict:
     start = len(MAGIC) + _DIGEST
-    if len(data) < start + _LEN.size or not data.startswith(MAGIC):
+    lead = f.read(start + _LEN.size)
+    if len(lead) < start + _LEN.size or not lead.startswith(MAGIC):
         raise SessionFileError(f"{path} is not an edge-runtime session file")
-    if hashlib.sha256(data[start:]).hexdigest().encode("ascii") != data[len(MAGIC):start]:
-        raise SessionFileError(f"session file {path} is damaged (checksum mismatch)")
-    (n,) = _LEN.unpack_from(data, start)
-    body = start + _LEN.size
-    if n > min(MAX_HEADER, len(data) - body):
+    (n,) = _LEN.unpack_from(lead, start)
+    if n > min(MAX_HEADER, size - len(lead)):
         raise SessionFileError(f"session file {path} is damaged (header length)")
+    raw = f.read(n)
+    digest.update(lead[start:] + raw)
     try:
-        header = json.loads(data[body:body + n].decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise SessionFileError(f"session file {path} is damaged (header)") from None
-    return header, memoryview(data)[body + n:]
 
 
 def _check_header(path: Path, header, model) -> list[np.ndarray]:
     """The backend's KV arrays, after checking the header is this bundle's, this KV dtype's and well formed."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise SessionFileError(f"session file {path} has an unknown format")
+        raise SessionFileError(f"session file {path} is damaged or of an unknown format")
     if header.get("bundle") != bundle_identity(model.bundle):
         raise SessionFileError(f"session file {path} was saved from another bundle than {model.bundle.root}")
     targets = model.backend.kv_arrays()
@@ -107,30 +102,48 @@ def _check_header(path: Path, header, model) -> list[np.ndarray]:
     return targets
 
 
-def load(path, model) -> Saved:
-    """Check the file and put its KV state into the model's cache (the caller holds the cache's claim)."""
-    path = Path(path)
-    header, payload = _read(path)
-    targets = _check_header(path, header, model)
-    n, offset = len(header["ids"]), 0
-    views = []
-    for spec, dst in zip(header["arrays"], targets):
-        part = dst[..., :min(n, dst.shape[-2]), :]
-        if not isinstance(spec, dict) or spec.get("shape") != list(part.shape) or spec.get("dtype") != str(dst.dtype):
-            raise SessionFileError(f"session file {path} does not match this backend's KV layout")
-        views.append((part, offset))
-        offset += part.nbytes
-    if offset != len(payload):
-        raise SessionFileError(f"session file {path} is damaged (payload size)")
+def _conversation(path: Path, header: dict) -> tuple[str | None, list[dict]]:
     system, messages = header.get("system"), header.get("messages")
     if system is not None and not isinstance(system, str):
         raise SessionFileError(f"session file {path} is damaged (system prompt)")
     try:
-        messages = check_messages(messages) if messages else []
-    except Exception:
+        return system, check_messages(messages) if messages else []
+    except EdgeError:
         raise SessionFileError(f"session file {path} is damaged (messages)") from None
-    model._cache.truncate(0)
-    for part, start in views:
-        part[...] = np.frombuffer(payload[start:start + part.nbytes], dtype=part.dtype).reshape(part.shape)
+
+
+def load(path, model) -> Saved:
+    """Check the file and put its KV state into the model's cache (the caller holds the cache's claim).
+
+    The payload is read straight into the cache, block by block (never a second copy of the KV state in
+    memory); a checksum mismatch found at the end leaves the cache marked empty."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = _read_header(path, f, size, digest)
+            targets = _check_header(path, header, model)
+            system, messages = _conversation(path, header)
+            n = len(header["ids"])
+            parts = [dst[..., :min(n, dst.shape[-2]), :] for dst in targets]
+            for spec, part in zip(header["arrays"], parts):
+                if not isinstance(spec, dict) or spec.get("shape") != list(part.shape) \
+                        or spec.get("dtype") != str(part.dtype):
+                    raise SessionFileError(f"session file {path} does not match this backend's KV layout")
+            if size - f.tell() != sum(p.nbytes for p in parts):
+                raise SessionFileError(f"session file {path} is damaged (payload size)")
+            model._cache.truncate(0)
+            for part in parts:
+                for lead in np.ndindex(part.shape[:-2]):
+                    block = part[lead]  # [positions, head_dim]: contiguous rows of the cache
+                    f.readinto(memoryview(block).cast("B"))
+                    digest.update(block.data)
+            f.seek(len(MAGIC))
+            stored = f.read(_DIGEST)
+    except OSError as e:
+        raise SessionFileError(f"cannot read session file {path}: {e.strerror or e}") from None
+    if digest.hexdigest().encode("ascii") != stored:
+        raise SessionFileError(f"session file {path} is damaged (checksum mismatch)")
     model._cache.ids.extend(header["ids"])
     return Saved(list(header["ids"]), system, messages)
