@@ -36,6 +36,11 @@ class FidelityError(EdgeError):
     """A bundle is further from its float reference than allowed."""
 
 
+class EdgeWarning(UserWarning):
+    """Something was adjusted rather than refused (e.g. threads capped at the CPU count); the CLIs print it as
+    one `warning:` line."""
+
+
 class StreamBusyError(EdgeError):
     """A generation was started on a model whose KV cache an open stream of this thread still uses."""
 

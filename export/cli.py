@@ -1,22 +1,28 @@
 """`edge-export`: turn a GGUF file, a Hugging Face folder or a tiny test config into a bundle."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from edge_runtime.cli.errors import DEBUG_FLAG, DEBUG_HELP, ArgumentParser, run_guarded, wants_debug
 from edge_runtime.errors import EdgeError
 
-PRESETS = ("fp32", "int8", "int4", "auto")
+PRESETS = ("fp32", "int8", "int4", "exact", "auto")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-export", description=__doc__)
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="edge-export", description=__doc__)
     ap.add_argument("source", help="a .gguf file, a Hugging Face model folder, or tiny:llama|qwen2|mistral")
-    ap.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
+    ap.add_argument("--out", required=True,
+                    help="bundle folder to write: a new path or an empty folder; a folder holding a bundle only with "
+                         "--overwrite; anything else is refused and left untouched. The bundle is moved into place "
+                         "only once complete")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a bundle already at --out (in one swap, after the new one is complete)")
     ap.add_argument("--quant", default="int4", choices=PRESETS,
-                    help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
-                         "--max-kld (default 0.02)")
+                    help="quantization preset (default int4); exact: every GGUF-quantized tensor transcoded "
+                         "exactly (4-bit codes as int4, 5- to 8-bit as int8), float ones as int8; auto: int4/int8 "
+                         "per matmul, fewest bytes meeting --max-kld (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
@@ -57,52 +63,68 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--sensitivity-cache", metavar="DIR",
                    help="--quant auto: cache per-matmul sensitivities here (reused across targets)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from .pipeline import ExportOptions, export_bundle
+def check_arguments(args) -> None:
+    """EdgeError for option combinations the parser cannot see, before any work."""
+    if args.vocab_block is not None and args.quant != "auto":
+        raise EdgeError("--vocab-block sets the int8 candidate of --quant auto (use --block-size for a preset)")
+    if args.method == "gptq" and args.offsets:
+        raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
+    if args.max_kld is not None and not args.max_kld > 0:
+        raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
+    if not 0.0 <= args.smooth_alpha <= 1.0:
+        raise EdgeError(f"--smooth-alpha must be in [0, 1] (got {args.smooth_alpha})")
+    if args.max_context is not None and args.max_context < 16:
+        raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
+    if args.threads < 1:
+        raise EdgeError(f"--threads must be a positive integer (got {args.threads})")
 
-        if args.vocab_block is not None and args.quant != "auto":
-            raise EdgeError("--vocab-block sets the int8 candidate of --quant auto (use --block-size for a preset)")
-        if args.method == "gptq" and args.offsets:
-            raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
-        if args.max_kld is not None and not args.max_kld > 0:
-            raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
-        if not 0.0 <= args.smooth_alpha <= 1.0:
-            raise EdgeError(f"--smooth-alpha must be in [0, 1] (got {args.smooth_alpha})")
-        if args.max_context is not None and args.max_context < 16:
-            raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
-        opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
-                             block_size=args.block_size,
-                             method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
-                             max_context=args.max_context, threads=args.threads,
-                             reference=not args.no_reference, progress=not args.quiet,
-                             evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
-                             force=args.force, act_aware=not args.no_act_aware,
-                             sensitivity_cache=args.sensitivity_cache,
-                             smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
-                             untie_embeddings=args.untie_embeddings, vocab_block=args.vocab_block)
-        out = export_bundle(args.source, args.out, opts)
-    except EdgeError as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("edge-export: interrupted (nothing written)", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"edge-export: error: {e}", file=sys.stderr)
-        return 1
+
+def export(argv) -> int:
+    """Parse, check, export; print where the bundle went and its fidelity summary."""
+    from edge_runtime.runtime import check_threads
+
+    from .bundle_writer import check_out_dir
+    from .pipeline import ExportOptions, export_bundle
+
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    check_out_dir(args.out, args.overwrite)
+    opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
+                         block_size=args.block_size,
+                         method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
+                         max_context=args.max_context, threads=check_threads(args.threads),
+                         reference=not args.no_reference, progress=not args.quiet,
+                         evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
+                         force=args.force, act_aware=not args.no_act_aware,
+                         sensitivity_cache=args.sensitivity_cache,
+                         smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
+                         untie_embeddings=args.untie_embeddings, vocab_block=args.vocab_block,
+                         overwrite=args.overwrite)
+    out = export_bundle(args.source, args.out, opts)
     print(f"bundle written: {out}")
-    fidelity = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("fidelity")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    from .quantize import gguf_paths
+
+    paths = gguf_paths((manifest.get("quantization") or {}).get("tensors") or {})
+    if paths:
+        print(paths)
+    fidelity = manifest.get("fidelity")
     if fidelity and "heldout" in fidelity:
         from .evaluate import summary
 
         print(summary(fidelity))
     return 0
 
+
+def main(argv=None) -> int:
+    """Entry point of `edge-export`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_guarded("edge-export", lambda: export(argv), debug=wants_debug(argv),
+                       interrupted="interrupted (nothing written)")
 
 if __name__ == "__main__":
     sys.exit(main())

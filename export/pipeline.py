@@ -44,6 +44,7 @@ class ExportOptions:
     untie_embeddings: bool = False   # a tied lm_head stored apart from the embedding table (untie_embeddings)
     vocab_block: Optional[int] = None  # auto: block size of the embedding / lm_head int8 candidate (default 64)
     progress: bool = True
+    overwrite: bool = False          # replace a bundle already at the output path (never anything else)
     extra_manifest: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -77,11 +78,13 @@ def kv_dtypes_of(opts: "ExportOptions") -> tuple[str, ...]:
 
 
 class Steps:
-    """Progress on stderr: one tqdm bar over the pipeline's steps (quiet when progress is off)."""
+    """Progress on stderr: one tqdm bar over the pipeline's steps on a terminal, only the log lines elsewhere
+    (quiet when progress is off)."""
 
     def __init__(self, names, enabled: bool):
         self.bar = None
-        if enabled:
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():  # a bar redrawn into a log file or pipe is one line per redraw
             from tqdm import tqdm
 
             self.bar = tqdm(total=len(names), desc="export", unit="step", file=sys.stderr, leave=True,
@@ -100,6 +103,8 @@ class Steps:
         """A line on stderr that does not break the bar (silent when progress is off)."""
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
+        elif self.enabled:
+            print(msg, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -145,7 +150,7 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
 
 def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym") -> dict:
     """HF name -> QuantSpec (or None) under the options; an untied embedding table is kept at 8 bits."""
-    from .quantize import QuantSpec, _block_field, _fitting_block_size, _transcode_spec, preset_specs
+    from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
 
     specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
                          block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
@@ -154,7 +159,7 @@ def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym")
     spec = specs.get(name)
     if opts.untie_embeddings and spec is not None and spec.bits == 4:
         blocks = source.gguf_blocks.get(name) if opts.transcode else None
-        if blocks is not None and _block_field(blocks, "kind") == "q8_0":
+        if blocks is not None and blocks.kind == "q8_0":
             specs[name] = _transcode_spec(blocks, "int8", 32)
         else:  # blocks of up to 32: the table is read a row at a time, so its block size costs bytes, not speed
             specs[name] = QuantSpec(8, _fitting_block_size(source.config.hidden_size, 32), "sym")
@@ -183,6 +188,8 @@ def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
         weights[name] = q
         table[name] = {"bits": q.bits, "block_size": q.block_size, "method": spec.method,
                        "zero_points": q.zero_points is not None, "offsets": q.offsets is not None}
+        if name in source.gguf_blocks:  # which GGUF type it came from: transcoded, or re-quantized from floats
+            table[name]["gguf_type"] = source.gguf_blocks[name].kind
         if bar is not None:
             bar.set_postfix_str(f"quantize {name}")
     return weights, table
@@ -327,13 +334,12 @@ def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
 
 
 def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
-    """manifest.json is not in the manifest's own `files`, so rewriting it leaves every checksum valid."""
-    from edge_runtime.bundle import MANIFEST
+    """manifest.json is not in the manifest's own `files`: rewriting it (re-sealed) leaves every checksum valid."""
+    from edge_runtime.bundle import MANIFEST, write_manifest
 
-    path = bundle_dir / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest[key] = value
-    path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_manifest(bundle_dir, manifest)
 
 
 def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
@@ -342,11 +348,12 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     The bundle is written to a staging folder next to out_dir, evaluated against the float model there (its
     manifest gains `fidelity`), and renamed into place only if it passes the --max-kld gate.
     """
-    from .bundle_writer import _replace_dir, write_bundle
+    from .bundle_writer import _replace_dir, check_out_dir, write_bundle
     from .graph.llama import CONTRACT, GraphOptions, build_llama_graph
     from .reference import FloatReference
 
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, opts.overwrite)
     if opts.quant == "auto" and not (opts.reference or opts.evaluate):
         raise EdgeError("--quant auto needs the float model (drop --no-reference or --no-eval)")
     if opts.max_kld is not None and not opts.evaluate:
@@ -398,7 +405,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
             check_fidelity(fidelity, opts)
             _set_manifest_key(staging, "fidelity", fidelity)
         steps.done()
-        _replace_dir(staging, out_dir)
+        _replace_dir(staging, out_dir, opts.overwrite)
         return out_dir
     except BaseException:
         remove_quietly(staging)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .server import DEFAULT_HOST, DEFAULT_QUEUE, MAX_BODY
+from ..server import DEFAULT_HOST, DEFAULT_QUEUE, MAX_BODY
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
+def configure(p: argparse.ArgumentParser) -> None:
+    from .. import backends
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--host", default=DEFAULT_HOST,
@@ -31,10 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Serve a bundle over the OpenAI chat-completions API (streaming and not) on a local port."""
-    from . import load
-    from .errors import EdgeError
-    from .server import make_server, queue_limit
-    from .stats import parse_size
+    from .. import load
+    from ..errors import EdgeError
+    from ..server import make_server, queue_limit
+    from ..stats import parse_size
 
     for name in ("port", "queue", "max_tokens", "max_body"):
         value = getattr(args, name)

@@ -10,14 +10,14 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from .errors import EdgeError
+from ..errors import EdgeError
 
 HELP = "commands: /reset /save FILE /load FILE /stats /help /quit; Ctrl-C stops an answer, Ctrl-D leaves"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
-    from .generate import OVERFLOW_POLICIES
+def configure(p: argparse.ArgumentParser) -> None:
+    from .. import backends
+    from ..generate import OVERFLOW_POLICIES
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--system", help="system message")
@@ -104,16 +104,19 @@ def command(session, line: str):
 
 def run(args) -> int:
     """Chat with a bundle in the terminal; the conversation keeps its KV cache between turns."""
-    from . import load
-    from .sampling import validate
-    from .stats import parse_size
+    from .. import load
+    from ..sampling import validate
+    from ..stats import parse_size
 
     validate(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
              args.max_new_tokens)
     budget = parse_size(args.budget) if args.budget is not None else None
     model = load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
                  memory_budget=budget, kv_dtype=args.kv_dtype, verify=args.verify, overflow=args.overflow)
-    session = model.load_session(args.load) if args.load else model.session(system=args.system)
+    from .run import utf8_argument
+
+    system = utf8_argument(args.system, "--system") if args.system else None
+    session = model.load_session(args.load) if args.load else model.session(system=system)
     print(f"[{model.bundle.root.name}: {model._describe()}]\n[{HELP}]", file=sys.stderr)
     for line in read_lines():
         text = line.strip()
