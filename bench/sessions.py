@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sessions.py                      # both backends, the int4 bundle (exported if needed)
     .venv/bin/python bench/sessions.py --backends ort --bundle PATH --new-tokens 32
+    .venv/bin/python bench/sessions.py --exact              # float32 activations: replies identical throughout
 
 Per backend: the conversation once through a Session (the KV cache kept between turns) and once re-prefilled
 from scratch every turn (model.clear_cache(), then generate(all messages)); greedy replies must be identical
@@ -34,13 +35,26 @@ TURNS = [
 TTFT_BAR = 0.25
 
 
-def one(bundle: str, backend: str, threads: int, new_tokens: int) -> dict:
+def load_exact(bundle: str, backend: str, threads: int):
+    """The model on the bundle's exact graph (float32 activations and KV; NumPy computes the same)."""
+    from edge_runtime import backends
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.runtime import DEFAULT_CONTEXT, Model
+    from edge_runtime.tokenizer import Tokenizer
+
+    b = Bundle.open(bundle)
+    engine = backends.make_backend(backend, b, min(b.max_context, DEFAULT_CONTEXT), threads, float_activations=True)
+    return Model(b, Tokenizer.from_bundle(b), engine)
+
+
+def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = False) -> dict:
     """The whole comparison for one backend in this process; a JSON-ready dict."""
     import edge_runtime
     from edge_runtime import budget
     from edge_runtime.stats import MB, peak_rss_bytes
 
-    model = edge_runtime.load(bundle, backend=backend, threads=threads)
+    model = load_exact(bundle, backend, threads) if exact else edge_runtime.load(bundle, backend=backend,
+                                                                                  threads=threads)
     session = model.session(system=SYSTEM)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +77,7 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int) -> dict:
     plan = budget.plan_session(model.bundle, model.context, backend=model.backend.name,
                                kv_dtype=model.backend.kv_dtype, prefill_chunk=model.prefill_chunk,
                                threads=threads)
-    return {"backend": backend, "context": model.context, "rows": rows,
+    return {"backend": backend + (" exact graph" if exact else ""), "context": model.context, "rows": rows,
             "restored_same": again.token_ids == rows[-1]["session_ids"],
             "restored_cached": again.stats.cached_tokens,
             "peak_mb": peak_rss_bytes() / MB, "plan_mb": plan.total / MB}
@@ -98,10 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="ort,numpy")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--exact", action="store_true",
+                    help="run the exact graph (float32 activations) instead of the default one")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.bundle, args.one, args.threads, args.new_tokens)))
+        print(json.dumps(one(args.bundle, args.one, args.threads, args.new_tokens, args.exact)))
         return 0
     bundle = args.bundle
     if bundle is None:
@@ -113,7 +129,7 @@ def main(argv=None) -> int:
     ok = True
     for backend in args.backends.split(","):
         cmd = [sys.executable, __file__, "--one", backend, "--bundle", bundle, "--threads", str(args.threads),
-               "--new-tokens", str(args.new_tokens)]
+               "--new-tokens", str(args.new_tokens)] + (["--exact"] if args.exact else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         ok &= report(json.loads(out.strip().splitlines()[-1]))
     return 0 if ok else 1
