@@ -2,7 +2,7 @@
 
     b"EDGESESS" | sha256 (64 hex digits) | header length (8 bytes, little-endian) | header JSON | payload
 
-The checksum covers everything after it. The header holds the bundle's identity (sha256 of its manifest),
+The checksum covers everything after it. The header holds the bundle's identity (its manifest's checksum),
 the KV dtype, the token ids whose keys/values are saved, the conversation, and the shape and dtype of each
 array; the payload is those arrays' raw bytes, in the order the backend reports them (Backend.kv_arrays),
 cut to the saved positions along the position axis (-2). Nothing is ever unpickled or evaluated.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import sha256_file
 from .chat import check_messages
 from .errors import EdgeError, SessionFileError
+from .manifest_checks import CHECKSUM_KEY
 
 MAGIC = b"EDGESESS"
 FORMAT = 1
@@ -37,12 +37,20 @@ class Saved:
 
 
 def bundle_identity(bundle) -> str:
-    return sha256_file(bundle.path("manifest.json"))
+    """The manifest's own checksum: it covers the manifest, hence every file's sha256."""
+    return str(bundle.manifest[CHECKSUM_KEY])
+
+
+def kv_arrays(model) -> list[np.ndarray]:
+    arrays = getattr(model.backend, "kv_arrays", None)
+    if arrays is None:
+        raise SessionFileError(f"the {model.backend.name} backend cannot save or load sessions")
+    return arrays()
 
 
 def save(path, model, ids: list[int], system: str | None, messages: list[dict]) -> Path:
     """Write the file atomically (a temporary beside it, then renamed). The cache must hold `ids`."""
-    arrays = [a[..., :min(len(ids), a.shape[-2]), :] for a in model.backend.kv_arrays()]
+    arrays = [a[..., :min(len(ids), a.shape[-2]), :] for a in kv_arrays(model)]
     header = {"format": FORMAT, "bundle": bundle_identity(model.bundle), "kv_dtype": str(arrays[0].dtype),
               "ids": [int(i) for i in ids], "system": system, "messages": messages,
               "arrays": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]}
@@ -86,7 +94,7 @@ def _check_header(path: Path, header, model) -> list[np.ndarray]:
         raise SessionFileError(f"session file {path} is damaged or of an unknown format")
     if header.get("bundle") != bundle_identity(model.bundle):
         raise SessionFileError(f"session file {path} was saved from another bundle than {model.bundle.root}")
-    targets = model.backend.kv_arrays()
+    targets = kv_arrays(model)
     if header.get("kv_dtype") != str(targets[0].dtype):
         raise SessionFileError(f"session file {path} holds a {header.get('kv_dtype')} KV cache, this model runs "
                                f"{targets[0].dtype} (load the model with kv_dtype={header.get('kv_dtype')})")

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 import edge_runtime
-from edge_runtime.server import make_server
+from edge_runtime import budget
+from edge_runtime.server import REQUEST_BYTES, make_server, queue_limit
 
 openai = pytest.importorskip("openai")  # the test extra
 
@@ -126,3 +127,14 @@ def test_sessions_by_id_and_a_full_queue_gets_503(served):
         for _ in range(taken):
             service.done()
     assert raw(host, port, json.dumps({"messages": QUESTION, "max_tokens": 2}).encode())[0] == 200
+
+
+def test_queue_bound_follows_the_memory_plan(served):
+    model = served[0]
+    b = model.backend
+    plan = budget.plan_session(model.bundle, model.context, backend=b.name, kv_dtype=b.kv_dtype,
+                               prefill_chunk=model.prefill_chunk, threads=b.threads)
+    assert queue_limit(model, None, 16) == 16
+    assert queue_limit(model, plan.total + 3 * REQUEST_BYTES + 1, 16) == 3
+    assert queue_limit(model, plan.total + 100 * REQUEST_BYTES, 16) == 16
+    assert queue_limit(model, plan.total, 16) == 1  # the plan itself fits: one request at a time
