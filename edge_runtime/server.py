@@ -131,6 +131,7 @@ class ChatService:
         self.limit = limit
         self._slots = threading.BoundedSemaphore(limit)
         self._sessions: OrderedDict[str, object] = OrderedDict()
+        self._busy: set[str] = set()  # session ids with a request in flight
         self._sessions_lock = threading.Lock()
 
     def admit(self) -> None:
@@ -142,12 +143,21 @@ class ChatService:
         self._slots.release()
 
     def _session(self, session_id: str):
+        """The conversation `session_id`, marked busy until finish(): a conversation takes one turn at a time."""
         with self._sessions_lock:
+            if session_id in self._busy:
+                raise RequestError(409, f"session {session_id!r:.40} is answering another request", "session_busy")
+            self._busy.add(session_id)
             session = self._sessions.pop(session_id, None) or self.model.session()
             self._sessions[session_id] = session
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
             return session
+
+    def finish(self, req: dict) -> None:
+        if req.pop("holds_session", False):
+            with self._sessions_lock:
+                self._busy.discard(req["session_id"])
 
     def start(self, req: dict):
         """The ResponseStream answering `req` (its prompt checked against the context first)."""
@@ -156,6 +166,7 @@ class ChatService:
         try:
             if req["session_id"] is not None:
                 session = self._session(req["session_id"])
+                req["holds_session"] = True
                 if max_tokens is None:
                     max_tokens = self.max_tokens
                 return session.stream(messages, max_tokens, **req["options"])
@@ -239,6 +250,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self._answer(req)
         finally:
+            self.service.finish(req)
             self.service.done()
 
     def _answer(self, req: dict) -> None:

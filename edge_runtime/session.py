@@ -41,7 +41,8 @@ def drop_oldest_turn(history: list[dict]) -> list[dict] | None:
 class Session:
     """A conversation over one model: generate()/stream() continue it; reset(), save(path).
 
-    Built by Model.session(system) or Model.load_session(path)."""
+    Built by Model.session(system) or Model.load_session(path). One conversation takes one turn at a time:
+    use a session from one thread at a time (the model itself may be shared, see state.py)."""
 
     def __init__(self, model: Model, system: str | None = None):
         if system is not None and not isinstance(system, str):

@@ -117,6 +117,10 @@ def test_sessions_by_id_and_a_full_queue_gets_503(served):
                           {"role": "user", "content": "and then"}]
     assert second.choices[0].message.content == model.generate(history, max_new_tokens=8).text
     service, taken = server.service, 0
+    service._busy.add("s2")  # a turn of s2 in flight: another request on s2 must wait its turn
+    code, data = raw(host, port, json.dumps({"messages": QUESTION, "session_id": "s2"}).encode())
+    service._busy.discard("s2")
+    assert code == 409 and "answering another request" in json.loads(data)["error"]["message"]
     for _ in range(service.limit):  # every slot taken, as by requests waiting for the model
         assert service._slots.acquire(timeout=30)  # (a finished request frees its slot just after replying)
         taken += 1
