@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ContextOverflowError, EdgeError
 from .sampling import LogitsProcessor, Sampler, apply_processors
-from .state import CacheState, common_prefix
+from .state import CacheState
 from .stats import GenerationStats
 
 OVERFLOW_POLICIES = ("error", "truncate", "slide")
@@ -70,7 +70,7 @@ def forward(backend, cache: CacheState, ids: Sequence[int], past_len: int, logit
     pass leaves them half-written) and the new ids recorded after it."""
     cache.truncate(past_len)
     logits = backend.forward(np.asarray(ids, dtype=np.int64), past_len, logits_index)
-    cache.ids.extend(int(i) for i in ids)
+    cache.append(ids, past_len)
     return logits
 
 
@@ -78,11 +78,12 @@ def prefill(backend, cache: CacheState, ids: Sequence[int], chunk: int = PREFILL
             stats: GenerationStats | None = None) -> np.ndarray:
     """Bring the cache to hold `ids` and return the logits [V] after the last one.
 
-    The longest common prefix with what the cache already holds is reused (at least the last id is run, for
-    its logits); the rest runs in chunks. Every chunk asks for the logits of its last position only: earlier
-    chunks' logits are unused, but an empty logits_index would hand some kernels a zero-row matmul.
+    The longest common prefix with what the cache holds and may reuse (CacheState.reusable) is kept (at least
+    the last id is run, for its logits); the rest runs in chunks. Every chunk asks for the logits of its last
+    position only: earlier chunks' logits are unused, but an empty logits_index would hand some kernels a
+    zero-row matmul.
     """
-    start = min(common_prefix(cache.ids, ids), len(ids) - 1)
+    start = min(cache.reusable(ids), len(ids) - 1)
     for s in range(start, len(ids), chunk):
         part = ids[s:s + chunk]  # [S]
         logits = forward(backend, cache, part, s, np.array([len(part) - 1], dtype=np.int64))  # [1, V]

@@ -231,6 +231,16 @@ class Model:
         with self._cache.claim():
             return scoring.logprobs(self.backend, self._cache, ids, self.prefill_chunk)
 
+    @property
+    def reuse_decoded(self) -> bool:
+        """Whether prefix reuse also takes keys/values written while decoding (faster next turns; logits then
+        equal a fresh prefill's to rounding rather than exactly; see state.py). Default False."""
+        return self._cache.reuse_decoded
+
+    @reuse_decoded.setter
+    def reuse_decoded(self, value: bool) -> None:
+        self._cache.reuse_decoded = bool(value)
+
     def clear_cache(self) -> None:
         """Forget what the KV cache holds: the next call prefills its whole prompt."""
         with self._cache.claim():

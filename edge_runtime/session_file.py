@@ -4,8 +4,9 @@
 
 The checksum covers everything after it. The header holds the bundle's identity (its manifest's checksum),
 the KV dtype, the token ids whose keys/values are saved, the conversation, and the shape and dtype of each
-array; the payload is those arrays' raw bytes, in the order the backend reports them (Backend.kv_arrays),
-cut to the saved positions along the position axis (-2). Nothing is ever unpickled or evaluated.
+array, and how many leading ids came from prefill passes (state.CacheState.exact); the payload is those
+arrays' raw bytes, in the order the backend reports them (Backend.kv_arrays), cut to the saved positions
+along the position axis (-2). Nothing is ever unpickled or evaluated.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def save(path, model, ids: list[int], system: str | None, messages: list[dict]) 
     """Write the file atomically (a temporary beside it, then renamed). The cache must hold `ids`."""
     arrays = [a[..., :min(len(ids), a.shape[-2]), :] for a in kv_arrays(model)]
     header = {"format": FORMAT, "bundle": bundle_identity(model.bundle), "kv_dtype": str(arrays[0].dtype),
-              "ids": [int(i) for i in ids], "system": system, "messages": messages,
+              "ids": [int(i) for i in ids], "exact": min(model._cache.exact, len(ids)), "system": system,
+              "messages": messages,
               "arrays": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]}
     head = json.dumps(header, ensure_ascii=False).encode("utf-8")
     digest = hashlib.sha256(_LEN.pack(len(head)) + head)
@@ -102,6 +104,9 @@ def _check_header(path: Path, header, model) -> list[np.ndarray]:
     if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < model.bundle.config.vocab_size
                                           for i in ids)):
         raise SessionFileError(f"session file {path} is damaged (token ids)")
+    exact = header.get("exact")
+    if isinstance(exact, bool) or not isinstance(exact, int) or not 0 <= exact <= len(ids):
+        raise SessionFileError(f"session file {path} is damaged (exact prefix)")
     if len(ids) > model.context:
         raise SessionFileError(f"session file {path} holds {len(ids)} tokens, more than this model's context "
                                f"of {model.context}")
@@ -153,5 +158,6 @@ def load(path, model) -> Saved:
         raise SessionFileError(f"cannot read session file {path}: {e.strerror or e}") from None
     if digest.hexdigest().encode("ascii") != stored:
         raise SessionFileError(f"session file {path} is damaged (checksum mismatch)")
-    model._cache.ids.extend(header["ids"])
+    model._cache.append(header["ids"], 0)
+    model._cache.exact = header["exact"]
     return Saved(list(header["ids"]), system, messages)

@@ -7,7 +7,12 @@ A second use from the thread that holds the lock (two streams opened and read al
 itself: it raises StreamBusyError instead of corrupting the first.
 
 `ids` are the tokens whose keys/values sit at positions 0..len(ids)-1, so a new prompt that starts the same
-way reuses them (prefix reuse) instead of prefilling them again.
+way reuses them (prefix reuse) instead of prefilling them again. Only the first `exact` of them are reused by
+default: those written by multi-token (prefill) passes from position 0 on. Keys/values written one token at a
+time (an answer being decoded) take another kernel path whose rounding differs slightly from a prefill's, and
+with int8 activations that can flip a near-tie later; run again in the next prefill, they make a reused
+prompt's logits those of prefilling it from scratch, so a session answers exactly what re-prefilling the
+conversation would. `reuse_decoded=True` reuses them too (faster turns, answers equal to rounding).
 """
 from __future__ import annotations
 
@@ -29,8 +34,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CacheState:
     """The ids held by the KV cache, and the lock that serializes every use of the backend."""
 
-    def __init__(self):
+    def __init__(self, reuse_decoded: bool = False):
         self.ids: list[int] = []
+        self.exact = 0  # leading ids whose keys/values came from prefill passes (see the module docstring)
+        self.reuse_decoded = reuse_decoded
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -51,6 +58,18 @@ class CacheState:
     def truncate(self, n: int) -> None:
         """Positions >= n are about to be overwritten (or were left half-written by a failed pass)."""
         del self.ids[n:]
+        self.exact = min(self.exact, n)
+
+    def append(self, ids, past_len: int) -> None:
+        """Record a successful pass of `ids` at past_len (= len(self.ids))."""
+        self.ids.extend(int(i) for i in ids)
+        if len(ids) > 1 and self.exact == past_len:
+            self.exact += len(ids)
+
+    def reusable(self, ids) -> int:
+        """How many leading `ids` the cache holds and may reuse."""
+        held = self.ids if self.reuse_decoded else self.ids[:self.exact]
+        return common_prefix(held, ids)
 
 
 class Claim:

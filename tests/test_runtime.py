@@ -494,19 +494,24 @@ def test_invalid_bytes_are_not_held_back_forever():
 def test_prefix_reuse_runs_only_the_new_tokens(tmp_path):
     script = ids_of("the cat sat on the mat. the dog sat on the log.")
     model = make_model(tmp_path, script)
-    first = model.generate("the cat sat", max_new_tokens=3)
-    n_first = len(ids_of("the cat sat"))
-    assert (first.stats.cached_tokens, first.stats.prefilled_tokens) == (0, n_first)
-    held = list(model._cache.ids)
-    assert held == ids_of("the cat sat") + first.token_ids[:-1]  # the last sampled id is never fed
-    model.backend.calls.clear()
     prompt = ids_of("the cat sat on the mat.")
-    out = model.generate("the cat sat on the mat.", max_new_tokens=2)
-    shared = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
-    assert shared > n_first  # the first answer matched the new prompt too
-    assert model.backend.calls[0][0] == shared and model.backend.calls[0][1] == prompt[shared:]
-    assert (out.stats.cached_tokens, out.stats.prefilled_tokens) == (shared, len(prompt) - shared)
-    assert "cached)" in out.stats.line()
+    n_first = len(ids_of("the cat sat"))
+    for reuse_decoded in (False, True):
+        model.clear_cache()
+        model.reuse_decoded = reuse_decoded
+        first = model.generate("the cat sat", max_new_tokens=3)
+        assert (first.stats.cached_tokens, first.stats.prefilled_tokens) == (0, n_first)
+        held = list(model._cache.ids)
+        assert held == ids_of("the cat sat") + first.token_ids[:-1]  # the last sampled id is never fed
+        model.backend.calls.clear()
+        out = model.generate("the cat sat on the mat.", max_new_tokens=2)
+        shared = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
+        assert shared > n_first  # the first answer matched the new prompt too
+        # By default the answer's decoded keys/values are run again (exact logits); else reused.
+        reused = shared if reuse_decoded else n_first
+        assert model.backend.calls[0][0] == reused and model.backend.calls[0][1] == prompt[reused:]
+        assert (out.stats.cached_tokens, out.stats.prefilled_tokens) == (reused, len(prompt) - reused)
+        assert "cached)" in out.stats.line()
     model.clear_cache()
     again = model.generate("the cat sat on the mat.", max_new_tokens=2)
     assert again.stats.cached_tokens == 0 and again.token_ids == out.token_ids
