@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/sessions.py                      # both backends, the int4 bundle (exported if needed)
     .venv/bin/python bench/sessions.py --backends ort --bundle PATH --new-tokens 32
-    .venv/bin/python bench/sessions.py --exact              # float32 activations: replies identical throughout
+    .venv/bin/python bench/sessions.py --exact              # the exact graph (float32 activations)
+    .venv/bin/python bench/sessions.py --reuse-decoded      # faster turns, replies equal only to rounding
 
 Per backend: the conversation once through a Session (the KV cache kept between turns) and once re-prefilled
 from scratch every turn (model.clear_cache(), then generate(all messages)); greedy replies must be identical
@@ -47,7 +48,8 @@ def load_exact(bundle: str, backend: str, threads: int):
     return Model(b, Tokenizer.from_bundle(b), engine)
 
 
-def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = False) -> dict:
+def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = False,
+        reuse_decoded: bool = False) -> dict:
     """The whole comparison for one backend in this process; a JSON-ready dict."""
     import edge_runtime
     from edge_runtime import budget
@@ -55,6 +57,7 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = 
 
     model = load_exact(bundle, backend, threads) if exact else edge_runtime.load(bundle, backend=backend,
                                                                                   threads=threads)
+    model.reuse_decoded = reuse_decoded
     session = model.session(system=SYSTEM)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +80,8 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = 
     plan = budget.plan_session(model.bundle, model.context, backend=model.backend.name,
                                kv_dtype=model.backend.kv_dtype, prefill_chunk=model.prefill_chunk,
                                threads=threads)
-    return {"backend": backend + (" exact graph" if exact else ""), "context": model.context, "rows": rows,
+    label = backend + (" exact graph" if exact else "") + (", decoded keys/values reused" if reuse_decoded else "")
+    return {"backend": label, "context": model.context, "rows": rows,
             "restored_same": again.token_ids == rows[-1]["session_ids"],
             "restored_cached": again.stats.cached_tokens,
             "peak_mb": peak_rss_bytes() / MB, "plan_mb": plan.total / MB}
@@ -114,10 +118,13 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--exact", action="store_true",
                     help="run the exact graph (float32 activations) instead of the default one")
+    ap.add_argument("--reuse-decoded", action="store_true",
+                    help="also reuse the keys/values written while decoding (Model.reuse_decoded)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one backend, print JSON
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.bundle, args.one, args.threads, args.new_tokens, args.exact)))
+        print(json.dumps(one(args.bundle, args.one, args.threads, args.new_tokens, args.exact,
+                             args.reuse_decoded)))
         return 0
     bundle = args.bundle
     if bundle is None:
@@ -129,7 +136,8 @@ def main(argv=None) -> int:
     ok = True
     for backend in args.backends.split(","):
         cmd = [sys.executable, __file__, "--one", backend, "--bundle", bundle, "--threads", str(args.threads),
-               "--new-tokens", str(args.new_tokens)] + (["--exact"] if args.exact else [])
+               "--new-tokens", str(args.new_tokens)] + (["--exact"] if args.exact else []) \
+            + (["--reuse-decoded"] if args.reuse_decoded else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
         ok &= report(json.loads(out.strip().splitlines()[-1]))
     return 0 if ok else 1
