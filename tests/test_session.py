@@ -116,9 +116,9 @@ def test_slide_drops_oldest_turns_and_keeps_the_system_prompt(bundle, backend):
             strict.generate(q + " " + q, max_new_tokens=12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_save_and_load_continue_identically(bundle, backend, tmp_path):
-    model = load(bundle, backend)
+@pytest.mark.parametrize("backend,kv_dtype", [("numpy", "float32"), ("ort", "float32"), ("ort", "float16")])
+def test_save_and_load_continue_identically(bundle, backend, kv_dtype, tmp_path):
+    model = load(bundle, backend, kv_dtype=kv_dtype)
     session = model.session(system="be brief")
     for q in QUESTIONS[:2]:
         session.generate(q, max_new_tokens=8)
@@ -126,13 +126,13 @@ def test_save_and_load_continue_identically(bundle, backend, tmp_path):
     model.generate("something else entirely", max_new_tokens=4)  # the cache moves on
     want = session.generate(QUESTIONS[2], max_new_tokens=8)
 
-    other = load(bundle, backend)
+    other = load(bundle, backend, kv_dtype=kv_dtype)
     restored = other.load_session(path)
     assert restored.messages == session.messages[:-2] and restored.system == "be brief"
     got = restored.generate(QUESTIONS[2], max_new_tokens=8)
     assert got.token_ids == want.token_ids
-    assert got.stats.cached_tokens == len(restored.cached_ids) - got.stats.new_tokens + 1 or \
-        got.stats.cached_tokens >= got.stats.prompt_tokens // 2
+    # The restored cache is used (the original session had to re-prefill: its model's cache had moved on).
+    assert got.stats.cached_tokens > 0 == want.stats.cached_tokens
 
 
 def test_damaged_and_foreign_session_files_are_refused(bundle, tiny_bundle, tmp_path):
