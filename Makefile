@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(MAKE) model
 	$(PY) bench/bench.py --threads 2 --runs 3
 	$(PY) bench/memory.py
+	$(PY) bench/sessions.py
 
 parity: $(STAMP)
 	$(MAKE) model

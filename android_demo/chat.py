@@ -86,21 +86,30 @@ class Totals:
 
 @dataclass
 class ChatSession:
-    """The conversation (messages re-rendered through the chat template every turn) and its bookkeeping."""
+    """The conversation, an edge_runtime Session (its KV cache kept between turns, so a turn prefills only
+    what is new), and its bookkeeping."""
 
     model: edge_runtime.Model
     profile: Profile
     budget: int
     settings: Settings = field(default_factory=Settings)
     system: str | None = None
-    messages: list = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+    session: edge_runtime.Session | None = None
+
+    def __post_init__(self) -> None:
+        if self.session is None:
+            self.session = self.model.session(self.system)
+
+    @property
+    def messages(self) -> list:
+        return self.session.messages
 
     def reset(self) -> None:
-        self.messages = []
+        self.session.reset()
 
     def head(self) -> list:
-        return [{"role": "system", "content": self.system}] if self.system else []
+        return self.session.head()
 
     def fit(self, messages: list) -> tuple[list, int]:
         """Drop the oldest exchanges until prompt + answer fit the context; (messages, exchanges dropped)."""
@@ -115,7 +124,7 @@ class ChatSession:
                     f"than the context of {self.model.context} (shorten it or lower --max-new-tokens)")
             messages, dropped = messages[2:], dropped + 1
 
-    def ask(self, text: str, out: TextIO, info: TextIO) -> edge_runtime.TextStream | None:
+    def ask(self, text: str, out: TextIO, info: TextIO) -> edge_runtime.ResponseStream | None:
         """Stream the answer to `text` onto `out`; returns the stream (None if the message did not fit)."""
         try:
             messages, dropped = self.fit(self.messages + [{"role": "user", "content": text}])
@@ -125,47 +134,49 @@ class ChatSession:
         if dropped:
             print(f"[forgot the {dropped} oldest exchange(s) to fit the context of {self.model.context}]",
                   file=info)
+            self.session.messages = messages[:-1]
         s = self.settings
         seed = None if s.seed is None else s.seed + self.totals.turns  # reproducible, yet new each turn
         out.write("bot> ")
         out.flush()
         stream = None
+        interrupted = False
         try:
-            stream = self.model.generate(self.head() + messages, stream=True, max_new_tokens=s.max_new_tokens,
-                                         temperature=s.temperature, top_p=s.top_p, seed=seed,
-                                         repetition_penalty=s.repetition_penalty)
-            for piece in stream:
-                out.write(piece)
+            stream = self.session.stream(text, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                         top_p=s.top_p, seed=seed, repetition_penalty=s.repetition_penalty)
+            for response in stream:
+                out.write(response.text)
                 out.flush()
         except KeyboardInterrupt:
             if stream is not None:
-                stream.close()  # no more forward passes; the KV cache is simply overwritten next turn
-                stream.finish_reason = "interrupted"
+                stream.close()  # no more forward passes; the partial answer joins the conversation
+                interrupted = True
         out.write("\n")
-        self._record(messages, stream, out, info)
+        self._record(stream, interrupted, out, info)
         return stream
 
-    def _record(self, messages: list, stream, out: TextIO, info: TextIO) -> None:
+    def _record(self, stream, interrupted: bool, out: TextIO, info: TextIO) -> None:
         if stream is None or not (stream.text or stream.token_ids):
             print("[stopped before the first token: message not kept]", file=info)
             return
-        self.messages = messages + [{"role": "assistant", "content": stream.text}]
+        finish = "interrupted" if interrupted else stream.finish_reason
         t = self.totals
         t.turns, t.last = t.turns + 1, stream.stats
         t.new_tokens += stream.stats.new_tokens
         t.decode_s += stream.stats.decode_s
-        t.interrupted += stream.finish_reason == "interrupted"
+        t.interrupted += interrupted
         if self.settings.print_ids:
             print("ids: " + " ".join(str(i) for i in stream.token_ids), file=out)
         out.flush()
-        print(self.stats_line(stream.stats, stream.finish_reason), file=info)
+        print(self.stats_line(stream.stats, finish), file=info)
 
     def stats_line(self, st: GenerationStats, finish: str | None) -> str:
         rate = st.decode_tps
         speed = f"{rate:.1f} tok/s" if rate is not None else "- tok/s"
         prefill = f"{st.prefill_tps:.0f} tok/s" if st.prefill_tps else "-"
         used = st.peak_rss_mb / (self.budget / MB)
-        return (f"[{st.new_tokens} tok ({finish}), {speed} | prompt {st.prompt_tokens} tok at {prefill} | "
+        return (f"[{st.new_tokens} tok ({finish}), {speed} | prompt {st.prompt_tokens} tok "
+                f"({st.cached_tokens} cached) at {prefill} | "
                 f"peak {st.peak_rss_mb:.0f} MB of {self.budget / MB:.0f} MB budget ({used:.0%})]")
 
 

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     import edge_runtime
     from edge_runtime.generate import generate_tokens
     from edge_runtime.sampling import make_sampler
+    from edge_runtime.state import CacheState
     from edge_runtime.stats import peak_rss_bytes
     from edge_runtime.testing import text_prompt_ids
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
                               kv_dtype=args.kv_dtype)
     load_s = time.perf_counter() - t0
     ids = text_prompt_ids(model.tokenizer, args.prompt_tokens)
-    tokens = generate_tokens(model.backend, ids, make_sampler(0.0), max_new_tokens=args.new_tokens,
+    tokens = generate_tokens(model.backend, CacheState(), ids, make_sampler(0.0), max_new_tokens=args.new_tokens,
                              prefill_chunk=args.prefill_chunk or model.prefill_chunk)
     t1 = time.perf_counter()
     next(tokens)  # prefill + first token

@@ -13,11 +13,15 @@ from .errors import (
                      FidelityError,
                      MemoryBudgetError,
                      SamplingError,
+                     SessionFileError,
+                     StreamBusyError,
                      UnsupportedModelError,
 )
-from .generate import Generation, TextStream
+from .generate import Generation
 from .runtime import Model, load
+from .session import Session
 from .stats import GenerationStats
+from .stream import Response, ResponseStream
 
 __version__ = "0.1.0"
 
@@ -31,7 +35,11 @@ __all__ = [
                      "MemoryBudgetError",
                      "Model",
                      "SamplingError",
-                     "TextStream",
+                     "Response",
+                     "ResponseStream",
+                     "Session",
+                     "SessionFileError",
+                     "StreamBusyError",
                      "UnsupportedModelError",
                      "load",
 ]

@@ -39,3 +39,11 @@ class FidelityError(EdgeError):
 class EdgeWarning(UserWarning):
     """Something was adjusted rather than refused (e.g. threads capped at the CPU count); the CLIs print it as
     one `warning:` line."""
+
+
+class StreamBusyError(EdgeError):
+    """A generation was started on a model whose KV cache an open stream of this thread still uses."""
+
+
+class SessionFileError(EdgeError):
+    """A session file is damaged, or was saved from another bundle or KV dtype."""

@@ -1,5 +1,6 @@
-"""The generation loop, in layers: a token generator (prefill, then one token per step, context policy), a
-text stream on top (incremental detokenization, stop strings and ids, EOS, stats), and the plain result.
+"""The generation loop, in layers: a token generator (prefill reusing the cached prefix, then one token per
+step, context policy), a response stream on top (stream.py: detokenization, stop strings and ids, EOS, stats),
+and the plain result.
 
 Context policy. The KV cache holds `context` tokens and the model must read every token it conditions on, i.e.
 the prompt and every generated token but the last: a generation of N tokens after a P-token prompt needs
@@ -14,7 +15,6 @@ P + N - 1 <= context. `overflow` says what happens otherwise:
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from .errors import ContextOverflowError, EdgeError
 from .sampling import LogitsProcessor, Sampler, apply_processors
-from .stats import MB, GenerationStats, peak_rss_bytes
-from .tokenizer import StreamDecoder, Tokenizer
+from .state import CacheState
+from .stats import GenerationStats
 
 OVERFLOW_POLICIES = ("error", "truncate", "slide")
 PREFILL_CHUNK = 128  # tokens per prefill pass: see budget.PREFILL_CHUNKS for the speed/memory trade
@@ -37,6 +37,7 @@ class Generation:
     token_ids: list[int]  # every sampled id, including a final EOS or stop id (whose text is not in `text`)
     finish_reason: str    # "eos" | "stop" | "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[float] = field(default_factory=list)  # of each of token_ids under the model
 
 
 def check_overflow(policy: str) -> str:
@@ -64,24 +65,49 @@ def fit_prompt(ids: Sequence[int], context: int, max_new_tokens: int, overflow: 
     return ids[:n_keep] + ids[len(ids) - (keep - n_keep):]
 
 
-def prefill(backend, ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarray:
-    """Run `ids` from position 0 in chunks; return the logits [V] after the last one.
+def forward(backend, cache: CacheState, ids: Sequence[int], past_len: int, logits_index) -> np.ndarray:
+    """backend.forward, keeping `cache.ids` true: positions >= past_len are dropped before the pass (a failed
+    pass leaves them half-written) and the new ids recorded after it."""
+    cache.truncate(past_len)
+    logits = backend.forward(np.asarray(ids, dtype=np.int64), past_len, logits_index)
+    cache.append(ids, past_len)
+    return logits
 
-    Every chunk asks for the logits of its last position only: earlier chunks' logits are unused, but an empty
-    logits_index would hand some kernels a zero-row matmul, and one vocab row per chunk costs nothing.
+
+def prefill(backend, cache: CacheState, ids: Sequence[int], chunk: int = PREFILL_CHUNK,
+            stats: GenerationStats | None = None) -> np.ndarray:
+    """Bring the cache to hold `ids` and return the logits [V] after the last one.
+
+    The longest common prefix with what the cache holds and may reuse (CacheState.reusable) is kept (at least
+    the last id is run, for its logits); the rest runs in chunks. Every chunk asks for the logits of its last
+    position only: earlier chunks' logits are unused, but an empty logits_index would hand some kernels a
+    zero-row matmul.
     """
-    for start in range(0, len(ids), chunk):
-        part = np.asarray(ids[start:start + chunk], dtype=np.int64)  # [S]
-        logits = backend.forward(part, start, np.array([part.size - 1], dtype=np.int64))  # [1, V]
+    start = min(cache.reusable(ids), len(ids) - 1)
+    for s in range(start, len(ids), chunk):
+        part = ids[s:s + chunk]  # [S]
+        logits = forward(backend, cache, part, s, np.array([len(part) - 1], dtype=np.int64))  # [1, V]
+    if stats is not None:
+        stats.cached_tokens += start
+        stats.prefilled_tokens += len(ids) - start
     return logits[-1]
 
 
-def generate_tokens(backend, prompt: Sequence[int], sampler: Sampler,
+def log_softmax_at(logits: np.ndarray, token: int) -> float:
+    """log p(token) under logits [V] (float64 sums: the value is compared across backends and chunkings)."""
+    z = logits.astype(np.float64)
+    top = z.max()
+    return float(z[token] - top - np.log(np.exp(z - top).sum()))
+
+
+def generate_tokens(backend, cache: CacheState, prompt: Sequence[int], sampler: Sampler,
                     processors: Sequence[LogitsProcessor] = (), max_new_tokens: int = 256,
                     overflow: str = "error", prefill_chunk: int = PREFILL_CHUNK, n_keep: int = 0,
-                    stats: GenerationStats | None = None, source: str = "the model") -> Iterator[int]:
-    """Yield up to max_new_tokens sampled ids. Lazy: a token is fed to the model only when the next one is
-    asked for, so a consumer that stops at EOS costs no extra forward pass. `prompt` must fit (fit_prompt).
+                    stats: GenerationStats | None = None, source: str = "the model"
+                    ) -> Iterator[tuple[int, float]]:
+    """Yield up to max_new_tokens (sampled id, its log-prob under the model's own distribution). Lazy: a token
+    is fed to the model only when the next one is asked for, so a consumer that stops at EOS costs no extra
+    forward pass. `prompt` must fit (fit_prompt); `n_keep` leading ids survive a slide.
     NonFiniteLogitsError (naming `source`) if the model's logits are NaN or infinite."""
     context = backend.context
     window = list(prompt)  # ids whose keys/values are in the cache, plus the one just sampled
@@ -91,26 +117,25 @@ def generate_tokens(backend, prompt: Sequence[int], sampler: Sampler,
     n_seen = len(prompt)
     if max_new_tokens == 0:
         return
-    logits = prefill(backend, window, prefill_chunk)
+    logits = prefill(backend, cache, window, prefill_chunk, stats)
     for step in range(max_new_tokens):
-        if processors:
-            logits = apply_processors(processors, history[:n_seen], logits)
-        token = _sample(sampler, logits, source)
+        scored = apply_processors(processors, history[:n_seen], logits) if processors else logits
+        token = int(_sample(sampler, scored, source))
         if n_seen == history.size:
             history = np.concatenate([history, np.empty_like(history)])
         history[n_seen] = token
         n_seen += 1
-        yield token
+        yield token, log_softmax_at(logits, token)
         if step == max_new_tokens - 1:
             return
         window.append(token)
         if len(window) <= context:
-            logits = backend.forward(np.array([token], dtype=np.int64), len(window) - 1, _LAST)[0]
+            logits = forward(backend, cache, [token], len(window) - 1, _LAST)[0]
         elif overflow == "slide":
             keep = max(1, context // 2)
             head = min(n_keep, keep - 1)
             window = window[:head] + window[len(window) - (keep - head):]
-            logits = prefill(backend, window, prefill_chunk)
+            logits = prefill(backend, cache, window, prefill_chunk, stats)
             if stats is not None:
                 stats.slides += 1
         else:
@@ -166,86 +191,3 @@ def held_back(text: str, stops: Sequence[str]) -> int:
         if any(s.startswith(tail) for s in stops):
             return k
     return 0
-
-
-class TextStream:
-    """Iterator of text pieces. After (or during) iteration: .token_ids, .finish_reason, .stats, .text."""
-
-    def __init__(self, tokens: Iterator[int], tokenizer: Tokenizer, stop: Sequence[str] = (),
-                 stop_ids: Iterable[int] = (), eos_ids: Iterable[int] = (),
-                 stats: GenerationStats | None = None):
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self.stats = stats if stats is not None else GenerationStats()
-        self._pieces: list[str] = []
-        self._tokens = tokens
-        self._decoder = StreamDecoder(tokenizer)
-        self._stops = tuple(stop)
-        self._stop_ids = frozenset(stop_ids)
-        self._eos_ids = frozenset(eos_ids)
-        self._run = self._pieces_of_text()
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._run)
-
-    def close(self) -> None:
-        """Stop early (e.g. the consumer broke out of the loop): no more forward passes are run."""
-        self._run.close()
-
-    @property
-    def text(self) -> str:
-        return "".join(self._pieces)
-
-    def _emit(self, piece: str) -> str:
-        self._pieces.append(piece)
-        return piece
-
-    def _pieces_of_text(self) -> Iterator[str]:
-        pending = ""  # decoded text not yet emitted because it may begin a stop string
-        t0 = time.perf_counter()
-        t_first = None
-        try:
-            for token in self._tokens:
-                now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                    self.stats.prefill_s = now - t0
-                self.stats.decode_s = now - t_first
-                self.token_ids.append(token)
-                self.stats.new_tokens = len(self.token_ids)
-                if token in self._eos_ids or token in self._stop_ids:
-                    self.finish_reason = "eos" if token in self._eos_ids else "stop"
-                    break
-                pending += self._decoder.push(token)
-                piece, pending, hit = self._cut(pending)
-                if piece:
-                    yield self._emit(piece)
-                if hit:
-                    self.finish_reason, pending = "stop", None
-                    break
-            else:
-                self.finish_reason = "length"
-            if pending is not None:  # text held back for a stop string or an unfinished UTF-8 character
-                piece, _, hit = self._cut(pending + self._decoder.flush(), final=True)
-                if hit:
-                    self.finish_reason = "stop"
-                if piece:
-                    yield self._emit(piece)
-        finally:
-            close = getattr(self._tokens, "close", None)
-            if close is not None:
-                close()
-            self.stats.peak_rss_mb = peak_rss_bytes() / MB
-
-    def _cut(self, pending: str, final: bool = False) -> tuple[str, str, bool]:
-        """(text safe to emit, text to hold, whether a stop string was found)."""
-        if not self._stops:
-            return pending, "", False
-        hits = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            return pending[:min(hits)], "", True
-        hold = 0 if final else held_back(pending, self._stops)
-        return pending[:len(pending) - hold], pending[len(pending) - hold:], False

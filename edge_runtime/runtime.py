@@ -5,25 +5,21 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Union
 
 import numpy as np
 
-from . import backends, budget, chat, pages
+from . import backends, budget, chat, pages, scoring
 from .bundle import Bundle
 from .errors import ContextOverflowError, EdgeError, EdgeWarning, SamplingError
-from .generate import (
-    PREFILL_CHUNK,
-    Generation,
-    TextStream,
-    check_overflow,
-    fit_prompt,
-    generate_tokens,
-    split_stop,
-)
-from .sampling import make_logits_processors, make_sampler, validate
+from .generate import PREFILL_CHUNK, Generation, check_overflow, fit_prompt, generate_tokens, split_stop
+from .sampling import LogitsProcessor, Sampler, check_processors, make_logits_processors, make_sampler, validate
+from .scoring import check_ids
+from .session import Session
+from .state import CacheState
 from .stats import GenerationStats, parse_size
+from .stream import ResponseStream
 from .tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 2048  # until the memory planner chooses one from the budget
@@ -128,7 +124,13 @@ def check_arguments(seed, **numbers) -> None:
 
 
 class Model:
-    """A loaded bundle: generate(prompt or messages) -> Generation, or a stream of text pieces."""
+    """A loaded bundle: generate(prompt or messages) -> Generation, stream(...) -> Response objects,
+    session() for a conversation that keeps its cache, logits()/logprobs() for scoring.
+
+    Safe to share across threads: every use of the one backend and KV cache holds the model's lock (state.py),
+    so concurrent callers take turns; a second stream opened in the thread of a still-open one raises
+    StreamBusyError.
+    """
 
     def __init__(self, bundle: Bundle, tokenizer: Tokenizer, backend, overflow: str = "error",
                  load_s: float = 0.0, prefill_chunk: int = PREFILL_CHUNK):
@@ -142,6 +144,7 @@ class Model:
         self.chat_template: str | None = meta.get("chat_template")
         self.eos_token_ids = frozenset(int(t) for t in meta.get("eos_token_ids") or ())
         self._special_tokens = self._template_tokens(meta)
+        self._cache = CacheState()
 
     @property
     def context(self) -> int:
@@ -171,16 +174,40 @@ class Model:
             raise EdgeError("the prompt must be text (str) or chat messages, not bytes: decode it first")
         return self.tokenizer.encode(check_text(self.apply_chat_template(prompt)), add_bos=False)
 
-    def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Stop = (), stream: bool = False
-                 ) -> Generation | TextStream:
-        """Continue `prompt`: a string, or chat messages [{"role", "content"}, ...] rendered by the template.
+    def generate(self, prompt: Prompt, max_new_tokens: int = 256, **options) -> Generation:
+        """Continue `prompt` (a string, or chat messages [{"role", "content"}, ...] rendered by the template)
+        and return the whole Generation. Options as for stream()."""
+        return self.stream(prompt, max_new_tokens, **options).collect()
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: Stop = (), sampler: Sampler | None = None,
+               logits_processors: Sequence[LogitsProcessor] = ()) -> ResponseStream:
+        """Continue `prompt`, yielding Response objects (text piece, token id, log-prob; the last one carries
+        finish_reason and stats).
 
         Greedy when temperature == 0. `stop` holds strings (never emitted, matched across pieces) and/or token
-        ids; the bundle's EOS ids always stop. stream=True returns a TextStream (iterate it for text pieces;
-        .finish_reason, .token_ids and .stats fill in as it runs); otherwise a Generation.
+        ids; the bundle's EOS ids always stop. `sampler` (logits [V] -> id) replaces the temperature/top-k/
+        top-p/min-p sampler; `logits_processors` ((ids so far [T], logits [V]) -> logits [V]) run after the
+        repetition penalty. The longest prefix shared with what the KV cache holds (the previous call's prompt
+        and answer) is reused, not prefilled again (stats.cached_tokens).
         """
+        ids = self.encode_prompt(prompt)
+        room = self.context - min(max_new_tokens, self.context // 2)  # what fit_prompt keeps of a long prompt
+        if not isinstance(prompt, str) and self.overflow != "error" and len(ids) > room:
+            ids = chat.fit_messages(prompt, self.encode_prompt, room)  # whole old messages go first
+        n_keep = int(self.tokenizer.bos_token_id is not None and ids[:1] == [self.tokenizer.bos_token_id])
+        return self.stream_ids(ids, max_new_tokens, n_keep=n_keep, temperature=temperature, top_k=top_k,
+                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                               stop=stop, sampler=sampler, logits_processors=logits_processors)
+
+    def stream_ids(self, ids: Sequence[int], max_new_tokens: int = 256, n_keep: int = 0,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                   repetition_penalty: float = 1.0, seed: int | None = None, stop: Stop = (),
+                   sampler: Sampler | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                   on_end: Callable[[list[int], ResponseStream], None] | None = None) -> ResponseStream:
+        """stream() over prompt ids; the first `n_keep` ids survive truncation and slides. on_end(prompt ids
+        as run, the stream) is called once when the stream ends, the cache still claimed."""
         check_arguments(seed, temperature=temperature, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)
         validate(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
@@ -188,26 +215,64 @@ class Model:
         vocab = self.bundle.config.vocab_size
         if any(not 0 <= i < vocab for i in stop_ids):
             raise SamplingError(f"stop token ids must be in 0..{vocab - 1}, got {sorted(stop_ids)}")
-        ids = self.encode_prompt(prompt)
-        room = self.context - min(max_new_tokens, self.context // 2)  # what fit_prompt keeps of a long prompt
-        if not isinstance(prompt, str) and self.overflow != "error" and len(ids) > room:
-            ids = chat.fit_messages(prompt, self.encode_prompt, room)  # whole old messages go first
-        n_keep = int(self.tokenizer.bos_token_id is not None and ids[:1] == [self.tokenizer.bos_token_id])
+        sample = sampler if sampler is not None else make_sampler(temperature, top_k, top_p, min_p, seed)
+        processors = make_logits_processors(repetition_penalty) + check_processors(logits_processors)
+        if not callable(sample):
+            raise EdgeError(f"sampler must be a callable (logits -> token id), got {sampler!r}")
         ids = fit_prompt(ids, self.context, max_new_tokens, self.overflow, n_keep)
+        ids = check_ids(ids, self.bundle.config.vocab_size)
         stats = GenerationStats(prompt_tokens=len(ids), load_s=self.load_s, backend=self._describe())
-        tokens = generate_tokens(self.backend, ids, make_sampler(temperature, top_k, top_p, min_p, seed),
-                                 make_logits_processors(repetition_penalty), max_new_tokens, self.overflow,
-                                 self.prefill_chunk, n_keep, stats, source=f"bundle {self.bundle.root}")
-        text = TextStream(tokens, self.tokenizer, stop_strings, stop_ids, self.eos_token_ids, stats)
-        if stream:
-            return text
-        pieces = "".join(text)
-        return Generation(pieces, text.token_ids, text.finish_reason, text.stats)
+        claim = self._cache.claim()
+        tokens = generate_tokens(self.backend, self._cache, ids, sample, processors, max_new_tokens,
+                                 self.overflow, self.prefill_chunk, n_keep, stats,
+                                 source=f"bundle {self.bundle.root}")
 
-    def stream(self, prompt: Prompt, **kwargs) -> TextStream:
-        """generate(..., stream=True)."""
-        kwargs["stream"] = True
-        return self.generate(prompt, **kwargs)
+        def end(stream: ResponseStream) -> None:
+            try:
+                if on_end is not None:
+                    on_end(ids, stream)
+            finally:
+                claim.release()
+
+        stream = ResponseStream(tokens, self.tokenizer, stop_strings, stop_ids, self.eos_token_ids, stats, end)
+        return stream
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] float32 of every position: row i predicts the token after ids[:i+1]."""
+        ids = check_ids(ids, self.bundle.config.vocab_size, self.context)
+        with self._cache.claim():
+            return scoring.logits(self.backend, self._cache, ids, self.prefill_chunk)
+
+    def logprobs(self, text_or_ids: str | Sequence[int]) -> np.ndarray:
+        """Per-token log-probs [n - 1] of a text (encoded as generate would, BOS included) or of token ids:
+        entry i is log p(ids[i+1] | ids[:i+1])."""
+        ids = self.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+        ids = check_ids(ids, self.bundle.config.vocab_size, self.context)
+        with self._cache.claim():
+            return scoring.logprobs(self.backend, self._cache, ids, self.prefill_chunk)
+
+    @property
+    def reuse_decoded(self) -> bool:
+        """Whether prefix reuse also takes keys/values written while decoding (faster next turns; logits then
+        equal a fresh prefill's to rounding rather than exactly; see state.py). Default False."""
+        return self._cache.reuse_decoded
+
+    @reuse_decoded.setter
+    def reuse_decoded(self, value: bool) -> None:
+        self._cache.reuse_decoded = bool(value)
+
+    def clear_cache(self) -> None:
+        """Forget what the KV cache holds: the next call prefills its whole prompt."""
+        with self._cache.claim():
+            self._cache.truncate(0)
+
+    def session(self, system: str | None = None) -> Session:
+        """A conversation that keeps its KV cache between turns (see session.py)."""
+        return Session(self, system)
+
+    def load_session(self, path) -> Session:
+        """A session saved by Session.save(path): its messages and KV state, checked against this model."""
+        return Session.load(self, path)
 
     def _describe(self) -> str:
         name, note = self.backend.name, self.backend.describe()

@@ -164,6 +164,17 @@ def make_logits_processors(repetition_penalty: float = 1.0,
     return [repetition]
 
 
+def check_processors(processors: Sequence[LogitsProcessor]) -> list[LogitsProcessor]:
+    """Caller-supplied logits processors as a list, each a callable (ids so far [T], logits [V]) -> logits."""
+    if callable(processors):
+        processors = [processors]
+    out = list(processors or ())
+    for p in out:
+        if not callable(p):
+            raise SamplingError(f"logits processors must be callables (ids, logits) -> logits, got {p!r}")
+    return out
+
+
 def apply_processors(processors: Sequence[LogitsProcessor], tokens: np.ndarray,
                      logits: np.ndarray) -> np.ndarray:
     for process in processors:

@@ -63,10 +63,13 @@ class GenerationStats:
     peak_rss_mb: float = 0.0
     slides: int = 0          # times overflow="slide" dropped the older half of the context
     backend: str = ""
+    cached_tokens: int = 0     # prompt tokens whose keys/values the cache already held (not run again)
+    prefilled_tokens: int = 0  # tokens run through prefill passes (the prompt's new part, and slides)
 
     @property
     def prefill_tps(self) -> float | None:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else None
+        n = self.prefilled_tokens or self.prompt_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else None
 
     @property
     def decode_tps(self) -> float | None:
@@ -75,9 +78,10 @@ class GenerationStats:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else None
 
     def line(self) -> str:
-        """e.g. 'prompt 31 tok, prefill 402.1 tok/s | 64 new tok, decode 38.0 tok/s | peak RSS 171.2 MB'."""
+        """e.g. 'prompt 31 tok (24 cached), prefill 402.1 tok/s | 64 new tok, decode 38.0 tok/s | ...'."""
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         parts = [
-            f"prompt {self.prompt_tokens} tok, prefill {_rate(self.prefill_tps)}",
+            f"prompt {self.prompt_tokens} tok{cached}, prefill {_rate(self.prefill_tps)}",
             f"{self.new_tokens} new tok, decode {_rate(self.decode_tps)}",
             f"peak RSS {self.peak_rss_mb:.1f} MB",
             f"load {self.load_s:.2f} s",

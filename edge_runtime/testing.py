@@ -154,6 +154,7 @@ def _child(spec: dict) -> dict:
     from edge_runtime import backends
     from edge_runtime.generate import fit_prompt, generate_tokens
     from edge_runtime.sampling import make_sampler
+    from edge_runtime.state import CacheState
     from edge_runtime.stats import GenerationStats
 
     from . import budget as planner
@@ -183,8 +184,8 @@ def _child(spec: dict) -> dict:
     ids = fit_prompt(text_prompt_ids(model.tokenizer, spec["prompt_tokens"], special), model.context,
                      spec["new_tokens"], model.overflow)
     stats = GenerationStats()
-    tokens = generate_tokens(model.backend, ids, make_sampler(0.0, 0, 1.0, 0.0, None), (), spec["new_tokens"],
-                             model.overflow, model.prefill_chunk, 0, stats)
+    tokens = generate_tokens(model.backend, CacheState(), ids, make_sampler(0.0, 0, 1.0, 0.0, None), (),
+                             spec["new_tokens"], model.overflow, model.prefill_chunk, 0, stats)
     n = 0
     for n, _ in enumerate(tokens, 1):
         if n == 1:

@@ -35,7 +35,11 @@ def answers(stdout: str) -> list[list[int]]:
 
 
 def prompt_sizes(stderr: str) -> list[int]:
-    return [int(n) for n in re.findall(r"prompt (\d+) tok at", stderr)]
+    return [int(n) for n in re.findall(r"prompt (\d+) tok \(\d+ cached\) at", stderr)]
+
+
+def cached_sizes(stderr: str) -> list[int]:
+    return [int(n) for n in re.findall(r"prompt \d+ tok \((\d+) cached\) at", stderr)]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "ort"])
@@ -47,10 +51,11 @@ def test_multi_turn_keeps_history_and_reset_forgets_it(bundle, backend):
     assert len(ids) == 3 and all(len(a) == 6 for a in ids)
     first, second, after_reset = prompt_sizes(err)
     assert second > first + 6  # the first exchange is part of the second prompt
+    assert cached_sizes(err)[:2] == [0, first]  # the session's cache: only the new turn is prefilled
     assert after_reset == first and ids[2] == ids[0]  # /reset: the same question gets the same greedy answer
     assert out.count("you> ") == 5 and "never read" not in out  # echoed lines up to /quit
     assert f"backend {backend}" in err
-    assert re.search(r"\[6 tok \(length\), [\d.]+ tok/s \| prompt \d+ tok at \d+ tok/s \| "
+    assert re.search(r"\[6 tok \(length\), [\d.]+ tok/s \| prompt \d+ tok \(\d+ cached\) at \d+ tok/s \| "
                      r"peak \d+ MB of 1024 MB budget \(\d+%\)\]", err)
 
 

@@ -25,15 +25,12 @@ def run_cli(*args, module="export.cli"):
 def backend_logits(bundle, ids, backend="ort"):
     """Logits of every position of `ids` in one forward pass: [S, V]."""
     model = edge_runtime.load(bundle, backend=backend, threads=2, context=max(64, len(ids)))
-    return model.backend.forward(np.asarray(ids, np.int64), 0, np.arange(len(ids), dtype=np.int64))
+    return model.logits(ids)
 
 
 def greedy_ids(bundle, prompt_ids, n, backend="ort"):
-    from edge_runtime.generate import generate_tokens
-    from edge_runtime.sampling import make_sampler
-
     model = edge_runtime.load(bundle, backend=backend, threads=2, context=512)
-    return list(generate_tokens(model.backend, prompt_ids, make_sampler(0.0), max_new_tokens=n))
+    return model.stream_ids(prompt_ids, n).collect().token_ids
 
 
 def reference_of(bundle):

@@ -249,8 +249,8 @@ def test_stop_string_across_pieces_is_never_emitted(tmp_path):
     script = prompt + ids_of(" here END of story")
     model = make_model(tmp_path, script)
     # " E" / "ND" style splits: the stop string spans several tokens and starts mid-token.
-    stream = model.generate("stop", max_new_tokens=40, stop=["D of", "xyz"], stream=True)
-    pieces = list(stream)
+    stream = model.stream("stop", max_new_tokens=40, stop=["D of", "xyz"])
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == " here EN" and stream.finish_reason == "stop"
     assert not any("D" in p for p in pieces)
     assert tiny_tokenizer().decode(stream.token_ids).startswith(" here END of")
@@ -261,7 +261,7 @@ def test_partial_stop_prefix_is_released(tmp_path):
     script = prompt + ids_of(" cat sat on the mat.") + [EOS]
     model = make_model(tmp_path, script)
     stream = model.stream("the", max_new_tokens=40, stop=" cat dog")
-    pieces = list(stream)
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == " cat sat on the mat." and stream.finish_reason == "eos"
     # held back text is released at EOS too
     out = model.generate("the", max_new_tokens=40, stop="mat.!")
@@ -289,7 +289,7 @@ def test_streaming_never_emits_broken_utf8(tmp_path):
     assert sum(tok.decode([t]).endswith("\ufffd") for t in ids_of(text)) >= 6  # really split into bytes
     model = make_model(tmp_path, script)
     stream = model.stream("hello", max_new_tokens=60)
-    pieces = list(stream)
+    pieces = [r.text for r in stream]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     # Cut inside the emoji: the held-back bytes are flushed (as U+FFFD) at the end, like a full decode.
     n = len(ids_of(" café 日本 ")) + 2
@@ -314,7 +314,7 @@ def test_stream_is_lazy_and_can_be_closed(tmp_path):
     assert model.backend.calls == []  # nothing runs before iteration
     first = next(stream)
     stream.close()
-    assert first == " b" and len(model.backend.calls) == 1  # just the prefill
+    assert first.text == " b" and len(model.backend.calls) == 1  # just the prefill
 
 
 def test_prefill_runs_in_chunks_with_last_position_logits(tmp_path):
@@ -396,15 +396,18 @@ def test_overflow_slide_keeps_last_half_and_restarts_positions(tmp_path):
     expected, windows = slide_reference(prompt, script, 8, 20)
     assert stream.token_ids == expected and stream.finish_reason == "length"
     assert stream.stats.slides == len(windows) >= 3
-    refills = [c[1] for c in model.backend.calls[1:] if c[0] == 0]  # prefills from position 0 after the first
-    assert refills == windows and all(len(w) == 4 for w in windows)
+    # A window the cache already holds (the script repeats) is reused, not run again from position 0.
+    refills = [c[1] for c in model.backend.calls[1:] if c[0] == 0]
+    assert refills and all(r in windows for r in refills) and all(len(w) == 4 for w in windows)
+    held = model._cache.ids
+    assert held == model.backend.cache[:len(held)].tolist() == windows[-1] + expected[-1 - (len(held) - 4):-1]
 
 
 def test_slide_keeps_bos(tmp_path):
     model = make_model(tmp_path, list(range(3, 23)), context=8, overflow="slide", add_bos_token=True)
     out = model.generate("a b", max_new_tokens=16)
-    slides = [c for c in model.backend.calls[1:] if c[0] == 0]
-    assert slides and all(c[1][0] == 1 for c in slides)  # BOS (id 1) stays the first cached token
+    slides = [c for c in model.backend.calls[1:] if c[0] <= 1 and len(c[1]) > 1]  # BOS is reused
+    assert slides and all(c[0] == 1 for c in slides) and model.backend.cache[0] == 1 == model._cache.ids[0]
     assert model.backend.calls[0][1][0] == 1 and len(out.token_ids) == 16
 
 
@@ -486,3 +489,29 @@ def test_invalid_bytes_are_not_held_back_forever():
     pieces = [dec.push(lone[0]) for _ in range(40)]
     assert "".join(pieces) and all(p == "" for p in pieces[:15])  # held for 15 ids, then let through
     assert "".join(pieces) + dec.flush() == tok.decode([lone[0]] * 40)
+
+
+def test_prefix_reuse_runs_only_the_new_tokens(tmp_path):
+    script = ids_of("the cat sat on the mat. the dog sat on the log.")
+    model = make_model(tmp_path, script)
+    prompt = ids_of("the cat sat on the mat.")
+    n_first = len(ids_of("the cat sat"))
+    for reuse_decoded in (False, True):
+        model.clear_cache()
+        model.reuse_decoded = reuse_decoded
+        first = model.generate("the cat sat", max_new_tokens=3)
+        assert (first.stats.cached_tokens, first.stats.prefilled_tokens) == (0, n_first)
+        held = list(model._cache.ids)
+        assert held == ids_of("the cat sat") + first.token_ids[:-1]  # the last sampled id is never fed
+        model.backend.calls.clear()
+        out = model.generate("the cat sat on the mat.", max_new_tokens=2)
+        shared = next(i for i, (a, b) in enumerate(zip(held + [-1], prompt)) if a != b)
+        assert shared > n_first  # the first answer matched the new prompt too
+        # By default the answer's decoded keys/values are run again (exact logits); else reused.
+        reused = shared if reuse_decoded else n_first
+        assert model.backend.calls[0][0] == reused and model.backend.calls[0][1] == prompt[reused:]
+        assert (out.stats.cached_tokens, out.stats.prefilled_tokens) == (reused, len(prompt) - reused)
+        assert "cached)" in out.stats.line()
+    model.clear_cache()
+    again = model.generate("the cat sat on the mat.", max_new_tokens=2)
+    assert again.stats.cached_tokens == 0 and again.token_ids == out.token_ids

@@ -24,6 +24,11 @@ class Backend(Protocol):
         """
         ...
 
+    def kv_arrays(self) -> list[np.ndarray]:
+        """The KV cache as writable arrays, positions on axis -2 (e.g. [1, kv_heads, context, head_dim] per
+        layer, key then value): session files save and restore these, cut to the positions in use."""
+        ...
+
     def kv_nbytes(self) -> int:
         """Bytes held by the KV cache (for the stats line and the memory planner)."""
         ...

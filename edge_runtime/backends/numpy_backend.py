@@ -252,6 +252,11 @@ class NumpyBackend:
             raise EdgeError(f"logits_index must point into the {s_len} new positions")
         return np.ascontiguousarray(self.model.forward(ids, past_len, logits_index), dtype=np.float32)
 
+    def kv_arrays(self) -> list[np.ndarray]:
+        """Views [1, kv_heads, context, head_dim] of each layer's keys, then values (the ORT backend's order)."""
+        c = self.model.cache
+        return [a[i:i + 1] for i in range(c.keys.shape[0]) for a in (c.keys, c.values)]
+
     def kv_nbytes(self) -> int:
         return self.model.cache.nbytes
 

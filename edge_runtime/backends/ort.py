@@ -177,6 +177,10 @@ class OrtBackend:
         self.session.run_with_iobinding(self.binding)
         return self._step_logits[0].copy()  # the buffer is rewritten by the next step
 
+    def kv_arrays(self) -> list[np.ndarray]:
+        """The bound buffers [1, kv_heads, context, head_dim], per layer key then value (written in place)."""
+        return [buf for buf, _ in self.kv]
+
     def kv_nbytes(self) -> int:
         return sum(buf.nbytes for buf, _ in self.kv)
 

@@ -39,6 +39,8 @@ add_subcommand("verify", "re-run the bundle's float-reference probes against its
 add_subcommand("cross-check", "check the NumPy backend and ONNX Runtime against each other on the exact graph",
                "edge_runtime.cli.cross_check")
 add_subcommand("budget", "the memory plan of a session beside a measured run", "edge_runtime.cli.budget")
+add_subcommand("chat", "an interactive conversation that keeps its KV cache between turns", "edge_runtime.cli.chat")
+add_subcommand("serve", "the OpenAI chat-completions API on a local HTTP port", "edge_runtime.cli.serve")
 
 
 def build_parser(only: str | None = None) -> tuple[ArgumentParser, dict[str, ArgumentParser]]:

@@ -87,8 +87,8 @@ def run(args) -> int:
     stream = model.stream(_prompt(args, model), max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-    for piece in stream:
-        sys.stdout.write(piece)
+    for response in stream:
+        sys.stdout.write(response.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
