@@ -7,20 +7,24 @@ import sys
 
 from edge_runtime.errors import EdgeError
 
-PRESETS = ("fp32", "int8", "int4", "auto")
+from .options import ALIASES, RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-export", description=__doc__)
     ap.add_argument("source", help="a .gguf file, a Hugging Face model folder, or tiny:llama|qwen2|mistral")
     ap.add_argument("--out", required=True, help="bundle folder to write (replaced atomically)")
-    ap.add_argument("--quant", default="int4", choices=PRESETS,
-                    help="quantization preset (default int4); auto: int4/int8 per matmul, fewest bytes meeting "
-                         "--max-kld (default 0.02)")
+    ap.add_argument("--recipe", default=None, choices=RECIPES + tuple(ALIASES),
+                    help="q4 (default): int4 layers, int8 embedding / lm_head; exact: GGUF blocks transcoded as they "
+                         "are; q8: int8; mixed: int4/int8 per matmul, fewest bytes meeting --target-kld; fp32")
+    ap.add_argument("--quant", default=None, choices=tuple(ALIASES) + ("fp32",),
+                    help="the former name of --recipe: int4 = q4, int8 = q8, auto = mixed")
+    ap.add_argument("--target-kld", type=float, metavar="X",
+                    help="mixed: the KLD from float the per-matmul choice aims at (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
-    ap.add_argument("--method", default="search", choices=("search", "gptq", "rtn"),
+    ap.add_argument("--method", default=None, choices=("search", "gptq", "rtn"),
                     help="int4 of float weights: search (error-minimizing block scale/zero point), gptq (the same "
                          "search, codes rounded by GPTQ against calibration inputs), rtn")
     ap.add_argument("--offsets", action="store_true",
@@ -29,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="store a tied lm_head apart from the embedding table: the lm_head quantized by the preset "
                          "(GPTQ-rounded under --method gptq), the table at 8 bits (more bytes on disk, none per token)")
     ap.add_argument("--vocab-block", type=int, default=None, choices=(16, 32, 64),
-                    help="auto: block size of the embedding / lm_head int8 candidate (default 64, the fastest; 16 "
-                         "gives the lm_head finer int8 inputs: on SmolLM2 KLD 0.0052 -> 0.0034 at ~0.9x decode)")
+                    help="q4 / mixed: block size of the int8 embedding / lm_head (default 64, the fastest; 16 gives "
+                         "the lm_head finer int8 inputs, at some decode speed)")
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),
@@ -41,21 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-smooth", action="store_true",
                     help="int8: do not fold per-channel activation scales into the weights (SmoothQuant-style "
                          "smoothing, on by default at accuracy level 4)")
-    ap.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+    ap.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                     help="int8 smoothing strength in [0, 1] (default 0.5)")
     ap.add_argument("--max-context", type=int, default=None, help="largest context the bundle supports")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="do not store the float model's probes")
     f = ap.add_argument_group("fidelity (held-out comparison with the float model, stored in the manifest)")
-    f.add_argument("--eval-text", metavar="FILE", help="held-out text (default: CPython's pydoc topics)")
+    f.add_argument("--eval-text", metavar="FILE",
+                   help="evaluate on this text alone (default: the evaluation domains of export.eval_domains)")
     f.add_argument("--max-kld", type=float, metavar="X",
-                   help="fail (nothing written) if the bundle's mean KLD from float exceeds X")
+                   help="quality gate: fail (nothing written) if the bundle's mean KLD from float exceeds X on any "
+                        "evaluation domain")
     f.add_argument("--force", action="store_true", help="write the bundle even if it misses --max-kld")
     f.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     f.add_argument("--no-act-aware", action="store_true",
                    help="int4 of float weights: plain squared error (no calibration activation weighting)")
     f.add_argument("--sensitivity-cache", metavar="DIR",
-                   help="--quant auto: cache per-matmul sensitivities here (reused across targets)")
+                   help="mixed: cache per-matmul sensitivities here (reused across targets)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -65,26 +71,19 @@ def main(argv=None) -> int:
     try:
         from .pipeline import ExportOptions, export_bundle
 
-        if args.vocab_block is not None and args.quant != "auto":
-            raise EdgeError("--vocab-block sets the int8 candidate of --quant auto (use --block-size for a preset)")
-        if args.method == "gptq" and args.offsets:
-            raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
-        if args.max_kld is not None and not args.max_kld > 0:
-            raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
-        if not 0.0 <= args.smooth_alpha <= 1.0:
-            raise EdgeError(f"--smooth-alpha must be in [0, 1] (got {args.smooth_alpha})")
-        if args.max_context is not None and args.max_context < 16:
-            raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
-        opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
-                             block_size=args.block_size,
-                             method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
-                             max_context=args.max_context, threads=args.threads,
+        opts = ExportOptions(recipe=args.recipe or "q4", quant=args.quant, target_kld=args.target_kld,
+                             kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
+                             block_size=args.block_size, method=args.method, offsets=args.offsets,
+                             transcode=not args.no_transcode, max_context=args.max_context, threads=args.threads,
                              reference=not args.no_reference, progress=not args.quiet,
                              evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
                              force=args.force, act_aware=not args.no_act_aware,
                              sensitivity_cache=args.sensitivity_cache,
                              smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
                              untie_embeddings=args.untie_embeddings, vocab_block=args.vocab_block)
+        if args.recipe and args.quant:
+            raise EdgeError("give --recipe or its former name --quant, not both")
+        opts.validated()
         out = export_bundle(args.source, args.out, opts)
     except EdgeError as e:
         print(f"edge-export: error: {e}", file=sys.stderr)
