@@ -76,13 +76,11 @@ DOMAINS: tuple[Domain, ...] = (
 TEXT_DOMAINS = tuple(d for d in DOMAINS if d.name != "chat")
 
 
-def chat_windows(encode_chat: Callable[[str], list[int]], greedy: Callable[[list[int], int], list[int]],
+def chat_windows(encode_chat: Callable[[str], list[int]],
+                 greedy_batch: Callable[[list[list[int]], int], list[list[int]]],
                  reply_tokens: int = CHAT_REPLY_TOKENS, prompts: Sequence[str] = CHAT_PROMPTS) -> list[list[int]]:
     """One window per chat prompt: its ids rendered with the chat template, then the float model's greedy reply.
 
-    greedy(ids, n) -> up to n greedy token ids after ids (the float reference's)."""
-    out = []
-    for text in prompts:
-        ids = list(encode_chat(text))
-        out.append(ids + [int(t) for t in greedy(ids, reply_tokens)])
-    return out
+    greedy_batch(prompts' ids, n) -> for each, up to n greedy token ids after it (the float reference's)."""
+    ids = [list(encode_chat(text)) for text in prompts]
+    return [p + [int(t) for t in reply] for p, reply in zip(ids, greedy_batch(ids, reply_tokens))]

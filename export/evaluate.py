@@ -44,10 +44,10 @@ def read_eval_text(path: str) -> str:
 
 
 def eval_sets(encode: Callable[[str], list[int]], encode_chat: Callable[[str], list[int]],
-              greedy: Callable[[list[int], int], list[int]], eval_text: str | None = None) -> list[EvalSet]:
+              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None) -> list[EvalSet]:
     """The evaluation domains (export.eval_domains) as token windows, or --eval-text FILE's alone.
 
-    greedy(ids, n): the float model's greedy continuation, which makes the chat domain's windows."""
+    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows."""
     from . import eval_domains as D
 
     if eval_text is not None:

@@ -241,7 +241,7 @@ def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) 
 
     tok = tokenizer_of(source)
     sets = eval_sets(tok.encode, chat_encoder(source, tok),
-                     lambda ids, n: ref.greedy(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text)
+                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text)
     return evaluate_bundle(staging, cached(ref.logits), sets, threads=opts.threads)
 
 
