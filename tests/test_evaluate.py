@@ -78,6 +78,20 @@ def test_heldout_report_equals_the_pooled_comparison():
     assert same.kl == pytest.approx(0.0, abs=1e-12) and same.top1 == 1.0 and same.ppl_ratio == pytest.approx(1.0)
 
 
+def test_pooled_figures_equal_one_report_over_all_windows():
+    rng = np.random.default_rng(2)
+    windows = [list(rng.integers(0, 40, n)) for n in (12, 7, 20, 9)]
+    p = {tuple(w): rng.normal(size=(len(w), 40)).astype(np.float32) for w in windows}
+    q = {k: (v + rng.normal(scale=0.4, size=v.shape)).astype(np.float32) for k, v in p.items()}
+    fp, fq = (lambda ids: p[tuple(ids)]), (lambda ids: q[tuple(ids)])
+    whole = E.heldout_report(fp, fq, windows, skip=(0, 3, 0, 2))
+    parts = E.pooled([E.heldout_report(fp, fq, windows[:2], skip=(0, 3)),
+                      E.heldout_report(fp, fq, windows[2:], skip=(0, 2))])
+    assert parts.positions == whole.positions == 11 + 3 + 19 + 6
+    for f in ("kl", "top1", "rms_top_prob_diff", "ppl_float", "ppl_quant", "ppl_ratio"):
+        assert getattr(parts, f) == pytest.approx(getattr(whole, f), rel=1e-9), f
+
+
 def test_cached_float_logits_run_once_per_window():
     calls = []
     f = E.cached(lambda ids: calls.append(ids) or np.zeros((len(ids), 3)))
