@@ -23,7 +23,7 @@ RUNNER = ROOT / "bench/peer_run.py"
 # peer -> pip requirements of its env (torch pinned to the CPU build on this machine: any other pulls CUDA)
 REQUIREMENTS = {
     "llama": ["llama-cpp-python==0.3.36", "numpy"],
-    "genai": ["onnxruntime-genai==0.18.0", "onnx_ir", "onnxscript", "transformers==4.57.6", "torch==2.13.0",
+    "genai": ["onnxruntime-genai==0.18.0", "onnx_ir", "onnxscript", "transformers>=5", "torch==2.13.0",
               "numpy"],
 }
 ENV_VARS = {"llama": {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}, "genai": {}}
