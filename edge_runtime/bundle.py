@@ -12,9 +12,11 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import BundleError, UnsupportedModelError
+from .manifest_checks import check_manifest, seal
+from .onnx_refs import ProtobufError, external_data_locations
 
 FORMAT = "edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY)
 MANIFEST = "manifest.json"
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
 
@@ -42,6 +44,11 @@ def kv_dtypes(manifest: dict) -> tuple[str, ...]:
     return tuple(kv_graphs(manifest))
 
 
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write manifest.json with its checksum (Bundle.open refuses a manifest whose checksum does not match)."""
+    (Path(root) / MANIFEST).write_text(json.dumps(seal(manifest), indent=1), encoding="utf-8")
+
+
 @dataclass
 class Bundle:
     root: Path
@@ -50,31 +57,36 @@ class Bundle:
 
     @classmethod
     def open(cls, path, verify: bool = True) -> "Bundle":
-        """Read the manifest and (by default) check every file's size and sha256 before anything uses it."""
+        """Read the manifest (its checksum and bounds checked) and check every file's size and (by default)
+        sha256 before anything uses it."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise BundleError(f"a bundle path must be a string or a path, got {type(path).__name__}")
         root = Path(path)
         if not root.is_dir():
             raise BundleError(f"bundle not found: {root} is not a folder")
         mpath = root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"bundle {root} has no {MANIFEST}")
+        if mpath.is_symlink():
+            raise BundleError(f"bundle {root}: {MANIFEST} is a symbolic link")
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise BundleError(f"bundle {root}: {MANIFEST} is not an {FORMAT} manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(
-                f"bundle {root}: format version {manifest.get('format_version')} is not supported "
-                f"(this runtime reads version {FORMAT_VERSION})"
+                f"bundle {root}: format version {manifest.get('format_version')!r:.20} is not supported "
+                f"(this runtime reads version {FORMAT_VERSION}: export the bundle again)"
             )
+        check_manifest(manifest, f"bundle {root}")
         bundle = cls(root, manifest)
         bundle.check_files(hashes=verify)
         return bundle
 
     def check_files(self, hashes: bool = True) -> None:
-        files = self.manifest.get("files") or {}
-        for name, meta in files.items():
+        for name, meta in self.manifest["files"].items():
             p = self.path(name)
             if not p.is_file():
                 raise BundleError(f"bundle {self.root}: missing file {name}")
@@ -87,10 +99,31 @@ class Bundle:
                 raise BundleError(f"bundle {self.root}: checksum mismatch for {name} (file altered or corrupted)")
 
     def path(self, name: str) -> Path:
-        # Names come from the manifest: refuse anything that would leave the bundle folder.
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            raise BundleError(f"bundle {self.root}: manifest names a file outside the bundle: {name!r}")
-        return self.root / name
+        """The path of a file the manifest lists. Names come from the manifest: anything unlisted, or whose
+        resolved path (symbolic links followed) leaves the bundle folder, is refused."""
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise BundleError(f"bundle {self.root}: manifest names a file outside the bundle: {name!r:.80}")
+        if name not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.root}: {name!r:.80} is not among the manifest's files")
+        p = self.root / name
+        root = self.root.resolve()
+        if not p.resolve().is_relative_to(root) or p.resolve() == root:
+            raise BundleError(f"bundle {self.root}: {name} leads outside the bundle (symbolic link)")
+        return p
+
+    def graph_path(self, name: str) -> Path:
+        """The path of an ONNX graph of the bundle, once every external data file it names is a bundle file
+        (checked here, before ONNX Runtime opens anything)."""
+        p = self.path(name)
+        try:
+            locations = external_data_locations(p.read_bytes())
+        except ProtobufError as e:
+            raise BundleError(f"bundle {self.root}: {name} is not a valid ONNX model ({e})") from None
+        for location in set(locations):
+            if "\\" in location:
+                raise BundleError(f"bundle {self.root}: {name} names external data {location!r:.80}")
+            self.path(location)
+        return p
 
     @property
     def config(self) -> ModelConfig:
@@ -169,4 +202,8 @@ class Bundle:
         return buf[start:start + nbytes].view(np.dtype(meta["dtype"])).reshape(meta["shape"])
 
     def read_json(self, name: str) -> Any:
-        return json.loads(self.path(name).read_text(encoding="utf-8"))
+        """A JSON file of the bundle (BundleError if it is not valid JSON)."""
+        try:
+            return json.loads(self.path(name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise BundleError(f"bundle {self.root}: {name} is not valid JSON ({e})") from None

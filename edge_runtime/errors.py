@@ -34,3 +34,8 @@ class MemoryBudgetError(EdgeError):
 
 class FidelityError(EdgeError):
     """A bundle is further from its float reference than allowed."""
+
+
+class EdgeWarning(UserWarning):
+    """Something was adjusted rather than refused (e.g. threads capped at the CPU count); the CLIs print it as
+    one `warning:` line."""

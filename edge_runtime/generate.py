@@ -79,12 +79,14 @@ def prefill(backend, ids: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.ndarr
 def generate_tokens(backend, prompt: Sequence[int], sampler: Sampler,
                     processors: Sequence[LogitsProcessor] = (), max_new_tokens: int = 256,
                     overflow: str = "error", prefill_chunk: int = PREFILL_CHUNK, n_keep: int = 0,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
+                    stats: GenerationStats | None = None, source: str = "the model") -> Iterator[int]:
     """Yield up to max_new_tokens sampled ids. Lazy: a token is fed to the model only when the next one is
-    asked for, so a consumer that stops at EOS costs no extra forward pass. `prompt` must fit (fit_prompt)."""
+    asked for, so a consumer that stops at EOS costs no extra forward pass. `prompt` must fit (fit_prompt).
+    NonFiniteLogitsError (naming `source`) if the model's logits are NaN or infinite."""
     context = backend.context
     window = list(prompt)  # ids whose keys/values are in the cache, plus the one just sampled
-    history = np.empty(len(prompt) + max_new_tokens, dtype=np.int64)  # every id so far, for processors
+    # every id so far, for processors: sized by the context, grown only as tokens actually come
+    history = np.empty(len(prompt) + min(max_new_tokens, context), dtype=np.int64)
     history[:len(prompt)] = prompt
     n_seen = len(prompt)
     if max_new_tokens == 0:
@@ -93,7 +95,9 @@ def generate_tokens(backend, prompt: Sequence[int], sampler: Sampler,
     for step in range(max_new_tokens):
         if processors:
             logits = apply_processors(processors, history[:n_seen], logits)
-        token = sampler(logits)
+        token = _sample(sampler, logits, source)
+        if n_seen == history.size:
+            history = np.concatenate([history, np.empty_like(history)])
         history[n_seen] = token
         n_seen += 1
         yield token
@@ -111,6 +115,26 @@ def generate_tokens(backend, prompt: Sequence[int], sampler: Sampler,
                 stats.slides += 1
         else:
             return  # the cache is full: finish_reason "length"
+
+
+class NonFiniteLogitsError(EdgeError):
+    """The model computed NaN or infinite logits: a damaged bundle or a broken kernel, not a user error."""
+
+    exit_code = 1
+
+
+def _sample(sampler: Sampler, logits: np.ndarray, source: str) -> int:
+    """sampler(logits), checking only the sampled logit (NaN wins an argmax, so a NaN row shows there; a
+    sampler refusing NaN probabilities raises ValueError)."""
+    try:
+        token = sampler(logits)
+        if np.isfinite(logits[token]):
+            return token
+    except ValueError:
+        if np.isfinite(logits).all():
+            raise
+    raise NonFiniteLogitsError(f"{source} produced non-finite logits (NaN or inf): the bundle or a kernel is "
+                               f"broken; check it with `edge-run verify`")
 
 
 def split_stop(stop: str | int | Iterable[str | int] | None) -> tuple[tuple[str, ...], frozenset]:

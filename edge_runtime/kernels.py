@@ -19,19 +19,16 @@ import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 
-from .quant import BlockQuant, unpack_4bit
+from .quant import BlockQuant, Rows
 
 CHUNK_FLOATS = 1 << 18  # float codes per row chunk: 1 MB, a core's L2 (measured: 2^16 slower, 2^19 same)
 BLOCKWISE_MAX_ROWS = 12  # activation rows up to which per-block products beat dequantize + GEMM (measured)
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 _FOUR = np.uint64(4)
-
-Rows = Union[slice, np.ndarray]
-
 
 # -- threads --------------------------------------------------------------------------------------
 
@@ -205,30 +202,11 @@ class QuantMatrix:
 
     def zero_point_bias(self, rows: Rows) -> np.ndarray:
         """-zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
-        bq = self.bq
-        scales = bq.scales[rows]
-        if bq.zero_points is None:
-            return scales * np.float32(-bq.qtype.default_zp)
-        zp = bq.zero_points[rows]
-        zp = unpack_4bit(zp)[:, :self.kb] if self.bits == 4 else zp
-        return zp.astype(np.float32) * -scales
-
-    def block_bias(self, rows: Rows) -> np.ndarray:
-        """c = offset - zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
-        bq = self.bq
-        bias = self.zero_point_bias(rows)
-        if bq.offsets is not None:
-            bias += bq.offsets[rows]
-        return bias.astype(np.float32, copy=False)
+        return self.bq.zero_point_values(rows).astype(np.float32) * -self.bq.scales[rows]
 
     def dequantize(self, rows: Rows = slice(None)) -> np.ndarray:
         """Float32 W[rows] in true column order: [n, K]. Used for embedding rows and resident copies."""
-        qw = self.bq.qweight[rows]
-        codes = unpack_4bit(qw) if self.bits == 4 else qw  # [n, kb, bs]
-        w = codes.astype(np.float32)
-        w *= self.bq.scales[rows][:, :, None]
-        w += self.block_bias(rows)[:, :, None]
-        return w.reshape(-1, self.k)
+        return self.bq.dequantize(rows)
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x [S, K] float32 -> x @ W.T [S, N] float32."""

@@ -1,4 +1,4 @@
-"""`edge-run verify --cross`: the NumPy backend and ONNX Runtime checked against each other on one bundle.
+"""`edge-run cross-check`: the NumPy backend and ONNX Runtime checked against each other on one bundle.
 
 Both run the bundle's exact graph (Bundle.exact_graph_file: its weights with float32 activations and a float32
 KV cache), a continuous function of the weights, so two correct executors agree to float rounding: the probe
@@ -12,7 +12,6 @@ The int8 rounding itself is checked kernel by kernel against MatMulNBits (tests/
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +87,7 @@ def cross_check(bundle_path, threads: int = 2) -> CrossResult:
     from .backends import has_onnxruntime
 
     if not has_onnxruntime():
-        raise EdgeError("verify --cross compares the NumPy backend with ONNX Runtime, which is not installed "
+        raise EdgeError("cross-check compares the NumPy backend with ONNX Runtime, which is not installed "
                         "(verify --backend numpy checks the NumPy backend alone)")
     from .backends.numpy_backend import NumpyBackend
     from .backends.ort import OrtBackend
@@ -104,17 +103,3 @@ def cross_check(bundle_path, threads: int = 2) -> CrossResult:
     figures = compare(ours, ort, reference["probe"]["ids"], reference.get("prompts", []), GREEDY_STEPS)
     ours.close()
     return CrossResult(str(bundle.root), figures)
-
-
-def run(args) -> int:
-    """`edge-run verify --cross`: print the figures; exit 1 when any limit is missed."""
-    from .runtime import default_threads
-
-    res = cross_check(args.bundle, threads=args.threads or default_threads())
-    for line in res.lines():
-        print(line)
-    if res.ok:
-        print("verify --cross: PASS")
-        return 0
-    print("verify --cross: FAIL: the two executors disagree on the exact graph", file=sys.stderr)
-    return 1

@@ -1,14 +1,18 @@
 """Loading a bundle into a ready-to-run Model (tokenizer, backend, context policy) and its generate() call."""
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
 
+import numpy as np
+
 from . import backends, budget, chat, pages
 from .bundle import Bundle
-from .errors import ContextOverflowError, EdgeError
+from .errors import ContextOverflowError, EdgeError, EdgeWarning, SamplingError
 from .generate import (
     PREFILL_CHUNK,
     Generation,
@@ -29,12 +33,31 @@ Prompt = Union[str, Sequence[Mapping[str, str]]]
 Stop = Union[str, int, Iterable[Union[str, int]], None]
 
 
-def default_threads() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may actually use."""
     try:
-        n = len(os.sched_getaffinity(0))  # the cores this process may actually use
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, MAX_DEFAULT_THREADS))
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    return min(available_cpus(), MAX_DEFAULT_THREADS)
+
+
+def check_threads(threads: int | None) -> int:
+    """The thread count to run with: default_threads() for None, else `threads` capped at available_cpus()
+    (more threads than CPUs only add contention and per-thread buffers), with an EdgeWarning saying so."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise EdgeError(f"threads must be a positive integer, got {threads!r}")
+    cpus = available_cpus()
+    if threads > cpus:
+        warnings.warn(EdgeWarning(f"threads {threads} capped at {cpus}, the CPUs available to this process"),
+                      stacklevel=3)
+        return cpus
+    return threads
 
 
 def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend: str, kv_dtype):
@@ -64,20 +87,27 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     """
     t0 = time.perf_counter()
     check_overflow(overflow)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise EdgeError(f"threads must be a positive integer, got {threads!r}")
+    threads = check_threads(threads)
     bundle = Bundle.open(bundle_path, verify=verify)
     limit = parse_size(memory_budget) if memory_budget is not None else None
     name = budget.resolve_backend(bundle, backend, limit, context, kv_dtype)  # "auto" under a budget: what fits
     # Planned before anything large (tokenizer, weights, KV cache) is allocated.
     context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
-    engine = backends.make_backend(name, bundle, context, threads or default_threads(), **opts)
+    engine = backends.make_backend(name, bundle, context, threads, **opts)
     # After the backend: its load transient (weights being prepacked) then peaks without the tokenizer on top.
     tokenizer = Tokenizer.from_bundle(bundle)
     pages.trim_heap()  # the tokenizer's parse garbage and the prepacking buffers ONNX Runtime freed
     return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
                  prefill_chunk=chunk)
+
+
+def check_seed_and_temperature(seed, temperature) -> None:
+    """SamplingError unless seed is None or an integer >= 0 and temperature is finite."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise SamplingError(f"seed must be an integer >= 0, got {seed!r:.40}")
+    if isinstance(temperature, (int, float)) and math.isinf(temperature):
+        raise SamplingError("temperature must be finite")
 
 
 class Model:
@@ -133,14 +163,21 @@ class Model:
         .finish_reason, .token_ids and .stats fill in as it runs); otherwise a Generation.
         """
         validate(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
+        check_seed_and_temperature(seed, temperature)
         stop_strings, stop_ids = split_stop(stop)
+        vocab = self.bundle.config.vocab_size
+        if any(not 0 <= i < vocab for i in stop_ids):
+            raise SamplingError(f"stop token ids must be in 0..{vocab - 1}, got {sorted(stop_ids)}")
         ids = self.encode_prompt(prompt)
+        room = self.context - min(max_new_tokens, self.context // 2)  # what fit_prompt keeps of a long prompt
+        if not isinstance(prompt, str) and self.overflow != "error" and len(ids) > room:
+            ids = chat.fit_messages(prompt, self.encode_prompt, room)  # whole old messages go first
         n_keep = int(self.tokenizer.bos_token_id is not None and ids[:1] == [self.tokenizer.bos_token_id])
         ids = fit_prompt(ids, self.context, max_new_tokens, self.overflow, n_keep)
         stats = GenerationStats(prompt_tokens=len(ids), load_s=self.load_s, backend=self._describe())
         tokens = generate_tokens(self.backend, ids, make_sampler(temperature, top_k, top_p, min_p, seed),
                                  make_logits_processors(repetition_penalty), max_new_tokens, self.overflow,
-                                 self.prefill_chunk, n_keep, stats)
+                                 self.prefill_chunk, n_keep, stats, source=f"bundle {self.bundle.root}")
         text = TextStream(tokens, self.tokenizer, stop_strings, stop_ids, self.eos_token_ids, stats)
         if stream:
             return text

@@ -29,13 +29,28 @@ def peak_rss_bytes() -> int:
 
 
 def parse_size(text: str | int) -> int:
-    """'200MB', '1.5G', '512MiB', '4096' -> bytes (K/M/G are binary: 200MB = 200 * 2**20)."""
+    """'200MB', '1.5G', '512MiB', '4096' -> bytes (K/M/G are binary: 200MB = 200 * 2**20); at least 1 byte."""
     if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise EdgeError(f"cannot read size {text!r} (examples: 200MB, 1.5GB, 4096)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        size = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise EdgeError(f"cannot read size {text!r:.40} (examples: 200MB, 1.5GB, 4096)")
+        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < 1:
+        raise EdgeError(f"a size must be at least 1 byte, got {text!r:.40}")
+    return size
+
+
+def format_size(nbytes: float) -> str:
+    """'93.1 MB', '12.0 KB', '0 MB': a non-zero size never prints as '0.0 MB', nor a tiny negative as '-0.0'."""
+    if nbytes == 0:
+        return "0 MB"
+    if abs(nbytes) >= 0.05 * MB:
+        return f"{nbytes / MB:.1f} MB"
+    if abs(nbytes) >= 0.05 * 1024:
+        return f"{nbytes / 1024:.1f} KB"
+    return f"{int(nbytes)} bytes"
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""`edge-run verify`: re-run a bundle's stored float-reference probes and compare with its export baseline
-(`--cross`: the two backends against each other instead, edge_runtime/parity.py).
+"""Re-running a bundle's stored float-reference probes and comparing with its export baseline (`edge-run verify`;
+the two backends against each other instead: edge_runtime/parity.py, `edge-run cross-check`).
 
 reference.json (written at export) holds the float model's top-k log-probs on a probe window and its greedy
 continuations of a few chat prompts. The bundle runs the same inputs here, and the figures are checked against
@@ -8,15 +8,13 @@ kernel, an altered weights file or a runtime regression shows up as a metric pas
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError, EdgeError
+from .errors import BundleError
 from .fidelity import FidelityReport, common_prefix_len, compare_topk
 
 # metric -> (relative, absolute) slack on the export baseline. Another CPU or backend rounds differently
@@ -46,10 +44,10 @@ class Check:
 
     def line(self) -> str:
         op = ">=" if self.higher_is_better else "<="
-        base = "" if self.baseline is None else f"export {_fmt(self.metric, self.baseline)}, "
+        base = "" if self.baseline is None else f"export {fmt_metric(self.metric, self.baseline)}, "
         status = "ok" if self.ok else "FAIL"
-        return (f"  {self.metric:<14}{_fmt(self.metric, self.value):>10}  "
-                f"({base}limit {op} {_fmt(self.metric, self.limit)})  {status}")
+        return (f"  {self.metric:<14}{fmt_metric(self.metric, self.value):>10}  "
+                f"({base}limit {op} {fmt_metric(self.metric, self.limit)})  {status}")
 
 
 @dataclass
@@ -71,7 +69,7 @@ class VerifyResult:
         return [c.metric for c in self.checks if not c.ok]
 
 
-def _fmt(metric: str, v: float) -> str:
+def fmt_metric(metric: str, v: float) -> str:
     if metric == "top1":
         return f"{100 * v:.1f}%"
     if metric == "greedy_prefix":
@@ -174,73 +172,13 @@ def baseline_of(manifest: dict) -> FidelityReport | None:
 def verify(bundle_path, backend: str = "auto", threads: int | None = None) -> VerifyResult:
     """Open the bundle (checksums checked), run its reference probes on `backend`, check against the baseline."""
     from . import backends
-    from .runtime import default_threads
+    from .runtime import check_threads
 
+    threads = check_threads(threads)
     bundle = Bundle.open(bundle_path, verify=True)
     reference = reference_of(bundle)
     name = backends.resolve(backend, bundle.contract)
-    engine = backends.make_backend(name, bundle, min(probe_context(reference), bundle.max_context),
-                                   threads or default_threads())
+    engine = backends.make_backend(name, bundle, min(probe_context(reference), bundle.max_context), threads)
     report = probe_report(engine, reference)
     baseline = baseline_of(bundle.manifest)
     return VerifyResult(str(bundle.root), name, report, baseline, checks_against(report, baseline))
-
-
-# -- command line (dispatched by edge_runtime.cli) -----------------------------------------------------------
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
-
-    p.add_argument("bundle", help="bundle folder (made by edge-export)")
-    p.add_argument("--backend", default="auto", choices=backends.choices())
-    p.add_argument("--threads", type=int, metavar="N")
-    p.add_argument("--cross", action="store_true",
-                   help="check the NumPy backend and ONNX Runtime against each other on the bundle's exact graph "
-                        "(float32 activations): >= 99%% probe top-1 agreement, the same greedy tokens")
-
-
-def print_result(res: VerifyResult, out=None) -> None:
-    out = out or sys.stdout
-    r = res.report
-    print(f"verify {res.bundle}: backend {res.backend}, {r.positions} probe positions ({r.kl_method} KL), "
-          f"{len(r.greedy_prefix or [])} greedy prompts", file=out)
-    for c in res.checks:
-        print(c.line(), file=out)
-    if r.greedy_prefix:
-        pairs = " ".join(f"{a}/{b}" for a, b in zip(r.greedy_prefix, r.greedy_tokens))
-        print(f"  greedy prefix per prompt: {pairs}", file=out)
-    if res.baseline is None:
-        print("  (no export baseline in the manifest: absolute limits used)", file=out)
-
-
-def run(args) -> int:
-    """Re-run the bundle's float-reference probes and compare with the figures recorded at export."""
-    if args.threads is not None and args.threads < 1:
-        raise EdgeError(f"--threads must be a positive integer, got {args.threads}")
-    if args.cross:
-        if args.backend != "auto":
-            raise EdgeError("--cross runs both backends: leave out --backend")
-        from .parity import run as cross_run
-
-        return cross_run(args)
-    res = verify(args.bundle, backend=args.backend, threads=args.threads)
-    print_result(res)
-    if res.ok:
-        print("verify: PASS")
-        return 0
-    worst = next(c for c in res.checks if not c.ok)
-    print(f"verify: FAIL: {', '.join(res.failed)} ({worst.metric} {_fmt(worst.metric, worst.value)} "
-          f"past limit {_fmt(worst.metric, worst.limit)})", file=sys.stderr)
-    return 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edge-run verify ...`: the edge-run dispatcher's parsing and one-line errors, from this module too."""
-    from .cli import main as edge_run
-
-    return edge_run(["verify", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

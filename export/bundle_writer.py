@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -13,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from edge_runtime.config import ModelConfig
+from edge_runtime.errors import EdgeError
 
 from .graph.builder import WEIGHT_LAYOUT_KEY
 
@@ -28,8 +32,12 @@ Progress = Callable[[int, int], None]  # (bytes of weights written, total bytes)
 
 def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extra_files: Mapping[str, bytes | str],
                  graph: onnx.ModelProto | None = None, graphs: Mapping[str, onnx.ModelProto] | None = None,
-                 exact_graph: onnx.ModelProto | None = None, progress: Progress | None = None) -> Path:
-    """Write a bundle to `out_dir` (replacing it only once everything is written).
+                 exact_graph: onnx.ModelProto | None = None, progress: Progress | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write a bundle to `out_dir`, moved into place only once everything is written.
+
+    out_dir must be absent, empty, or hold a bundle (replaced only if overwrite); anything else raises
+    OutPathError before any work (check_out_dir).
 
     graph: the one decoder, or graphs: KV dtype -> decoder, each with inline initializers and, optionally, the
     builder's weight layout in its metadata (fused initializers are indexed part by part, aliases share their
@@ -45,6 +53,7 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
         raise ValueError("write_bundle takes graph or graphs")
     graphs = graphs or {_kv_dtype(graph): graph}
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -63,28 +72,93 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
         manifest = _manifest(config, graphs, files, manifest_fields, index, tmp)
         if exact_graph is not None:
             manifest["graph"]["exact_graph"] = {"file": EXACT_FILE, "accuracy_level": 0, "kv_dtype": "float32"}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        write_manifest(tmp, manifest)
+        _replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished temp folder in; an older bundle at out_dir is removed only after the swap."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.rmdir(old)
-    os.rename(out_dir, old)
+class OutPathError(EdgeError):
+    """The output path holds something that is not ours to replace; nothing was written or removed."""
+
+
+def is_bundle_dir(path: Path) -> bool:
+    """A folder holding an edge bundle and nothing else: manifest.json plus only the files it lists."""
     try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        listed = set((manifest.get("files") or {}) if isinstance(manifest, dict) else ())
+        entries = list(path.iterdir())
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return (manifest.get("format") == FORMAT
+            and all(p.is_file() and not p.is_symlink() and p.name in listed | {MANIFEST} for p in entries))
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raise OutPathError unless out_dir may receive a bundle: absent, an empty folder, or (only with
+    overwrite) a folder holding a bundle. A file, a symlink or any other folder is never replaced."""
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise OutPathError(f"{out_dir} exists and is not a folder: nothing written (choose another output path)")
+    if not any(out_dir.iterdir()):
+        return
+    if not is_bundle_dir(out_dir):
+        raise OutPathError(f"{out_dir} is a folder that is not an edge bundle: nothing written "
+                           f"(choose an empty or new output path)")
+    if not overwrite:
+        raise OutPathError(f"{out_dir} holds a bundle: pass --overwrite to replace it")
+
+
+def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
+    """Move the finished folder `tmp` to out_dir (see check_out_dir); an older bundle there is swapped out in
+    one step where the OS allows it, and removed after the swap. Nothing named after either is left behind."""
+    with _sigint_deferred():
+        check_out_dir(out_dir, overwrite)
+        if not os.path.lexists(out_dir) or not any(out_dir.iterdir()):
+            os.replace(tmp, out_dir)  # replaces an empty folder
+            return
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
+            return
+        old = tmp.with_name(tmp.name + ".old")
+        os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextmanager
+def _sigint_deferred():
+    """Ctrl-C waits until the block is done: a swap of folders is never left half-way (it takes a few renames
+    and the removal of the old bundle). Only the main thread receives signals, so elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _pop_layout(graph: onnx.ModelProto) -> dict:

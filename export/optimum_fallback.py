@@ -338,7 +338,7 @@ def export_fallback_bundle(source, out_dir, opts) -> Path:
             fields, extra = bundle_contents(source, fallback.graph, fallback.quantization, max_context, reference,
                                             opts)
             path = write_bundle(out_dir, config=fallback.config, graph=fallback.model, manifest_fields=fields,
-                                extra_files=extra)
+                                extra_files=extra, overwrite=opts.overwrite)
             steps.done()
             return path
     finally:

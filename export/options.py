@@ -54,6 +54,7 @@ class ExportOptions:
     eval_text: Optional[str] = None  # evaluate on this text file instead of the domains
     sensitivity_cache: Optional[str] = None  # mixed: folder caching per-matmul sensitivities
     progress: bool = True
+    overwrite: bool = False          # replace a bundle already at the output path (never anything else)
     extra_manifest: dict = field(default_factory=dict)
 
     def validated(self) -> "ExportOptions":

@@ -38,11 +38,13 @@ def kv_dtypes_of(opts: ExportOptions) -> tuple[str, ...]:
 
 
 class Steps:
-    """Progress on stderr: one tqdm bar over the pipeline's steps (quiet when progress is off)."""
+    """Progress on stderr: one tqdm bar over the pipeline's steps on a terminal, only the log lines elsewhere
+    (quiet when progress is off)."""
 
     def __init__(self, names, enabled: bool):
         self.bar = None
-        if enabled:
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():  # a bar redrawn into a log file or pipe is one line per redraw
             from tqdm import tqdm
 
             self.bar = tqdm(total=len(names), desc="export", unit="step", file=sys.stderr, leave=True,
@@ -61,6 +63,8 @@ class Steps:
         """A line on stderr that does not break the bar (silent when progress is off)."""
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
+        elif self.enabled:
+            print(msg, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -231,8 +235,12 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
         notes.update(extra)
     else:
         weights = quantize_planned(source, plan, act, hessians, log)
-    return weights, {**plan.manifest(), "act_aware": plan.act_aware,
-                     "untied_embeddings": bool(opts.untie_embeddings), **notes}
+    table = plan.manifest()
+    for name, entry in table["tensors"].items():
+        if entry is not None and name in source.gguf_blocks:  # the GGUF type: transcoded, or re-quantized from it
+            entry["gguf_type"] = source.gguf_blocks[name].kind
+    return weights, {**table, "act_aware": plan.act_aware, "untied_embeddings": bool(opts.untie_embeddings),
+                     **notes}
 
 
 def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) -> dict:
@@ -258,13 +266,12 @@ def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
 
 
 def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
-    """manifest.json is not in the manifest's own `files`, so rewriting it leaves every checksum valid."""
-    from edge_runtime.bundle import MANIFEST
+    """manifest.json is not in the manifest's own `files`: rewriting it (re-sealed) leaves every checksum valid."""
+    from edge_runtime.bundle import MANIFEST, write_manifest
 
-    path = bundle_dir / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest[key] = value
-    path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    write_manifest(bundle_dir, manifest)
 
 
 def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
@@ -275,12 +282,13 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     next to out_dir, evaluated against the float model there (its manifest gains `fidelity`), and renamed into
     place only if it passes the --max-kld gate.
     """
-    from .bundle_writer import _replace_dir, write_bundle
+    from .bundle_writer import _replace_dir, check_out_dir, write_bundle
     from .graph.llama import CONTRACT, GraphOptions, build_llama_graph
     from .reference import FloatReference
 
     opts = (opts or ExportOptions()).validated()
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, opts.overwrite)
     steps = Steps(["load", "float model", "quantize", "graph", "reference", "write", "evaluate"], opts.progress)
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     try:
@@ -328,7 +336,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
             check_fidelity(fidelity, opts)
             _set_manifest_key(staging, "fidelity", fidelity)
         steps.done()
-        _replace_dir(staging, out_dir)
+        _replace_dir(staging, out_dir, opts.overwrite)
         return out_dir
     except BaseException:
         remove_quietly(staging)

@@ -21,7 +21,7 @@ CHUNK_ELEMS = 1 << 17  # elements per row chunk: keeps the search's temporaries 
 SEARCH_RANGE_FACTORS = (1.0, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 1.025, 1.05, 1.075, 1.1)
 SEARCH_REFITS = 3  # alternating (codes -> scale/zero point) rounds after the grid, from the best candidate
 METHODS = ("sym", "asym", "rtn", "search", "gptq", "transcode")
-PRESETS = ("fp32", "int8", "int4")
+PRESETS = ("fp32", "int8", "int4", "exact")
 
 
 @dataclass(frozen=True)
@@ -284,12 +284,8 @@ def _quantize_int4_gptq(w: np.ndarray, block_size: int, offsets: bool, hessian: 
 # -- GGUF transcoding ----------------------------------------------------------------------------------------
 
 
-def _block_field(blocks, key: str):
-    return blocks[key] if isinstance(blocks, Mapping) else getattr(blocks, key)
-
-
 def _split_blocks(d: np.ndarray, m: Optional[np.ndarray], q: np.ndarray, block_size: Optional[int]):
-    """GGUF blocks of 32 cut into blocks of block_size (dividing 32) sharing their parent's d and m: exact."""
+    """GGUF sub-blocks cut into blocks of block_size (dividing theirs) sharing their parent's d and m: exact."""
     n, kb, bs = q.shape
     if block_size is None or block_size == bs:
         return d, m, q
@@ -300,39 +296,103 @@ def _split_blocks(d: np.ndarray, m: Optional[np.ndarray], q: np.ndarray, block_s
     return np.repeat(d, parts, axis=1), m, q.reshape(n, kb * parts, block_size)
 
 
-def transcode_gguf(blocks, bits: Optional[int] = None, block_size: Optional[int] = None) -> BlockQuant:
-    """GGUF Q8_0 / Q4_0 / Q4_1 blocks (export.sources.GGUFBlocks) -> the same values in MatMulNBits layout.
+def _is_float32(v: np.ndarray) -> np.ndarray:
+    """v (float64) is exactly a float32."""
+    return v.astype(np.float32).astype(np.float64) == v
 
-    Q8_0: d*q          -> 8 bits, codes q+128, default zero point 128: exact.
-    Q4_0: d*(q-8)      -> 4 bits, default zero point 8: exact.
-    Q4_1: d*q + m      -> 4 bits, default zero point 8, offsets m + 8d: exact up to one fp32 rounding.
-    bits=8 on Q4_x keeps the codes 0..15 in bytes, for running a 4-bit source on the int8 kernel (Q4_0: zero
-    point 8; Q4_1: each block's zero point at its mean code, offsets m + zp*d): exact as above. At
-    accuracy_level 4 the int8 activations multiply (q - zp), so centering it shrinks their rounding error
-    (SmolLM2-135M held-out KLD 0.0036 -> 0.0031 under ORT, unsmoothed).
-    block_size (dividing 32): each GGUF block becomes 32/block_size blocks with the same d and m (exact).
+
+def exact_zero_points(d: np.ndarray, m: np.ndarray, want: np.ndarray, zmax: int) -> np.ndarray:
+    """Per block, the integer zero point z in [0, zmax] nearest `want` for which m + z*d is a float32 exactly.
+
+    An asymmetric block W = d*q + m is stored as (q - z)*d + (m + z*d); the bundle's offset m + z*d is then
+    exact, so dequantization rounds once, like gguf's. z = 0 always qualifies (the offset is m itself); a
+    centered z keeps (q - z) small, which is what ONNX Runtime's int8 activations multiply.
+    d, m: float32 [N, kb]; want: integer-valued [N, kb]. Loops over candidate distances, not blocks.
     """
-    kind = _block_field(blocks, "kind")
-    if kind not in ("q8_0", "q4_0", "q4_1"):
-        raise EdgeError(f"cannot transcode GGUF block type {kind!r} (supported: q4_0, q4_1, q8_0)")
-    m = np.asarray(_block_field(blocks, "m"), dtype=np.float32) if kind == "q4_1" else None
-    d, m, q = _split_blocks(np.asarray(_block_field(blocks, "d"), dtype=np.float32), m,
-                            np.asarray(_block_field(blocks, "q")), block_size)  # [N, kb], [N, kb], [N, kb, bs]
+    d64, m64 = d.astype(np.float64), m.astype(np.float64)
+    z = np.zeros(d.shape, np.int64)
+    todo = np.ones(d.shape, bool)
+    for step in range(zmax + 1):
+        for sign in ((0,) if step == 0 else (-1, 1)):
+            cand = want.astype(np.int64) + sign * step
+            ok = todo & (cand >= 0) & (cand <= zmax)
+            ok[ok] = _is_float32(m64[ok] + cand[ok] * d64[ok])
+            z[ok] = cand[ok]
+            todo &= ~ok
+        if not todo.any():
+            break
+    return z  # blocks never matched keep 0
+
+
+def _transcode_symmetric(blocks, d, q, bits: int) -> BlockQuant:
+    """W = d*(q - zero): codes shifted so the bundle's default zero point stands for the type's (exact)."""
     n, kb, bs = q.shape
-    if kind == "q8_0":
-        if bits not in (None, 8):
-            raise EdgeError("cannot transcode GGUF Q8_0 blocks to 4 bits exactly")
-        codes = (q.astype(np.int8).astype(np.int16) + QUANT_TYPES[8].default_zp).astype(np.uint8)
-        return BlockQuant(8, bs, (n, kb * bs), codes, d.copy())
-    zp4 = QUANT_TYPES[4].default_zp
-    if bits == 8 and m is None:  # Q4_0: centering would need offsets (and their extra product) too
-        return BlockQuant(8, bs, (n, kb * bs), q.astype(np.uint8), d.copy(), np.full((n, kb), zp4, np.uint8))
-    if bits == 8:
-        zp = np.rint(q.mean(axis=-1, dtype=np.float32))                      # [N, kb], within 0..15
-        return BlockQuant(8, bs, (n, kb * bs), q.astype(np.uint8), d.copy(), zp.astype(np.uint8),
-                          (m + zp * d).astype(np.float32))                    # W = d*(q - zp) + m + zp*d
-    offsets = None if m is None else m + zp4 * d
-    return BlockQuant(4, bs, (n, kb * bs), pack_4bit(q), d.copy(), None, offsets)
+    qt = QUANT_TYPES[bits]
+    shift = qt.default_zp - blocks.type.zero
+    top = (1 << blocks.type.bits) - 1
+    if shift < 0 or top + shift > qt.qmax:
+        raise EdgeError(f"cannot hold GGUF {blocks.kind} codes in {bits} bits with the default zero point")
+    codes = (q.astype(np.int16) + shift).astype(np.uint8)
+    return BlockQuant(bits, bs, (n, kb * bs), _pack_codes(codes, bits), d.copy())
+
+
+def _transcode_asymmetric(d, m, q, bits: int) -> BlockQuant:
+    """W = d*q + m as (q - z)*d + (m + z*d), z per block from exact_zero_points.
+
+    4 bits: z near the default 8, stored only if some block needs another one. 8 bits: z near the block's mean
+    code, folded into the codes (q - z + 128, default zero point), so no zero-point array is stored."""
+    n, kb, bs = q.shape
+    qt = QUANT_TYPES[bits]
+    if bits == 4:
+        z = exact_zero_points(d, m, np.full(d.shape, qt.default_zp), qt.qmax)
+        offsets = (m.astype(np.float64) + z * d.astype(np.float64)).astype(np.float32)
+        zp = None if (z == qt.default_zp).all() else pack_4bit(z.astype(np.uint8))
+        return BlockQuant(4, bs, (n, kb * bs), pack_4bit(q), d.copy(), zp, offsets)
+    top = int(q.max(initial=0))
+    z = exact_zero_points(d, m, np.rint(q.mean(axis=-1, dtype=np.float32)), top)
+    offsets = (m.astype(np.float64) + z * d.astype(np.float64)).astype(np.float32)
+    codes = (q.astype(np.int16) - z[..., None] + qt.default_zp).astype(np.uint8)  # z <= top < 128: in range
+    return BlockQuant(8, bs, (n, kb * bs), codes, d.copy(), None, offsets)
+
+
+def transcode_bits(blocks) -> int:
+    """The narrowest bundle width that holds the GGUF type's codes: 4 or 8."""
+    return 4 if blocks.type.bits <= 4 else 8
+
+
+def transcode_gguf(blocks, bits: Optional[int] = None, block_size: Optional[int] = None) -> BlockQuant:
+    """GGUF blocks (export.sources.GGUFBlocks, any type of GGUF_TYPES) -> the same values as a BlockQuant.
+
+    Symmetric types (W = d*(q - zero): Q4_0, Q5_0, Q8_0, Q3_K, Q6_K) keep their codes, shifted so that the
+    bundle's default zero point (8 or 128) stands for the type's; asymmetric ones (W = d*q + m: Q4_1, Q5_1,
+    Q2_K, Q4_K, Q5_K) get a per-block offset (see exact_zero_points). Either way BlockQuant.dequantize gives
+    gguf's float32 values bit for bit.
+    bits: 4 or 8 (default: the narrowest that holds the codes, transcode_bits). 8 bits on 4-bit codes runs
+    them on the int8 kernel. block_size: dividing the GGUF sub-block (32 or 16); smaller blocks repeat their
+    parent's d and m.
+    """
+    bits = transcode_bits(blocks) if bits is None else bits
+    if bits not in QUANT_TYPES or blocks.type.bits > bits:
+        raise EdgeError(f"cannot transcode GGUF {blocks.kind} ({blocks.type.bits}-bit codes) to {bits} bits exactly")
+    d, m, q = _split_blocks(blocks.d, blocks.m, blocks.q, block_size)  # [N, kb], [N, kb] | None, [N, kb, bs]
+    if m is None:
+        return _transcode_symmetric(blocks, d, q, bits)
+    return _transcode_asymmetric(d, m, q, bits)
+
+
+def gguf_paths(tensors: Mapping[str, dict]) -> Optional[str]:
+    """One line from the manifest's quantization table: which GGUF types were transcoded exactly, which
+    re-quantized from their float values (None when no tensor came from GGUF blocks)."""
+    paths: dict[tuple, int] = {}
+    for entry in tensors.values():
+        if "gguf_type" in entry:
+            how = "exact" if entry["method"] == "transcode" else f"re-quantized {entry['method']}"
+            key = (how, entry["gguf_type"], entry["bits"])
+            paths[key] = paths.get(key, 0) + 1
+    if not paths:
+        return None
+    parts = [f"{n} {kind} -> int{bits} {how}" for (how, kind, bits), n in sorted(paths.items())]
+    return "GGUF tensors: " + ", ".join(parts)
 
 
 # -- per-tensor dispatch and presets -------------------------------------------------------------------------
@@ -369,21 +429,24 @@ def _fitting_block_size(k: int, wanted: int) -> Optional[int]:
 
 
 def _transcode_spec(blocks, preset: str, block_size: int) -> QuantSpec:
-    """The exact transcode of GGUF blocks into the preset's width (Q8_0 stays 8-bit even under int4).
+    """The exact transcode of GGUF blocks: the narrowest width holding their codes (8 for 5- to 8-bit codes,
+    whatever the preset), 8 under int8.
 
-    int8 splits the GGUF blocks of 32 into the preset's smaller blocks when asked (still exact): MatMulNBits
+    int8 splits the GGUF blocks into the preset's smaller blocks when asked (still exact): MatMulNBits
     rounds its int8 activations per weight block, so smaller blocks mean finer activations."""
-    kind = _block_field(blocks, "kind")
-    bits = 8 if kind == "q8_0" or preset == "int8" else 4
-    bs = block_size if preset == "int8" and block_size < 32 and 32 % block_size == 0 else 32
-    return QuantSpec(bits, bs, "transcode", offsets=(kind == "q4_1"))
+    sub = blocks.q.shape[-1]
+    bits = 8 if preset == "int8" else transcode_bits(blocks)
+    bs = block_size if preset == "int8" and block_size < sub and sub % block_size == 0 else sub
+    return QuantSpec(bits, bs, "transcode", offsets=blocks.m is not None)
 
 
 def _fits_preset(blocks, preset: str) -> bool:
-    """Transcode only into a width at least the GGUF block's: under int4 a Q8_0 tensor (SmolLM2's tied
-    embedding) is re-quantized to 4 bits, since its 8-bit lm_head costs 1.5x the time of a 4-bit one per token
-    (1.12 vs 0.72 ms at 49152x576, profiled in the graph at 2 threads); `--quant auto` weighs that choice."""
-    return preset == "int8" or _block_field(blocks, "kind") != "q8_0"
+    """Whether a GGUF tensor is transcoded under the preset (else re-quantized from its float values).
+
+    int8 and exact: always. int4: all but Q8_0, which is re-quantized to 4 bits: SmolLM2's tied Q8_0
+    embedding is its lm_head too, and an 8-bit lm_head costs 1.5x the time of a 4-bit one per token
+    (profiled in the graph at 2 threads); `--quant auto` weighs that choice, `--quant exact` keeps it."""
+    return preset != "int4" or blocks.kind != "q8_0"
 
 
 def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping] = None,
@@ -396,9 +459,10 @@ def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping
     1 byte per block more: finer steps for blocks not centered on 0, as Q4_1-derived or smoothed weights are).
     int4: 4-bit with `method` / `offsets`; method gptq only for matmul weights GPTQ can round (export.gptq
     hessian_keys: not the embedding table, nor a tied lm_head), the search for the others. transcode=True:
-    a tensor with GGUF blocks is transcoded exactly instead (see transcode_gguf): Q4_x into the preset's
-    width, Q8_0 into 8 bits (so a Q8_0 embedding stays 8-bit under int4). A tensor whose K no supported block
-    size <= block_size divides stays fp32.
+    a tensor with GGUF blocks is transcoded exactly instead (see transcode_gguf, _fits_preset): 4-bit codes
+    into the preset's width, 5- to 8-bit codes into 8 bits. exact: every GGUF-quantized tensor transcoded
+    (Q8_0 too), the float ones as int8. A tensor whose K no supported block size <= block_size divides stays
+    fp32.
     """
     if preset not in PRESETS:
         raise EdgeError(f"unknown quantization preset {preset!r} (choose from {', '.join(PRESETS)})")
@@ -415,7 +479,7 @@ def preset_specs(config: ModelConfig, preset: str, gguf_blocks: Optional[Mapping
             specs[name] = None
         elif transcode and gguf_blocks and name in gguf_blocks and _fits_preset(gguf_blocks[name], preset):
             specs[name] = _transcode_spec(gguf_blocks[name], preset, bs)
-        elif preset == "int8":
+        elif preset in ("int8", "exact"):
             specs[name] = QuantSpec(8, bs, int8_method)
         else:
             specs[name] = QuantSpec(4, bs, "search" if method == "gptq" and name not in gptq_names else method,

@@ -3,8 +3,8 @@
 - `q4` (the default): every layer matmul at 4 bits (GGUF Q4 blocks transcoded exactly, float weights by the
   block search or GPTQ), the embedding / tied lm_head at 8 bits in blocks of 64. The lm_head is the one matmul
   whose 4-bit rounding the output sees undiluted; at 8 bits it stays faithful.
-- `exact`: every tensor with GGUF blocks transcoded at its own width (Q4_x -> int4, Q8_0 -> int8); weights
-  without blocks at int8.
+- `exact`: every tensor with GGUF blocks transcoded at its codes' width (4-bit codes -> int4, 5- to 8-bit
+  -> int8); weights without blocks at int8.
 - `q8`: int8 everywhere (smoothed at accuracy level 4, see export.smooth).
 - `mixed`: int4 or int8 per matmul, the fewest bytes meeting --target-kld on calibration text (export.sensitivity);
   its plan is what the search chose.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .options import ExportOptions, OptionsError
-from .quantize import QuantSpec, _block_field, _fitting_block_size, _linear_in_features, _transcode_spec, preset_specs
+from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
 from .sources import SourceModel
 
 VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
@@ -56,21 +56,10 @@ def vocab_spec(source: SourceModel, name: str, block: int) -> Optional[QuantSpec
 
 
 def exact_specs(source: SourceModel) -> dict:
-    """Every tensor with GGUF blocks transcoded at its own width; other linear weights at int8."""
-    cfg, blocks = source.config, source.gguf_blocks
-    if not blocks:
+    """Every tensor with GGUF blocks transcoded at its codes' width; other linear weights at int8."""
+    if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
-    specs = {}
-    for name in preset_specs(cfg, "fp32"):
-        k = _linear_in_features(cfg, name)
-        bs = None if k is None else _fitting_block_size(k, 32)
-        if bs is None:
-            specs[name] = None
-        elif name in blocks:
-            specs[name] = _transcode_spec(blocks[name], "int4", 32)
-        else:
-            specs[name] = QuantSpec(8, bs, "sym")
-    return specs
+    return preset_specs(source.config, "exact", source.gguf_blocks, block_size=32)
 
 
 def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
@@ -82,7 +71,7 @@ def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
         if specs.get(name) is not None:
             blocks = source.gguf_blocks.get(name) if opts.transcode else None
             table_only = opts.untie_embeddings  # read a row per token: block size costs bytes, not speed
-            if table_only and blocks is not None and _block_field(blocks, "kind") == "q8_0":
+            if table_only and blocks is not None and blocks.kind == "q8_0":
                 specs[name] = _transcode_spec(blocks, "int8", 32)
             else:
                 specs[name] = vocab_spec(source, name, opts.vocab_block or VOCAB_INT8_BLOCK)

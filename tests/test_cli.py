@@ -15,7 +15,7 @@ import pytest
 from test_runtime import EOS, FAKE_HOOK, ids_of, tiny_tokenizer, write_bundle
 
 from edge_runtime.backends import EXTRA_BACKENDS_ENV
-from edge_runtime.cli import _split_command
+from edge_runtime.cli import split_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,11 @@ def test_run_subcommand_stdin_stop_and_sampling_flags(bundle):
                     "--max-new-tokens", "20", "--temperature", "0.5", "--top-k", "5", "--top-p", "0.9",
                     "--seed", "1", stdin="hello")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, " world\n", "")
-    assert _split_command(["verify", "b"]) == ("verify", ["b"])
-    assert _split_command(["mybundle", "hi"]) == ("run", ["mybundle", "hi"])  # no subcommand: run
-    assert _split_command(["run", "b"]) == ("run", ["b"])
+    assert split_command(["verify", "b"]) == ("verify", ["b"])
+    assert split_command(["mybundle", "hi"]) == ("run", ["mybundle", "hi"])  # no subcommand: run
+    assert split_command(["run", "b"]) == ("run", ["b"])
+    assert split_command(["--debug", "verify", "b"]) == ("verify", ["b", "--debug"])
+    assert split_command(["./verify", "hi"]) == ("run", ["./verify", "hi"])
 
 
 def test_chat_mode_is_the_default_with_a_template(bundle):

@@ -1,4 +1,4 @@
-"""`edge-run verify --cross`: the NumPy backend and ONNX Runtime on a bundle's exact graph (float32 activations,
+"""`edge-run cross-check`: the NumPy backend and ONNX Runtime on a bundle's exact graph (float32 activations,
 same weights), which every quantized bundle now carries; the SmolLM2 figures are in test_numpy_backend.py."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from edge_runtime import parity as P
-from edge_runtime.bundle import Bundle, sha256_file
+from edge_runtime.bundle import Bundle, sha256_file, write_manifest
 from edge_runtime.cli import main as edge_run
 
 
@@ -82,13 +82,13 @@ def test_cross_check_fails_when_the_numpy_kernels_are_wrong(exported, monkeypatc
     assert not res.ok and res.figures["max_abs_diff"] > res.max_diff_limit
 
 
-def test_verify_cross_cli(exported, capsys):
-    assert edge_run(["verify", str(exported("int8")), "--cross", "--threads", "1"]) == 0
+def test_cross_check_cli(exported, capsys):
+    assert edge_run(["cross-check", str(exported("int8")), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "exact graph" in out and "32/32 32/32 32/32" in out and "verify --cross: PASS" in out
+    assert "exact graph" in out and "32/32 32/32 32/32" in out and "cross-check: PASS" in out
     assert edge_run(["verify", str(exported("int8")), "--cross", "--backend", "numpy"]) == 2
     err = capsys.readouterr().err
-    assert "--cross runs both backends" in err and err.count("\n") == 1
+    assert "cross-check runs both backends" in err and err.count("\n") == 1
 
 
 def test_bundle_without_an_exact_graph_is_a_one_line_error(exported, tmp_path, capsys):
@@ -98,7 +98,7 @@ def test_bundle_without_an_exact_graph_is_a_one_line_error(exported, tmp_path, c
     (old / "model.exact.onnx").unlink()
     meta = json.loads((old / "manifest.json").read_text())
     del meta["graph"]["exact_graph"], meta["files"]["model.exact.onnx"]
-    (old / "manifest.json").write_text(json.dumps(meta))
+    write_manifest(old, meta)
     assert Bundle.open(old).exact_graph_file() is None
     assert edge_run(["verify", str(old), "--cross", "--threads", "1"]) == 2
     err = capsys.readouterr().err

@@ -17,6 +17,7 @@ import pytest
 
 import edge_runtime
 from edge_runtime import backends
+from edge_runtime.bundle import FORMAT_VERSION, write_manifest
 from edge_runtime.errors import BundleError, ContextOverflowError, EdgeError, UnsupportedModelError
 from edge_runtime.generate import fit_prompt, held_back, split_stop
 from edge_runtime.runtime import default_threads
@@ -122,7 +123,7 @@ def write_bundle(root: Path, script: list[int], max_context: int = 64, chat_temp
     spec = json.loads(tiny_tokenizer_json())
     vocab = len(spec["model"]["vocab"])  # the special tokens are in it too (trained in)
     manifest = {
-        "format": "edge-bundle", "format_version": 1, "architecture": "llama",
+        "format": "edge-bundle", "format_version": FORMAT_VERSION, "architecture": "llama",
         "config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": 8, "intermediate_size": 16,
                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4},
         "graph": {"contract": contract, "file": "model.onnx", "script": [int(t) for t in script],
@@ -134,7 +135,7 @@ def write_bundle(root: Path, script: list[int], max_context: int = 64, chat_temp
         "max_context": max_context,
         "files": files,
     }
-    (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    write_manifest(root, manifest)
     return root
 
 
@@ -169,8 +170,8 @@ def test_import_loads_no_heavy_packages():
 def test_load_defaults_and_context_checks(tmp_path):
     model = make_model(tmp_path, ids_of("the cat"), max_context=4096)
     assert model.context == 2048 and model.backend.threads >= 1
-    model = edge_runtime.load(tmp_path / "bundle", backend="fake", context=100, threads=3)
-    assert model.context == 100 and model.backend.threads == 3
+    model = edge_runtime.load(tmp_path / "bundle", backend="fake", context=100, threads=1)
+    assert model.context == 100 and model.backend.threads == 1
     with pytest.raises(ContextOverflowError, match="exceeds this bundle's max_context 4096"):
         edge_runtime.load(tmp_path / "bundle", backend="fake", context=5000)
     with pytest.raises(EdgeError, match="context must be a positive"):

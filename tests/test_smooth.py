@@ -94,10 +94,9 @@ def test_smoothing_cuts_int8_activation_error_on_outlier_channels():
 
 def gguf_blocks(kind: str, n: int = 6, kb: int = 3) -> GGUFBlocks:
     d = RNG.uniform(0.01, 0.1, (n, kb)).astype(np.float16).astype(np.float32)
-    if kind == "q8_0":
-        return GGUFBlocks(kind, d, None, RNG.integers(-127, 128, (n, kb, 32)).astype(np.int8))
     m = RNG.normal(0, 0.1, (n, kb)).astype(np.float16).astype(np.float32) if kind == "q4_1" else None
-    return GGUFBlocks(kind, d, m, RNG.integers(0, 16, (n, kb, 32)).astype(np.uint8))
+    top = 255 if kind == "q8_0" else 15
+    return GGUFBlocks(kind, d, m, RNG.integers(1 if kind == "q8_0" else 0, top + 1, (n, kb, 32)).astype(np.uint8))
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
@@ -106,14 +105,16 @@ def test_int8_transcode_is_exact_at_smaller_blocks(kind, block_size):
     blk = gguf_blocks(kind)
     bq = transcode_gguf(blk, 8, block_size)
     assert bq.bits == 8 and bq.block_size == (block_size or 32)
-    want = blk.dequantize()
-    np.testing.assert_allclose(bq.dequantize(), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    assert np.array_equal(bq.dequantize(), blk.dequantize())
 
 
-def test_int8_transcode_of_q4_1_centers_the_zero_points():
+def test_int8_transcode_of_q4_1_centers_the_codes():
     blk = gguf_blocks("q4_1")
     bq = transcode_gguf(blk, 8)
-    np.testing.assert_array_equal(bq.zero_points, np.rint(blk.q.mean(-1)))  # int8 activations times (q - zp)
+    assert bq.zero_points is None  # the centering is folded into the codes: int8 activations times (q - z)
+    centered = bq.qweight.astype(np.int16) - 128                         # [N, kb, 32] = q - z
+    z = (blk.q.astype(np.int16) - centered)[..., 0]
+    assert np.all(np.abs(z - np.rint(blk.q.mean(-1))) <= 1)  # the mean code, or the nearest exact neighbour
 
 
 # -- the exporter --------------------------------------------------------------------------------------------

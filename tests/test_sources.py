@@ -179,13 +179,13 @@ def test_gguf_f32_reads_back_exactly(spec, arch, tmp_path):
 
 
 def block_formula(b):
-    """The documented meaning of GGUFBlocks: W = d*q + m (q4_1), d*(q-8) (q4_0), d*q (q8_0)."""
+    """The documented meaning of GGUFBlocks: W = d*q + m (q4_1), d*(q-8) (q4_0), d*(q-128) (q8_0)."""
     d = b.d[..., None]
     if b.kind == "q4_1":
         return d * b.q + b.m[..., None]
     if b.kind == "q4_0":
         return d * (b.q.astype(np.float32) - 8)
-    return d * b.q
+    return d * (b.q.astype(np.float32) - 128)
 
 
 def test_gguf_quant_blocks_match_gguf_dequantize(tmp_path):
@@ -209,7 +209,7 @@ def test_gguf_quant_blocks_match_gguf_dequantize(tmp_path):
         n, k = t.shape
         assert b.kind == kind and b.d.shape == (n, k // 32) and b.q.shape == (n, k // 32, 32)
         assert (b.m is not None) == (kind == "q4_1")
-        assert b.q.dtype == (np.int8 if kind == "q8_0" else np.uint8)
+        assert b.q.dtype == np.uint8
         if kind != "q8_0":
             assert b.q.max() <= 15
         assert np.array_equal(block_formula(b).reshape(n, k), want), name

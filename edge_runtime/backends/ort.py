@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import ContextOverflowError, UnsupportedModelError
+from ..errors import BundleError, ContextOverflowError, UnsupportedModelError
 from ..pages import release_file_pages, reserve
 
 CONTRACT = "edge-llama-v1"
@@ -77,6 +77,21 @@ def exact_graph_file(bundle: Bundle) -> str:
     return path
 
 
+def inference_session(bundle: Bundle, name: str, options):
+    """An ONNX Runtime session on a graph of the bundle, its external data files checked first
+    (Bundle.graph_path); a graph ONNX Runtime cannot load is a BundleError."""
+    import onnxruntime as ort
+
+    path = bundle.graph_path(name)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception classes (Fail, InvalidGraph, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BundleError(f"bundle {bundle.root}: ONNX Runtime cannot load {name}: {first[:300]}") from None
+
+
 class OrtBackend:
     name = "ort"
 
@@ -102,9 +117,8 @@ class OrtBackend:
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config
         self.vocab = cfg.vocab_size
-        self.session = ort.InferenceSession(str(bundle.path(graph_file or bundle.graph_file(kv_dtype))),
-                                            make_session_options(threads, session_options),
-                                            providers=["CPUExecutionProvider"])
+        self.session = inference_session(bundle, graph_file or bundle.graph_file(kv_dtype),
+                                         make_session_options(threads, session_options))
         self._ov = ort.OrtValue.ortvalue_from_numpy
         self.binding = self.session.io_binding()
         # The initializers GatherBlockQuantized reads in place stay mapped, fully read by prepacking: let the

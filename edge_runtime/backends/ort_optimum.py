@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BundleError, ContextOverflowError, UnsupportedModelError
+from .ort import inference_session
 
 CONTRACT = "optimum-kv-v1"
 
@@ -26,10 +27,7 @@ class OptimumOrtBackend:
             raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} for this bundle")
         graph = bundle.manifest["graph"]
         self.threads = threads
-        self.session = ort.InferenceSession(
-            str(bundle.path(graph["file"])), sess_options=session_options(ort, threads),
-            providers=["CPUExecutionProvider"],
-        )
+        self.session = inference_session(bundle, graph["file"], session_options(ort, threads))
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.num_layers, self.kv_heads, self.head_dim = graph["num_layers"], graph["kv_heads"], graph["head_dim"]

@@ -9,36 +9,7 @@ import numpy as np
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
 
-QUANT_KINDS = ("q4_0", "q4_1", "q8_0")
-
-
-@dataclass
-class GGUFBlocks:
-    """Raw block parameters of one GGUF-quantized matrix [N, K], rows in HF order, 32 elements per block.
-
-    W = d*q + m (q4_1), d*(q-8) (q4_0), d*q (q8_0), with d, m broadcast over the last axis of q.
-    """
-
-    kind: str  # one of QUANT_KINDS
-    d: np.ndarray  # float32 [N, K/32]
-    m: np.ndarray | None  # float32 [N, K/32] for q4_1, else None
-    q: np.ndarray  # uint8 0..15 (q4_x) or int8 (q8_0) [N, K/32, 32], element values in natural order
-
-    def dequantize(self) -> np.ndarray:
-        """float32 [N, K], bit-identical to gguf.quants.dequantize of the stored blocks."""
-        d = self.d[..., None]
-        if self.kind == "q4_1":
-            w = d * self.q.astype(np.float32) + self.m[..., None]
-        elif self.kind == "q4_0":
-            w = d * (self.q.astype(np.int8) - np.int8(8)).astype(np.float32)
-        else:
-            w = self.q.astype(np.float32) * d
-        return w.reshape(self.q.shape[0], -1)
-
-    def take_rows(self, order: np.ndarray) -> GGUFBlocks:
-        """The same blocks with rows reordered (rows are independent: blocks run along K)."""
-        m = None if self.m is None else self.m[order]
-        return GGUFBlocks(self.kind, self.d[order], m, self.q[order])
+from .gguf_blocks import GGUF_TYPES, GGUFBlocks  # noqa: F401 - re-exported: HF name -> blocks below
 
 
 @dataclass

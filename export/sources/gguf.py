@@ -16,7 +16,8 @@ from edge_runtime.bundle import sha256_file
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
 
-from . import GGUFBlocks, SourceModel, check_tensors
+from . import SourceModel, check_tensors
+from .gguf_blocks import GGUF_TYPES, GGUFBlocks, split_blocks
 
 # GGUF general.architecture -> HF model_type. llama.cpp stores Mistral 7B-style models as "llama".
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -40,8 +41,6 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-# kind -> (fp16 scales per block: d [, m], bytes of quants per block of 32): Q4_1 is 2*2 + 16 bytes.
-BLOCK_LAYOUT = {"q4_0": (1, 16), "q4_1": (2, 16), "q8_0": (1, 32)}
 
 
 def hf_name(gguf_name: str) -> str:
@@ -66,22 +65,10 @@ def unpermute_order(rows: int, n_head: int) -> np.ndarray:
 
 
 def read_blocks(data: np.ndarray, qtype) -> GGUFBlocks | None:
-    """Split raw Q4_0 / Q4_1 / Q8_0 bytes [N, K/32 * type_size] into d, m, q; None for other types."""
-    from gguf import GGMLQuantizationType as T
-
-    kind = {T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q8_0: "q8_0"}.get(qtype)
-    if kind is None:
-        return None
-    n_scales, n_quant_bytes = BLOCK_LAYOUT[kind]
-    raw = np.ascontiguousarray(data).reshape(data.shape[0], -1, 2 * n_scales + n_quant_bytes)  # [N, K/32, bytes]
-    scales = raw[..., : 2 * n_scales].copy().view(np.float16).astype(np.float32)  # [N, K/32, n_scales]
-    qs = raw[..., 2 * n_scales:]
-    if kind == "q8_0":
-        q = qs.view(np.int8).copy()  # [N, K/32, 32]
-    else:  # element j in the low nibble of byte j, element j+16 in the high nibble
-        q = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)  # [N, K/32, 32]
-    m = scales[..., 1].copy() if kind == "q4_1" else None
-    return GGUFBlocks(kind, scales[..., 0].copy(), m, q)
+    """Raw bytes [N, K/block * type_size] of a type in GGUF_TYPES -> its sub-block scales, offsets and codes;
+    None for other types (float, or quantizations the bundle cannot hold exactly)."""
+    kind = qtype.name.lower()
+    return split_blocks(kind, data) if kind in GGUF_TYPES else None
 
 
 def float32_decimal(x: float) -> float:

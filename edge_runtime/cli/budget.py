@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
-from .errors import EdgeError
-from .stats import MB, parse_size
+from ..errors import EdgeError
+from ..stats import MB, format_size, parse_size
 
 # measured stage -> the plan components it holds
 STAGE_COMPONENTS = (
@@ -19,8 +18,8 @@ STAGE_COMPONENTS = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
+def configure(p: argparse.ArgumentParser) -> None:
+    from .. import backends
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context, KV dtype and prefill "
@@ -38,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Print the memory plan of a session and, unless --plan-only, the measured peak of a fresh process."""
-    from . import budget
-    from .bundle import Bundle
-    from .testing import ChildError, measure_generation
+    from .. import budget
+    from ..bundle import Bundle
+    from ..testing import ChildError, measure_generation
 
     bundle = Bundle.open(args.bundle, verify=False)
     limit = parse_size(args.budget) if args.budget is not None else None
@@ -51,7 +50,7 @@ def run(args) -> int:
         context = args.context or min(bundle.max_context, 2048)
         plan = budget.plan_session(bundle, context, backend, args.kv_dtype)
     print(f"{args.bundle}: {backend}, context {plan.context}, kv {plan.kv_dtype}, prefill chunk "
-          f"{plan.prefill_chunk}" + (f", budget {limit / MB:.1f} MB" if limit is not None else ""))
+          f"{plan.prefill_chunk}" + (f", budget {format_size(limit)}" if limit is not None else ""))
     if args.plan_only:
         print(plan.table())
         return 0
@@ -66,9 +65,14 @@ def run(args) -> int:
           f"({m.backend}, context {m.context}"
           + (f", decode {m.decode_tps:.1f} tok/s" if m.decode_tps else "") + ")")
     if limit is not None and m.peak > limit:
-        print(f"over budget: measured peak {m.peak / MB:.1f} MB > {limit / MB:.1f} MB", file=sys.stderr)
+        print(f"over budget: measured peak {format_size(m.peak)} > {format_size(limit)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _mb(nbytes: float) -> float:
+    """MB rounded for a table column; a tiny negative difference shows as 0.0, not -0.0."""
+    return round(nbytes / MB, 1) or 0.0
 
 
 def compare(plan, m) -> str:
@@ -76,22 +80,11 @@ def compare(plan, m) -> str:
     rows = [f"  {'stage':<11}{'plan MB':>9}{'measured MB':>13}  components"]
     for stage, names, note in STAGE_COMPONENTS:
         planned = sum(plan[n] for n in names)
-        shown = " + ".join(f"{n} {plan[n] / MB:.1f}" for n in names)
-        rows.append(f"  {stage:<11}{planned / MB:9.1f}{m.stages.get(stage, 0) / MB:13.1f}  "
+        shown = " + ".join(f"{n} {_mb(plan[n]):.1f}" for n in names)
+        rows.append(f"  {stage:<11}{_mb(planned):9.1f}{_mb(m.stages.get(stage, 0)):13.1f}  "
                     f"{shown + '; ' if shown else ''}{note}")
-    rows.append(f"  {'load peak':<11}{plan.load_peak / MB:9.1f}{'':>13}  load transient "
-                f"{plan.load_transient / MB:.1f} planned, {m.stages.get('load_transient', 0) / MB:.1f} measured")
+    rows.append(f"  {'load peak':<11}{_mb(plan.load_peak):9.1f}{'':>13}  load transient "
+                f"{_mb(plan.load_transient):.1f} planned, {_mb(m.stages.get('load_transient', 0)):.1f} measured")
     delta = (m.peak / plan.total - 1) * 100 if plan.total else 0.0
-    rows.append(f"  {'peak':<11}{plan.total / MB:9.1f}{m.peak / MB:13.1f}  measured {delta:+.1f}% vs plan")
+    rows.append(f"  {'peak':<11}{_mb(plan.total):9.1f}{_mb(m.peak):13.1f}  measured {delta:+.1f}% vs plan")
     return "\n".join(rows)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edge-run budget ...`: the edge-run dispatcher's parsing and one-line errors, from this module too."""
-    from .cli import main as edge_run
-
-    return edge_run(["budget", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,27 +1,15 @@
-"""`edge-run`: the command line. `edge-run BUNDLE "prompt"` streams an answer; other subcommands dispatch to
-the modules named in COMMANDS. Every EdgeError becomes one `edge-run: error: ...` line and exit code 2."""
+"""`edge-run run BUNDLE [PROMPT]` (or `edge-run BUNDLE [PROMPT]`): stream an answer to a prompt."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
-from collections.abc import Sequence
 
-from .errors import EdgeError
-
-# Subcommand -> module defining `add_arguments(parser)` and `run(args) -> int` (its docstring is the help).
-# `edge-run BUNDLE ...` without a subcommand means `run`.
-COMMANDS = {
-    "run": "edge_runtime.cli",
-    "verify": "edge_runtime.verify",
-    "budget": "edge_runtime.budget_cli",
-}
+from ..errors import EdgeError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from . import backends
-    from .generate import OVERFLOW_POLICIES
+def configure(p: argparse.ArgumentParser) -> None:
+    from .. import backends
+    from ..generate import OVERFLOW_POLICIES
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or omitted reads standard input")
@@ -38,12 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="random seed of sampling (an integer >= 0)")
     s.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
                    help="stop strings (not printed)")
     r = p.add_argument_group("runtime")
     r.add_argument("--backend", default="auto", choices=backends.choices())
-    r.add_argument("--threads", type=int, metavar="N")
+    r.add_argument("--threads", type=int, metavar="N", help="compute threads (at most the CPUs available)")
     r.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens")
     r.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context chosen to fit)")
     r.add_argument("--kv-dtype", choices=("float32", "float16"),
@@ -54,20 +42,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-stats", dest="stats", action="store_false", help="do not print the stats line")
 
 
+def read_prompt(arg: str) -> str:
+    """The prompt text: the argument, or standard input for '-'; EdgeError unless it is valid UTF-8."""
+    if arg == "-":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EdgeError(f"standard input is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})"
+                            ) from None
+    return utf8_argument(arg, "the prompt argument")
+
+
+def utf8_argument(text: str, what: str) -> str:
+    """`text` itself; EdgeError if it came from argv bytes that are not UTF-8 (they arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgeError(f"{what} is not UTF-8 text (character {e.start})") from None
+    return text
+
+
 def _prompt(args, model):
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = read_prompt(args.prompt)
     chat = args.chat if args.chat is not None else bool(model.chat_template)
     if not chat:
         return text
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    system = utf8_argument(args.system, "--system") if args.system else None
+    messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": text}]
 
 
 def run(args) -> int:
     """Stream an answer to a prompt."""
-    from . import load
-    from .sampling import validate
-    from .stats import parse_size
+    from .. import load
+    from ..sampling import validate
+    from ..stats import parse_size
 
     validate(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
              args.max_new_tokens)
@@ -85,36 +95,3 @@ def run(args) -> int:
     if args.stats:
         print(stream.stats.line(), file=sys.stderr)
     return 0
-
-
-def _split_command(argv: list[str]) -> tuple[str, list[str]]:
-    if argv and argv[0] in COMMANDS:
-        return argv[0], argv[1:]
-    return "run", argv
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    name, rest = _split_command(list(sys.argv[1:] if argv is None else argv))
-    module = importlib.import_module(COMMANDS[name])
-    others = ", ".join(f"edge-run {c} ..." for c in COMMANDS if c != "run")
-    parser = argparse.ArgumentParser(
-        prog="edge-run" if name == "run" else f"edge-run {name}",
-        description=(module.run.__doc__ or "").strip(),
-        epilog=f"other commands: {others}" if others else None)
-    module.add_arguments(parser)
-    args = parser.parse_intermixed_args(rest)
-    try:
-        return module.run(args)
-    except EdgeError as e:
-        print(f"edge-run: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): silence the flush at exit, as the Python docs advise.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
