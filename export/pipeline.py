@@ -94,7 +94,7 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
     """The same model with its tied lm_head as a tensor of its own (same values, same GGUF blocks).
 
     Tied, one matrix serves two uses quantized alike: the lm_head, a matmul read whole every token, and the
-    embedding table, read a row per token. Apart, each is quantized for its use (specs_of): the lm_head by the
+    embedding table, read a row per token. Apart, each is quantized for its use (export.recipes): the lm_head by the
     preset (GPTQ can then compensate its rounding, which it cannot do to a table whose rows are read alone), and
     the table at 8 bits, which costs bytes on disk but no per-token reads."""
     if not source.config.tie_word_embeddings:
