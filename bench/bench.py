@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     ap.add_argument("--with-extra", action="store_true", help="also the naive path and the NumPy backend")
     ap.add_argument("--peer-env", action="append", default=[], metavar="PEER=DIR",
                     help="reuse an existing virtual env for a peer (llama, genai) instead of build/peers/env-PEER")
+    ap.add_argument("--no-fidelity", action="store_true", help="speed and memory only (no peer fidelity runs)")
     ap.add_argument("--numpy-new-tokens", type=int, default=24, help="fewer tokens for the slow NumPy rows")
     ap.add_argument("--json-out", default=str(ROOT / "reports/bench.json"))
     args = ap.parse_args(argv)
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     ensure_bundles(sorted({t[0] for _, k, t in systems if k == "edge"} | {"smollm2-q4"}), log)
     if any(k == "naive" for _, k, _ in systems):
         ensure_naive(log)
-    fidelity = {label: fidelity_of(kind, target, peer_envs, args.threads) for label, kind, target in systems}
+    fidelity = {label: {} if args.no_fidelity and kind != "edge" else fidelity_of(kind, target, peer_envs, args.threads)
+                for label, kind, target in systems}
 
     # Round-robin: run i of every system and scenario before run i+1 of any, so that a slow spell of a shared
     # machine lands on all of them alike and the ratios against the peers stay fair.

@@ -237,7 +237,7 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
         weights = quantize_planned(source, plan, act, hessians, log)
     table = plan.manifest()
     for name, entry in table["tensors"].items():
-        if entry is not None and name in source.gguf_blocks:  # the GGUF type: transcoded, or re-quantized from it
+        if name in source.gguf_blocks:  # the GGUF type: transcoded, or re-quantized from it
             entry["gguf_type"] = source.gguf_blocks[name].kind
     return weights, {**table, "act_aware": plan.act_aware, "untied_embeddings": bool(opts.untie_embeddings),
                      **notes}
@@ -317,8 +317,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
                   for kv in kv_dtypes_of(opts)}                       # the default first
         # With int8 activations two executors agree only statistically (an ulp flips int8 roundings, which
         # compound); the same weights with float32 activations give them a graph to agree on to float rounding.
-        quantized = any(s is not None for s in quantization["tensors"].values())
-        exact = None if opts.accuracy_level == 0 or not quantized else build_llama_graph(
+        exact = None if opts.accuracy_level == 0 or not quantization["tensors"] else build_llama_graph(
             source.config, weights, GraphOptions(accuracy_level=0, max_context=max_context, kv_dtype="float32"))
         steps.done()
         steps.start("float reference probes")

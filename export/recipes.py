@@ -42,11 +42,11 @@ class Plan:
         return [n for n, s in self.specs.items() if s is not None and s.method != "transcode"]
 
     def manifest(self) -> dict:
-        """The plan as recorded in the manifest: recipe and, per tensor, bits / block / method / offsets."""
+        """The plan as recorded in the manifest: recipe and, per quantized tensor, bits / block / method /
+        offsets (a tensor left out stays fp32)."""
         return {"recipe": self.recipe,
-                "tensors": {n: None if s is None else {"bits": s.bits, "block_size": s.block_size,
-                                                       "method": s.method, "offsets": s.offsets}
-                            for n, s in self.specs.items()}}
+                "tensors": {n: {"bits": s.bits, "block_size": s.block_size, "method": s.method, "offsets": s.offsets}
+                            for n, s in self.specs.items() if s is not None}}
 
 
 def vocab_spec(source: SourceModel, name: str, block: int) -> Optional[QuantSpec]:
