@@ -124,7 +124,7 @@ def test_export_records_fidelity_and_the_gate_refuses_a_far_bundle(tmp_path, eva
 
     # Too far from float: nothing written, one line naming the figure, exit != 0; the old bundle stays.
     before = (out / "manifest.json").read_bytes()
-    assert export(out, eval_file, "--quant", "int4", "--max-kld", "1e-6") == 2
+    assert export(out, eval_file, "--quant", "int4", "--max-kld", "1e-6", "--overwrite") == 2
     err = capsys.readouterr().err
     assert err.startswith("edge-export: error: the bundle is further from float than --max-kld 1e-06: KLD ")
     assert err.count("\n") == 1
