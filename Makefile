@@ -26,18 +26,19 @@ gemma-model: $(STAMP)
 
 $(BUNDLES)/smollm2-%/manifest.json: $(STAMP)
 	$(MAKE) model
-	.venv/bin/edge-export $(MODEL) --quant $* --out $(BUNDLES)/smollm2-$*
+	.venv/bin/edge-export $(MODEL) --recipe $* --out $(BUNDLES)/smollm2-$*
 
-demo: $(BUNDLES)/smollm2-int4/manifest.json
-	.venv/bin/edge-run $(BUNDLES)/smollm2-int4 --chat "$(PROMPT)" --max-new-tokens 96 --threads 2
+demo: $(BUNDLES)/smollm2-q4/manifest.json
+	.venv/bin/edge-run $(BUNDLES)/smollm2-q4 --chat "$(PROMPT)" --max-new-tokens 96 --threads 2
 
 test: $(STAMP)
 	$(MAKE) model
 	$(PY) -m pytest -q tests
 
+# The peers (llama-cpp-python, onnxruntime-genai) get their own virtual envs under build/peers on first use.
 bench: $(STAMP)
 	$(MAKE) model
-	$(PY) bench/bench.py --threads 2 --runs 3
+	$(PY) bench/bench.py --threads 2 --runs 5
 	$(PY) bench/memory.py
 	$(PY) bench/sessions.py
 
@@ -49,8 +50,8 @@ fidelity: $(STAMP)
 	$(MAKE) model
 	$(PY) bench/fidelity.py
 
-budget: $(BUNDLES)/smollm2-int4/manifest.json
-	.venv/bin/edge-run budget $(BUNDLES)/smollm2-int4 --budget 200MB --context 2048
+budget: $(BUNDLES)/smollm2-q4/manifest.json
+	.venv/bin/edge-run budget $(BUNDLES)/smollm2-q4 --budget 200MB --context 2048
 
 distill-demo: $(STAMP)
 	$(MAKE) model

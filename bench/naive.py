@@ -146,23 +146,25 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: int) 
 
 
 def heldout_fidelity(model_dir: Path, gguf: Path, threads: int) -> dict:
-    """The naive model's held-out figures against the float reference: the same windows and metrics as a
-    bundle's manifest `fidelity.heldout` (export.evaluate), so the benchmark can set them side by side."""
-    from export.evaluate import cached, default_eval_text, heldout_report, token_windows
+    """The naive model's held-out figures against the float reference on the exporter's text domains
+    (export.eval_domains), with the metrics of a bundle's manifest `fidelity` (export.evaluate)."""
+    from export.eval_domains import TEXT_DOMAINS
+    from export.evaluate import EvalSet, evaluate_domains, token_windows
     from export.pipeline import tokenizer_of
     from export.reference import FloatReference
     from export.sources import load_source
 
     source = load_source(str(gguf))
-    windows = token_windows(tokenizer_of(source).encode(default_eval_text()))
+    encode = tokenizer_of(source).encode
+    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()))) for d in TEXT_DOMAINS]
     loop = PlainLoop(model_dir / MODEL_FILE, threads)
 
     def naive_logits(ids) -> np.ndarray:  # [S, V]: one call over the window, every position's logits
         feed = loop.feed(np.asarray(ids, np.int64)[None], [loop.empty_past] * len(loop.past_names), 0)
         return loop.session.run(["logits"], feed)[0][0]
 
-    report = heldout_report(cached(FloatReference(source, threads=threads).logits), naive_logits, windows)
-    return {"model": model_dir.name, **report.to_dict()}
+    fid = evaluate_domains(FloatReference(source, threads=threads).logits, naive_logits, sets)
+    return {"model": model_dir.name, **fid["heldout"], "domains": fid["domains"]}
 
 
 def proc_status_mb(key: str) -> float:

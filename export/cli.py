@@ -7,7 +7,7 @@ import sys
 from edge_runtime.cli.errors import DEBUG_FLAG, DEBUG_HELP, ArgumentParser, run_guarded, wants_debug
 from edge_runtime.errors import EdgeError
 
-PRESETS = ("fp32", "int8", "int4", "exact", "auto")
+from .options import ALIASES, RECIPES
 
 
 def build_parser() -> ArgumentParser:
@@ -19,14 +19,18 @@ def build_parser() -> ArgumentParser:
                          "only once complete")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace a bundle already at --out (in one swap, after the new one is complete)")
-    ap.add_argument("--quant", default="int4", choices=PRESETS,
-                    help="quantization preset (default int4); exact: every GGUF-quantized tensor transcoded "
-                         "exactly (4-bit codes as int4, 5- to 8-bit as int8), float ones as int8; auto: int4/int8 "
-                         "per matmul, fewest bytes meeting --max-kld (default 0.02)")
+    ap.add_argument("--recipe", default=None, choices=RECIPES + tuple(ALIASES),
+                    help="q4 (default): int4 layers, int8 embedding / lm_head; exact: GGUF blocks transcoded as they "
+                         "are, float tensors int8; q8: int8; mixed: int4/int8 per matmul, fewest bytes meeting "
+                         "--target-kld; fp32")
+    ap.add_argument("--quant", default=None, choices=tuple(ALIASES) + ("fp32", "exact"),
+                    help="the former name of --recipe: int4 = q4, int8 = q8, auto = mixed")
+    ap.add_argument("--target-kld", type=float, metavar="X",
+                    help="mixed: the KLD from float the per-matmul choice aims at (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
                          "else 32)")
-    ap.add_argument("--method", default="search", choices=("search", "gptq", "rtn"),
+    ap.add_argument("--method", default=None, choices=("search", "gptq", "rtn"),
                     help="int4 of float weights: search (error-minimizing block scale/zero point), gptq (the same "
                          "search, codes rounded by GPTQ against calibration inputs), rtn")
     ap.add_argument("--offsets", action="store_true",
@@ -47,7 +51,7 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--no-smooth", action="store_true",
                     help="int8: do not fold per-channel activation scales into the weights (SmoothQuant-style "
                          "smoothing, on by default at accuracy level 4)")
-    ap.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+    ap.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
                     help="int8 smoothing strength in [0, 1] (default 0.5)")
     ap.add_argument("--max-context", type=int, default=None, help="largest context the bundle supports")
     ap.add_argument("--threads", type=int, default=2)
@@ -61,40 +65,22 @@ def build_parser() -> ArgumentParser:
     f.add_argument("--no-act-aware", action="store_true",
                    help="int4 of float weights: plain squared error (no calibration activation weighting)")
     f.add_argument("--sensitivity-cache", metavar="DIR",
-                   help="--quant auto: cache per-matmul sensitivities here (reused across targets)")
+                   help="mixed: cache per-matmul sensitivities here (reused across targets)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
     return ap
 
 
-def check_arguments(args) -> None:
-    """EdgeError for option combinations the parser cannot see, before any work."""
-    if args.vocab_block is not None and args.quant != "auto":
-        raise EdgeError("--vocab-block sets the int8 candidate of --quant auto (use --block-size for a preset)")
-    if args.method == "gptq" and args.offsets:
-        raise EdgeError("--method gptq rounds onto integer zero points: it cannot take --offsets")
-    if args.max_kld is not None and not args.max_kld > 0:
-        raise EdgeError(f"--max-kld must be positive (got {args.max_kld})")
-    if not 0.0 <= args.smooth_alpha <= 1.0:
-        raise EdgeError(f"--smooth-alpha must be in [0, 1] (got {args.smooth_alpha})")
-    if args.max_context is not None and args.max_context < 16:
-        raise EdgeError(f"--max-context must be at least 16 (got {args.max_context})")
-    if args.threads < 1:
-        raise EdgeError(f"--threads must be a positive integer (got {args.threads})")
-
-
-def export(argv) -> int:
-    """Parse, check, export; print where the bundle went and its fidelity summary."""
+def options_of(args):
+    """The ExportOptions of parsed arguments, validated (OptionsError: one line) before any work."""
     from edge_runtime.runtime import check_threads
 
-    from .bundle_writer import check_out_dir
-    from .pipeline import ExportOptions, export_bundle
+    from .options import ExportOptions
 
-    args = build_parser().parse_args(argv)
-    check_arguments(args)
-    check_out_dir(args.out, args.overwrite)
-    opts = ExportOptions(quant=args.quant, kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level,
-                         block_size=args.block_size,
+    if args.recipe and args.quant:
+        raise EdgeError("give --recipe or its former name --quant, not both")
+    return ExportOptions(recipe=args.recipe or "q4", quant=args.quant, target_kld=args.target_kld,
+                         kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level, block_size=args.block_size,
                          method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
                          max_context=args.max_context, threads=check_threads(args.threads),
                          reference=not args.no_reference, progress=not args.quiet,
@@ -103,7 +89,17 @@ def export(argv) -> int:
                          sensitivity_cache=args.sensitivity_cache,
                          smooth=False if args.no_smooth else None, smooth_alpha=args.smooth_alpha,
                          untie_embeddings=args.untie_embeddings, vocab_block=args.vocab_block,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite).validated()
+
+
+def export(argv) -> int:
+    """Parse, check, export; print where the bundle went and its fidelity summary."""
+    from .bundle_writer import check_out_dir
+    from .pipeline import export_bundle
+
+    args = build_parser().parse_args(argv)
+    opts = options_of(args)
+    check_out_dir(args.out, args.overwrite)
     out = export_bundle(args.source, args.out, opts)
     print(f"bundle written: {out}")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

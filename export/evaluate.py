@@ -8,6 +8,7 @@ baseline `edge-run verify` holds it to on device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,31 +19,44 @@ from edge_runtime.errors import EdgeError
 from edge_runtime.fidelity import FidelityReport, kl_divergence, perplexity, rms_top_prob_diff, top1_agreement
 from edge_runtime.verify import probe_context, probe_report
 
-from .probes import probe_text
-
 WINDOWS = 6
 WINDOW_TOKENS = 256
-DEFAULT_TEXT_NAME = "pydoc_data.topics"
 
 FloatLogits = Callable[[Sequence[int]], np.ndarray]  # ids [S] -> float32 logits [S, V]
 
 
-def default_eval_text() -> str:
-    """CPython's pydoc topics (all of them but the probe's), in key order: held-out English + code."""
-    from pydoc_data.topics import topics
+@dataclass(frozen=True)
+class EvalSet:
+    """The scored windows of one evaluation domain; skip[i] leading rows of window i are context, not scored."""
 
-    probe = probe_text()
-    return "\n\n".join(topics[k] for k in sorted(topics) if topics[k] != probe)
+    name: str
+    source: str
+    windows: list
+    skip: tuple = ()
 
 
-def read_eval_text(path: str | None) -> tuple[str, str]:
-    """(text, name) of --eval-text FILE, or of the default held-out text."""
-    if path is None:
-        return default_eval_text(), DEFAULT_TEXT_NAME
+def read_eval_text(path: str) -> str:
+    """The text of --eval-text FILE (one-line EdgeError when unreadable)."""
     try:
-        return Path(path).read_text(encoding="utf-8"), Path(path).name
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise EdgeError(f"cannot read --eval-text {path}: {e}") from None
+
+
+def eval_sets(encode: Callable[[str], list[int]], encode_chat: Callable[[str], list[int]],
+              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None) -> list[EvalSet]:
+    """The evaluation domains (export.eval_domains) as token windows, or --eval-text FILE's alone.
+
+    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows."""
+    from . import eval_domains as D
+
+    if eval_text is not None:
+        return [EvalSet(Path(eval_text).name, eval_text, token_windows(encode(read_eval_text(eval_text))))]
+    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()))) for d in D.TEXT_DOMAINS]
+    chat = D.chat_windows(encode_chat, greedy)
+    prompt_lens = tuple(len(encode_chat(t)) - 1 for t in D.CHAT_PROMPTS)  # score from the last prompt token on
+    chat_domain = next(d for d in D.DOMAINS if d.name == "chat")
+    return sets + [EvalSet("chat", chat_domain.source, chat, prompt_lens)]
 
 
 def token_windows(ids: Sequence[int], n: int = WINDOWS, window: int = WINDOW_TOKENS,
@@ -65,7 +79,7 @@ def token_windows(ids: Sequence[int], n: int = WINDOWS, window: int = WINDOW_TOK
 
 
 def calibration_windows(ids: Sequence[int], k: int = 1) -> list[list[int]]:
-    """k windows from the middle of the default text's phase-0.5 windows: never scored by the evaluation."""
+    """k windows from the middle of the calibration text's phase-0.5 windows (eval_domains.calibration_text)."""
     windows = token_windows(ids, WINDOWS, WINDOW_TOKENS, phase=0.5)
     mid = max(0, len(windows) // 2 - k // 2)
     return windows[mid:mid + k]
@@ -85,13 +99,15 @@ def cached(fn: FloatLogits) -> FloatLogits:
 
 
 def heldout_report(float_logits: FloatLogits, bundle_logits: FloatLogits,
-                   windows: Sequence[Sequence[int]]) -> FidelityReport:
-    """Every figure over all windows' next-token positions (row t of a window scores its token t+1)."""
+                   windows: Sequence[Sequence[int]], skip: Sequence[int] = ()) -> FidelityReport:
+    """Every figure over all windows' next-token positions (row t of a window scores its token t+1), the first
+    skip[i] rows of window i left out."""
     n = kl = top1 = sq = nll_p = nll_q = 0.0
-    for ids in windows:
-        p = float_logits(ids)[:-1]                                     # [T, V]: rows with a next token
-        q = bundle_logits(ids)[:-1]
-        t, targets = len(p), list(ids[1:])
+    for i, ids in enumerate(windows):
+        s = skip[i] if i < len(skip) else 0
+        p = float_logits(ids)[s:-1]                                    # [T, V]: scored rows with a next token
+        q = bundle_logits(ids)[s:-1]
+        t, targets = len(p), list(ids[s + 1:])
         n += t
         kl += kl_divergence(p, q) * t
         top1 += top1_agreement(p, q) * t
@@ -111,12 +127,37 @@ def open_backend(bundle: Bundle, context: int, backend: str = "ort", threads: in
     return name, backends.make_backend(name, bundle, min(context, bundle.max_context), threads)
 
 
-def evaluate_bundle(bundle_dir, float_logits: FloatLogits, windows: Sequence[Sequence[int]],
-                    text_name: str = DEFAULT_TEXT_NAME, backend: str = "ort", threads: int = 1) -> dict:
-    """The manifest's `fidelity` entry of a written bundle: held-out figures and the verify baseline.
+def pooled(reports: Sequence[FidelityReport]) -> FidelityReport:
+    """The figures over all positions of several reports (each a position-weighted mean; PPL by its log)."""
+    n = sum(r.positions for r in reports)
+    mean = lambda f: sum(f(r) * r.positions for r in reports) / n  # noqa: E731
+    ppl_p = float(np.exp(mean(lambda r: np.log(r.ppl_float))))
+    ppl_q = float(np.exp(mean(lambda r: np.log(r.ppl_quant))))
+    return FidelityReport(positions=int(n), kl=mean(lambda r: r.kl), kl_method="full", top1=mean(lambda r: r.top1),
+                          rms_top_prob_diff=float(np.sqrt(mean(lambda r: r.rms_top_prob_diff ** 2))),
+                          ppl_float=ppl_p, ppl_quant=ppl_q, ppl_ratio=ppl_q / ppl_p)
 
-    {"heldout": FidelityReport + text/windows, "probe": FidelityReport on reference.json (when the bundle has
-    one), "backend": name, "accuracy_level": MatMulNBits activation precision of the graph}
+
+def evaluate_domains(float_logits: FloatLogits, model_logits: FloatLogits, sets: Sequence[EvalSet]) -> dict:
+    """{"heldout": pooled over every domain's positions, "domains": {name: figures + source}}; each window is
+    run once by each model."""
+    reports = [heldout_report(float_logits, model_logits, es.windows, es.skip) for es in sets]
+    domains = {es.name: {**r.to_dict(), "source": es.source, "windows": len(es.windows)}
+               for es, r in zip(sets, reports)}
+    windows = [w for es in sets for w in es.windows]
+    return {"heldout": {**pooled(reports).to_dict(), "text": "+".join(es.name for es in sets),
+                        "windows": len(windows), "window_tokens": max(len(w) for w in windows)},
+            "domains": domains}
+
+
+def evaluate_bundle(bundle_dir, float_logits: FloatLogits, sets: Sequence[EvalSet], backend: str = "ort",
+                    threads: int = 1) -> dict:
+    """The manifest's `fidelity` entry of a written bundle: held-out figures per domain and pooled, and the
+    verify baseline.
+
+    {"heldout": FidelityReport pooled over the domains, "domains": {name: FidelityReport + source}, "probe":
+    FidelityReport on reference.json (when the bundle has one), "backend": name, "accuracy_level": MatMulNBits
+    activation precision of the graph}
     """
     from edge_runtime.verify import all_logits
 
@@ -124,15 +165,20 @@ def evaluate_bundle(bundle_dir, float_logits: FloatLogits, windows: Sequence[Seq
     reference = None
     if (bundle.manifest.get("reference") or {}).get("file"):
         reference = bundle.read_json(bundle.manifest["reference"]["file"])
+    windows = [w for es in sets for w in es.windows]
     context = max([len(w) for w in windows] + ([probe_context(reference)] if reference else []))
     name, engine = open_backend(bundle, context, backend, threads)
-    heldout = heldout_report(float_logits, lambda ids: all_logits(engine, ids), windows)
-    out = {"heldout": {**heldout.to_dict(), "text": text_name, "windows": len(windows),
-                       "window_tokens": max(len(w) for w in windows)},
+    out = {**evaluate_domains(float_logits, lambda ids: all_logits(engine, ids), sets),
            "backend": name, "accuracy_level": bundle.manifest.get("graph", {}).get("accuracy_level")}
     if reference is not None:
         out["probe"] = probe_report(engine, reference).to_dict()
     return out
+
+
+def worst_domain(fidelity: dict) -> tuple[str, dict]:
+    """(name, figures) of the domain with the largest KLD (the pooled figures when there are no domains)."""
+    domains = fidelity.get("domains") or {"held-out": fidelity["heldout"]}
+    return max(domains.items(), key=lambda kv: kv[1]["kl"])
 
 
 def summary(fidelity: dict) -> str:
@@ -140,6 +186,8 @@ def summary(fidelity: dict) -> str:
     h = fidelity["heldout"]
     line = (f"fidelity vs float on {h['positions']} held-out tokens: KLD {h['kl']:.4f}, "
             f"top-1 {100 * h['top1']:.1f}%, PPL ratio {h['ppl_ratio']:.3f}")
+    for name, d in (fidelity.get("domains") or {}).items():
+        line += f"; {name} {d['kl']:.4f} / {100 * d['top1']:.1f}%"
     probe = fidelity.get("probe")
     if probe and probe.get("greedy_prefix"):
         line += f", greedy prefix {sum(probe['greedy_prefix'])}/{sum(probe['greedy_tokens'])}"

@@ -321,9 +321,10 @@ def export_fallback_bundle(source, out_dir, opts) -> Path:
     steps = Steps(["optimum export", "reference", "write"], opts.progress)
     try:
         with tempfile.TemporaryDirectory(prefix="edge-optimum-") as work:
-            steps.start(f"optimum export + {opts.quant}")
-            fallback = export_with_optimum(source.hf_dir, Path(work), opts.quant, opts.threads,
-                                           accuracy_level=opts.accuracy_level, block_size=opts.block_size)
+            quant = {"q4": "int4", "q8": "int8"}.get(opts.recipe, opts.recipe)  # RTN MatMulNBits of that width
+            steps.start(f"optimum export + {quant}")
+            fallback = export_with_optimum(source.hf_dir, Path(work), quant, opts.threads,
+                                           accuracy_level=opts.accuracy_level, block_size=opts.weight_block)
             steps.done()
             steps.start("float reference probes")
             reference = None

@@ -1,5 +1,6 @@
-"""The export pipeline: source -> quantized weights -> graph -> float reference probes -> bundle -> fidelity
-(held-out evaluation against the float model, optional --max-kld gate) -> atomic rename."""
+"""The export pipeline, a straight line: options -> source -> per-tensor plan (export.recipes) -> calibration ->
+quantized weights -> graph -> float reference probes -> bundle -> fidelity on every evaluation domain (optional
+--max-kld gate) -> atomic rename."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,69 +9,28 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from edge_runtime.chat import render
-from edge_runtime.errors import EdgeError, FidelityError
+from edge_runtime.errors import FidelityError
 from edge_runtime.spec import EMBED, LM_HEAD, supported
 from edge_runtime.tokenizer import Tokenizer
 
+from .options import MIXED_DEFAULT_KLD, ExportOptions
+from .recipes import Plan, resolve
 from .sources import SourceModel, load_source
 
-
-@dataclass
-class ExportOptions:
-    quant: str = "int4"
-    accuracy_level: int = 4          # MatMulNBits activations: 4 = int8 (fast VNNI path), 0 = fp32
-    block_size: Optional[int] = None  # weight blocks (and MatMulNBits' int8 activation blocks); None: see below
-    method: str = "search"           # int4 scale/zero-point choice for float weights: search | gptq | rtn
-    offsets: bool = False            # int4 of float weights: per-block float offsets (asymmetric float minimum)
-    transcode: bool = True           # GGUF Q4_0/Q4_1/Q8_0 blocks are transcoded exactly instead of re-quantized
-    max_context: Optional[int] = None
-    kv_dtype: Optional[str] = None   # KV cache precision; default: both (kv_dtypes_of)
-    threads: int = 2
-    reference: bool = True           # store the float model's probes (reference.json)
-    evaluate: bool = True            # measure fidelity on held-out text (manifest `fidelity`)
-    eval_text: Optional[str] = None  # held-out text file (default: CPython's pydoc topics)
-    max_kld: Optional[float] = None  # fail when the bundle's held-out KLD exceeds this (and: auto's target)
-    force: bool = False              # write the bundle even when it misses max_kld
-    act_aware: bool = True           # int4 of float weights: weight the error by calibration activations
-    smooth: Optional[bool] = None    # int8: fold per-channel activation scales into norms / up / v (export.smooth);
-                                     # default: on for int8 at accuracy_level 4 (see smooth_of)
-    smooth_alpha: float = 0.5        # SmoothQuant's migration strength (export.smooth.DEFAULT_ALPHA)
-    sensitivity_cache: Optional[str] = None  # folder caching quant=auto's per-matmul sensitivities
-    untie_embeddings: bool = False   # a tied lm_head stored apart from the embedding table (untie_embeddings)
-    vocab_block: Optional[int] = None  # auto: block size of the embedding / lm_head int8 candidate (default 64)
-    progress: bool = True
-    overwrite: bool = False          # replace a bundle already at the output path (never anything else)
-    extra_manifest: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        # Smoothed int8 uses blocks of 16: finer int8 activations, and the smoothed weights' rounding too (held-out
-        # KLD 0.0020 -> 0.0012 on SmolLM2-135M, 1.04x the bytes of the transcoded int8, decode not slower).
-        if self.block_size is None:
-            self.block_size = 16 if smooth_of(self) else 32
+__all__ = ["ExportOptions", "export_bundle"]
 
 
-def smooth_of(opts: "ExportOptions") -> bool:
-    """Smoothing only pays where MatMulNBits rounds activations to int8 (accuracy_level 4); there it takes the
-    int8 preset's held-out KLD on SmolLM2-135M from 0.0036 to 0.0012 (with blocks of 16; the layers are then
-    re-quantized to int8 with zero points instead of transcoded, about 0.0003 of that). Not for int4/auto:
-    their weight error dominates."""
-    if opts.smooth is None:
-        return opts.quant == "int8" and opts.accuracy_level == 4
-    return bool(opts.smooth)
-
-
-def kv_dtypes_of(opts: "ExportOptions") -> tuple[str, ...]:
+def kv_dtypes_of(opts: ExportOptions) -> tuple[str, ...]:
     """The KV-cache precisions the bundle gets a graph for, the default first.
 
     Both by default: the graphs differ only in their KV inputs/outputs and rotary tables and share weights.bin,
-    so the runtime can take the float32 cache (decode 1.2-1.3x faster for SmolLM2 int4: ORT's float16
-    attention converts every key it reads) and the memory planner the float16 one (half the cache: 45 MB
-    instead of 90 at context 2048) when a budget needs it. --kv-dtype keeps just one.
+    so the runtime can take the float32 cache (faster decode: ORT's float16 attention converts every key it
+    reads) and the memory planner the float16 one (half the cache) when a budget needs it. --kv-dtype keeps
+    just one.
     """
     from .graph.decoder import KV_DTYPES
 
@@ -134,7 +94,7 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
     """The same model with its tied lm_head as a tensor of its own (same values, same GGUF blocks).
 
     Tied, one matrix serves two uses quantized alike: the lm_head, a matmul read whole every token, and the
-    embedding table, read a row per token. Apart, each is quantized for its use (specs_of): the lm_head by the
+    embedding table, read a row per token. Apart, each is quantized for its use (export.recipes): the lm_head by the
     preset (GPTQ can then compensate its rounding, which it cannot do to a table whose rows are read alone), and
     the table at 8 bits, which costs bytes on disk but no per-token reads."""
     if not source.config.tie_word_embeddings:
@@ -146,53 +106,6 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
         blocks[LM_HEAD] = blocks[name]
     config = dataclasses.replace(source.config, tie_word_embeddings=False)
     return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks, config=config)
-
-
-def specs_of(source: SourceModel, opts: ExportOptions, int8_method: str = "sym") -> dict:
-    """HF name -> QuantSpec (or None) under the options; an untied embedding table is kept at 8 bits."""
-    from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
-
-    specs = preset_specs(source.config, opts.quant, source.gguf_blocks, transcode=opts.transcode,
-                         block_size=opts.block_size, method=opts.method, offsets=opts.offsets,
-                         int8_method=int8_method)
-    name = EMBED
-    spec = specs.get(name)
-    if opts.untie_embeddings and spec is not None and spec.bits == 4:
-        blocks = source.gguf_blocks.get(name) if opts.transcode else None
-        if blocks is not None and blocks.kind == "q8_0":
-            specs[name] = _transcode_spec(blocks, "int8", 32)
-        else:  # blocks of up to 32: the table is read a row at a time, so its block size costs bytes, not speed
-            specs[name] = QuantSpec(8, _fitting_block_size(source.config.hidden_size, 32), "sym")
-    return specs
-
-
-def quantize_weights(source: SourceModel, opts: ExportOptions, bar=None,
-                     act_scales: Optional[dict] = None, hessians: Optional[dict] = None) -> tuple[dict, dict]:
-    """HF name -> float array or BlockQuant, and the manifest's per-tensor quantization table.
-
-    act_scales: HF name -> activation RMS per input channel [K] (int4 search weights its error by them).
-    hessians: HF name -> input second moments [K, K] of the tensors quantized by method gptq (gptq_hessians).
-    """
-    from .quantize import quantize_tensor
-
-    specs = specs_of(source, opts, int8_method="asym" if smooth_of(opts) else "sym")
-    weights, table = {}, {}
-    for name, w in source.tensors.items():
-        spec = specs.get(name)
-        if spec is None:
-            weights[name] = w
-            continue
-        act = (act_scales or {}).get(name) if spec.method == "search" else None
-        hess = (hessians or {}).get(name) if spec.method == "gptq" else None
-        q = quantize_tensor(name, w, spec, source.gguf_blocks, act_scale=act, hessian=hess)
-        weights[name] = q
-        table[name] = {"bits": q.bits, "block_size": q.block_size, "method": spec.method,
-                       "zero_points": q.zero_points is not None, "offsets": q.offsets is not None}
-        if name in source.gguf_blocks:  # which GGUF type it came from: transcoded, or re-quantized from floats
-            table[name]["gguf_type"] = source.gguf_blocks[name].kind
-        if bar is not None:
-            bar.set_postfix_str(f"quantize {name}")
-    return weights, table
 
 
 def tokenizer_manifest(source: SourceModel) -> dict:
@@ -232,19 +145,19 @@ def reference_probes(source: SourceModel, threads: int, ref=None) -> dict:
     return build_reference(ref, chat_encoder(source, tok), tok.encode, tok.eos_token_ids)
 
 
-AUTO_DEFAULT_KLD = 0.02  # quant=auto's KLD target when --max-kld is not given
-CALIBRATION_WINDOWS = 1  # calibration: 1 x 256 tokens of pydoc topics, between the evaluation windows
-SMOOTH_WINDOWS = 6       # smoothing statistics: all 6 windows between the evaluation windows (1,536 tokens)
+CALIBRATION_WINDOWS = 1  # calibration windows for activation scales and sensitivities (256 tokens each)
+SMOOTH_WINDOWS = 6       # smoothing statistics and GPTQ inputs
 
 
 def calibration_windows(source: SourceModel, k: int = CALIBRATION_WINDOWS) -> list[list[int]]:
+    """k token windows of the calibration text (export.eval_domains: never an evaluation source)."""
     from . import evaluate
+    from .eval_domains import calibration_text
 
-    ids = tokenizer_of(source).encode(evaluate.default_eval_text())
-    return evaluate.calibration_windows(ids, k)
+    return evaluate.calibration_windows(tokenizer_of(source).encode(calibration_text()), k)
 
 
-def smoothed_source(source: SourceModel, ref, opts: ExportOptions) -> tuple[SourceModel, dict]:
+def smoothed_source(source: SourceModel, ref, alpha: float) -> tuple[SourceModel, dict]:
     """The source with export.smooth folded in (an equivalent float model) and its manifest note.
 
     Smoothed tensors lose their GGUF blocks: they are re-quantized, not transcoded."""
@@ -253,84 +166,103 @@ def smoothed_source(source: SourceModel, ref, opts: ExportOptions) -> tuple[Sour
 
     windows = calibration_windows(source, SMOOTH_WINDOWS)
     act = activation_scales(ref.torch_model, windows, source.config.tie_word_embeddings)
-    tensors = smooth_decoder(source.tensors, source.config, act, opts.smooth_alpha)
+    tensors = smooth_decoder(source.tensors, source.config, act, alpha)
     moved = set(changed(source.tensors, tensors))
     blocks = {n: b for n, b in source.gguf_blocks.items() if n not in moved}
-    note = {"alpha": opts.smooth_alpha, "kinds": list(KINDS), "calibration_tokens": sum(map(len, windows))}
+    note = {"alpha": alpha, "kinds": list(KINDS), "calibration_tokens": sum(map(len, windows))}
     return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks), note
 
 
-def _needs_float_weights_search(source: SourceModel, opts: ExportOptions) -> bool:
-    if opts.quant == "auto":
-        return True
-    specs = specs_of(source, opts)
-    return any(s is not None and s.method in ("search", "gptq") for s in specs.values())
-
-
-def gptq_hessians(source: SourceModel, ref, opts: ExportOptions) -> Optional[dict]:
-    """HF name -> its matmul's input second moments over the smoothing windows (1,536 calibration tokens,
-    disjoint from the evaluation's), when some int4 weight (of the preset, or of auto's int4 candidates) is
-    quantized by method gptq; else None."""
+def gptq_hessians(source: SourceModel, ref) -> dict:
+    """HF name -> its matmul's input second moments [K, K] over the calibration windows."""
     from .gptq import hessian_keys, input_hessians
-    from .quantize import preset_specs
 
-    if ref is None or opts.method != "gptq" or opts.quant not in ("int4", "auto"):
-        return None
-    specs = preset_specs(source.config, "int4", source.gguf_blocks, transcode=opts.transcode,
-                         block_size=opts.block_size, method="gptq")
-    if not any(s is not None and s.method == "gptq" for s in specs.values()):  # all transcoded, say
-        return None
     keys = hessian_keys(source.config)
     by_input = input_hessians(ref.torch_model, calibration_windows(source, SMOOTH_WINDOWS), keys)
     return {name: by_input[key] for name, key in keys.items() if key in by_input}
 
 
-def quantize_step(source: SourceModel, opts: ExportOptions, ref, log=lambda msg: None) -> tuple[dict, dict]:
-    """Weights and the manifest `quantization` entry: a preset, or quant=auto's sensitivity-driven mix."""
-    act_aware = opts.act_aware and ref is not None and _needs_float_weights_search(source, opts)
-    if opts.quant != "auto":
-        act, smooth = None, None
-        if act_aware:
-            from .sensitivity import activation_scales
+def calibrate(source: SourceModel, plan: Plan, ref) -> tuple[dict, dict]:
+    """The calibration statistics the plan needs: (HF name -> activation RMS [K], HF name -> hessian [K, K])."""
+    from .sensitivity import activation_scales
 
-            act = activation_scales(ref.torch_model, calibration_windows(source), source.config.tie_word_embeddings)
-        if smooth_of(opts):
-            source, smooth = smoothed_source(source, ref, opts)
-        weights, table = quantize_weights(source, opts, act_scales=act, hessians=gptq_hessians(source, ref, opts))
-        out = {"preset": opts.quant, "tensors": table, "act_aware": bool(act_aware),
-               "untied_embeddings": bool(opts.untie_embeddings)}
-        return weights, (out if smooth is None else {**out, "smooth": smooth})
+    act = {}
+    if plan.act_aware and plan.recipe != "mixed":  # mixed measures its own alongside the sensitivities
+        act = activation_scales(ref.torch_model, calibration_windows(source), source.config.tie_word_embeddings)
+    return act, (gptq_hessians(source, ref) if plan.gptq else {})
+
+
+def quantize_planned(source: SourceModel, plan: Plan, act: dict, hessians: dict, log=lambda msg: None) -> dict:
+    """HF name -> float array or BlockQuant, each tensor by its spec in the plan."""
+    from .quantize import quantize_tensor
+
+    weights = {}
+    for j, (name, w) in enumerate(source.tensors.items()):
+        spec = plan.specs.get(name)
+        if spec is None:
+            weights[name] = w
+            continue
+        weights[name] = quantize_tensor(name, w, spec, source.gguf_blocks,
+                                        act_scale=act.get(name) if spec.method == "search" else None,
+                                        hessian=hessians.get(name) if spec.method == "gptq" else None)
+        log(f"quantize {j + 1}/{len(source.tensors)} {name}")
+    return weights
+
+
+def quantize_mixed(source: SourceModel, plan: Plan, opts: ExportOptions, ref, hessians: dict,
+                   log=lambda msg: None) -> tuple[dict, Plan, dict]:
+    """The mixed recipe: int4 or int8 per matmul from measured sensitivities; the plan it chose."""
     from .sensitivity import auto_quantize
 
-    target = opts.max_kld if opts.max_kld is not None else AUTO_DEFAULT_KLD
-    qweights, specs, plan = auto_quantize(
+    target = opts.target_kld or MIXED_DEFAULT_KLD
+    qweights, specs, chosen = auto_quantize(
         source, ref.torch_model, calibration_windows(source), target, transcode=opts.transcode,
-        method=opts.method, offsets=opts.offsets, block_size=opts.block_size, act_aware=act_aware,
-        cache_dir=opts.sensitivity_cache, hessians=gptq_hessians(source, ref, opts), vocab_block=opts.vocab_block,
-        log=log)
+        method=opts.int4_method, offsets=opts.offsets, block_size=opts.weight_block, act_aware=plan.act_aware,
+        cache_dir=opts.sensitivity_cache, hessians=hessians or None, vocab_block=opts.vocab_block, log=log)
     weights = {n: qweights.get(n, w) for n, w in source.tensors.items()}
-    table = {n: q.manifest_entry(specs[n].method) for n, q in qweights.items()}
-    return weights, {"preset": "auto", "tensors": table, "act_aware": bool(act_aware), "target_kld": target,
-                     "auto": plan.to_dict()}
+    plan = dataclasses.replace(plan, specs={n: specs.get(n) for n in source.tensors})
+    return weights, plan, {"target_kld": target, "auto": chosen.to_dict()}
+
+
+def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log=lambda msg: None):
+    """(weights, the manifest `quantization` entry): the plan's tensors quantized, calibrated as it needs."""
+    act, hessians = calibrate(source, plan, ref)
+    notes = {}
+    if plan.smooth:
+        source, notes["smooth"] = smoothed_source(source, ref, 0.5 if opts.smooth_alpha is None else opts.smooth_alpha)
+    if plan.recipe == "mixed":
+        weights, plan, extra = quantize_mixed(source, plan, opts, ref, hessians, log)
+        notes.update(extra)
+    else:
+        weights = quantize_planned(source, plan, act, hessians, log)
+    table = plan.manifest()
+    for name, entry in table["tensors"].items():
+        if name in source.gguf_blocks:  # the GGUF type: transcoded, or re-quantized from it
+            entry["gguf_type"] = source.gguf_blocks[name].kind
+    return weights, {**table, "act_aware": plan.act_aware, "untied_embeddings": bool(opts.untie_embeddings),
+                     **notes}
 
 
 def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) -> dict:
-    """The `fidelity` manifest entry of the staged bundle (held-out text vs the float reference)."""
-    from .evaluate import cached, evaluate_bundle, read_eval_text, token_windows
+    """The `fidelity` manifest entry of the staged bundle: every evaluation domain against the float model."""
+    from .evaluate import eval_sets, evaluate_bundle
 
-    text, name = read_eval_text(opts.eval_text)
-    windows = token_windows(tokenizer_of(source).encode(text))
-    return evaluate_bundle(staging, cached(ref.logits), windows, text_name=name, threads=opts.threads)
+    tok = tokenizer_of(source)
+    sets = eval_sets(tok.encode, chat_encoder(source, tok),
+                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text)
+    return evaluate_bundle(staging, ref.logits, sets, threads=opts.threads)
 
 
 def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
-    """The --max-kld gate: raise FidelityError (nothing is written) unless --force."""
-    h = fidelity["heldout"]
+    """The --max-kld gate on the worst domain: raise FidelityError (nothing is written) unless --force."""
+    from .evaluate import worst_domain
+
+    name, h = worst_domain(fidelity)
     if opts.max_kld is None or h["kl"] <= opts.max_kld or opts.force:
         return
     raise FidelityError(f"the bundle is further from float than --max-kld {opts.max_kld:g}: KLD {h['kl']:.4f} "
-                        f"(top-1 {100 * h['top1']:.1f}%) on {h['positions']} held-out tokens; nothing written "
-                        f"(--force writes it anyway)")
+                        f"(top-1 {100 * h['top1']:.1f}%) on {h['positions']} held-out tokens of {name}; nothing "
+                        f"written (--force writes it anyway)")
 
 
 def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
@@ -345,25 +277,24 @@ def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
 def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
     """Export `spec` (GGUF path, HF folder or tiny:<arch>) to a bundle folder `out_dir`, atomically.
 
-    The bundle is written to a staging folder next to out_dir, evaluated against the float model there (its
-    manifest gains `fidelity`), and renamed into place only if it passes the --max-kld gate.
+    opts (default ExportOptions()) are validated, then resolved once against the source into a per-tensor plan
+    (export.recipes); OptionsError for contradictory or idle options. The bundle is written to a staging folder
+    next to out_dir, evaluated against the float model there (its manifest gains `fidelity`), and renamed into
+    place only if it passes the --max-kld gate.
     """
     from .bundle_writer import _replace_dir, check_out_dir, write_bundle
     from .graph import CONTRACT, GraphOptions, build_decoder_graph
     from .reference import FloatReference
 
+    opts = (opts or ExportOptions()).validated()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, opts.overwrite)
-    if opts.quant == "auto" and not (opts.reference or opts.evaluate):
-        raise EdgeError("--quant auto needs the float model (drop --no-reference or --no-eval)")
-    if opts.max_kld is not None and not opts.evaluate:
-        raise EdgeError("--max-kld needs the held-out evaluation (drop --no-eval)")
     steps = Steps(["load", "float model", "quantize", "graph", "reference", "write", "evaluate"], opts.progress)
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     try:
         steps.start("load source")
         source = load_source(spec)
-        if opts.untie_embeddings:
+        if opts.untie_embeddings and source.config.tie_word_embeddings:
             source = untie_embeddings(source)
         steps.done()
         if not supported(source.config.model_type):
@@ -371,13 +302,12 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
             from .optimum_fallback import export_fallback_bundle
 
             return export_fallback_bundle(source, out_dir, opts)
+        plan = resolve(source, opts)
         steps.start("float model")
-        needs_float = (opts.reference or opts.evaluate or opts.quant == "auto" or smooth_of(opts)
-                       or opts.method == "gptq")  # GPTQ's calibration inputs come from the float model
-        ref = FloatReference(source, threads=opts.threads) if needs_float else None
+        ref = FloatReference(source, threads=opts.threads) if plan.needs_float else None
         steps.done()
-        steps.start(f"quantize ({opts.quant})")
-        weights, quantization = quantize_step(source, opts, ref, steps.log)
+        steps.start(f"quantize ({plan.recipe})")
+        weights, quantization = quantize_step(source, plan, opts, ref, steps.start)
         steps.done()
         steps.start("build graph")
         max_context = int(opts.max_context or source.config.max_position_embeddings)
@@ -399,7 +329,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         write_bundle(staging, config=source.config, graphs=graphs, exact_graph=exact, manifest_fields=fields,
                      extra_files=extra)
         steps.done()
-        steps.start("evaluate vs float")
+        steps.start("evaluate vs float on every domain")
         if opts.evaluate:
             fidelity = evaluate_step(source, staging, opts, ref)
             check_fidelity(fidelity, opts)

@@ -112,3 +112,27 @@ class FloatReference:
                     break
                 x = torch.tensor([[token]])
         return out
+
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     eos_ids: Sequence[int] = ()) -> list[list[int]]:
+        """greedy() of several prompts in one batch (left-padded, masked): one forward per step for all of them.
+
+        Each reply stops after its first eos id (kept). Padding changes float rounding, so a near-tie may break
+        differently than greedy() alone: for text to score, not for reference.json."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        x = torch.zeros((len(prompts), width), dtype=torch.int64)          # [B, S]
+        mask = torch.zeros_like(x)
+        for i, p in enumerate(prompts):
+            x[i, width - len(p):] = torch.as_tensor(list(p))
+            mask[i, width - len(p):] = 1
+        eos = [int(e) for e in eos_ids] or None
+        with torch.no_grad():
+            out = self.torch_model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                            do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if eos else 0)
+        replies = []
+        for row in out[:, width:].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if eos and t in eos), len(row))
+            replies.append(row[:cut])
+        return replies

@@ -190,6 +190,11 @@ class Candidates:
                                               act_scale=act, hessian=self.hessians.get(name))
         return self.cache[key]
 
+    def exact_or_single(self, unit: Unit) -> bool:
+        """True when the unit's int4 candidate transcodes its GGUF blocks, or equals its int8 candidate."""
+        return all(self.specs[4][n].method == "transcode" or self.specs[4][n] == self.specs[8][n]
+                   for n in unit.names)
+
     def nbytes(self, unit: Unit, bits: int) -> int:
         return sum(self.quant(n, bits).nbytes for n in unit.names)
 
@@ -199,9 +204,16 @@ class Candidates:
 
 def measure_sensitivity(kl: PerturbedKL, cands: Candidates, all_units: Sequence[Unit],
                         log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
-    """unit label -> KLD with only that unit at int4 (everything else float)."""
+    """unit label -> KLD with only that unit at int4 (everything else float).
+
+    Not measured (0) where there is nothing to learn: a unit whose int4 candidate is the exact transcode of the
+    GGUF blocks the float weights were read from, or whose int4 and int8 candidates are the same."""
     sens = {}
     for j, u in enumerate(all_units):
+        if cands.exact_or_single(u):
+            sens[u.label] = 0.0
+            log(f"sensitivity {j + 1}/{len(all_units)} {u.label}: exact, not measured")
+            continue
         sens[u.label] = kl.kl(cands.dequantized(u, 4), _layer_of(u))
         log(f"sensitivity {j + 1}/{len(all_units)} {u.label}: {sens[u.label]:.5f}")
     return sens

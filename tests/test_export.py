@@ -109,10 +109,10 @@ def test_export_failure_leaves_previous_bundle_untouched(tiny_bundle, tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["bundle"]  # no temp folder left behind
 
 
-def test_export_refuses_vocab_block_outside_auto(tmp_path):
-    p = run_cli("tiny:llama", "--quant", "int4", "--vocab-block", "16", "--out", tmp_path / "x", "--quiet")
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "--vocab-block sets the int8 candidate of --quant auto" in p.stderr
+def test_export_refuses_vocab_block_outside_q4_and_mixed(tmp_path):
+    p = run_cli("tiny:llama", "--quant", "int8", "--vocab-block", "16", "--out", tmp_path / "x", "--quiet")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--vocab-block sets the int8 embedding / lm_head of q4 and mixed, not q8" in p.stderr
     assert not (tmp_path / "x").exists()
 
 

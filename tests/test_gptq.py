@@ -104,7 +104,7 @@ def test_auto_with_gptq_candidates(tmp_path):
     """--quant auto --method gptq: the int4 candidate of every layer matmul is GPTQ-rounded (the tied
     embedding, which GPTQ cannot round, takes the search), and the plan still meets its target."""
     out = tmp_path / "auto"
-    p = run_cli("tiny:llama", "--quant", "auto", "--method", "gptq", "--max-kld", "0.5", "--out", out, "--quiet")
+    p = run_cli("tiny:llama", "--quant", "auto", "--method", "gptq", "--target-kld", "0.5", "--out", out, "--quiet")
     assert p.returncode == 0, p.stderr
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     int4 = {n: t["method"] for n, t in q["tensors"].items() if t["bits"] == 4}

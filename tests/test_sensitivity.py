@@ -102,3 +102,28 @@ def test_vocab_int8_block_only_where_the_hidden_size_allows():
     assert set(fine) == set(specs) and all(s.block_size == 16 for s in fine.values())
     assert set(S.vocab_int8_specs(ModelConfig("llama", 1000, 96, 256, 2, 3, 1, 32), 16)) == {
         "model.embed_tokens.weight", "lm_head.weight"}
+
+
+def test_exact_transcodes_are_not_measured_and_cost_nothing(tiny):
+    """A unit whose int4 candidate transcodes the GGUF blocks its float weights came from has sensitivity 0
+    without a forward pass; the others are measured as before."""
+    import dataclasses
+
+    from export.reference import FloatReference
+    from export.sources import GGUFBlocks
+
+    source, _, windows = tiny
+    name = "model.layers.0.self_attn.o_proj.weight"
+    n, k = source.tensors[name].shape
+    rng = np.random.default_rng(3)
+    blocks = GGUFBlocks("q4_1", rng.uniform(0.01, 0.05, (n, k // 32)).astype(np.float16).astype(np.float32),
+                        rng.normal(0, 0.1, (n, k // 32)).astype(np.float16).astype(np.float32),
+                        rng.integers(0, 16, (n, k // 32, 32)).astype(np.uint8))
+    tensors = {**source.tensors, name: blocks.dequantize()}
+    gguf = dataclasses.replace(source, tensors=tensors, gguf_blocks={name: blocks})
+    ref = FloatReference(gguf, threads=1)
+    logs = []
+    _, _, plan = S.auto_quantize(gguf, ref.torch_model, windows, 0.05, log=logs.append)
+    assert plan.sensitivity["layers.0.o"] == 0.0 and plan.bits["layers.0.o"] == 4
+    assert any("layers.0.o: exact, not measured" in line for line in logs)
+    assert plan.sensitivity["layers.0.qkv"] > 0 and sum("not measured" in line for line in logs) == 1

@@ -1,0 +1,100 @@
+"""Named recipes resolved into per-tensor plans; one options object validated for the CLI and the API alike."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+
+from export.options import ExportOptions, OptionsError
+from export.recipes import VOCAB_INT8_BLOCK, resolve
+from export.sources import load_source
+
+EMBED = "model.embed_tokens.weight"
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_source("tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """tiny:llama written as a GGUF file: Q4_1 layers, a Q8_0 embedding, read back with its blocks."""
+    from test_sources import write_gguf
+
+    src = load_source("tiny:llama")
+    qtype = lambda name: gguf.GGMLQuantizationType.Q8_0 if "embed" in name else gguf.GGMLQuantizationType.Q4_1  # noqa: E731
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", src, "llama", qtype)
+    return load_source(str(path))
+
+
+def plan_of(source, **kw):
+    return resolve(source, ExportOptions(**kw).validated())
+
+
+def test_recipes_resolve_to_per_tensor_specs(tiny):
+    q4 = plan_of(tiny).specs
+    assert q4[Q].bits == 4 and q4[Q].method == "search"
+    assert (q4[EMBED].bits, q4[EMBED].block_size, q4[EMBED].method) == (8, VOCAB_INT8_BLOCK, "sym")
+    assert all(s is None for n, s in q4.items() if n.endswith("norm.weight"))
+    q8 = plan_of(tiny, recipe="q8").specs
+    assert {s.bits for s in q8.values() if s is not None} == {8} and q8[Q].block_size == 16  # smoothed: blocks of 16
+    assert all(s is None for s in plan_of(tiny, recipe="fp32").specs.values())
+    assert plan_of(tiny, quant="int4").specs == q4 and plan_of(tiny, quant="auto").recipe == "mixed"
+    gptq = plan_of(tiny, method="gptq")
+    assert gptq.gptq and gptq.specs[Q].method == "gptq" and gptq.specs[EMBED].method == "sym"
+
+
+def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
+    exact = plan_of(tiny_gguf, recipe="exact").specs
+    assert exact[Q].method == "transcode" and exact[Q].bits == 4 and exact[Q].offsets
+    assert (exact[EMBED].bits, exact[EMBED].method, exact[EMBED].block_size) == (8, "transcode", 32)
+    q4 = plan_of(tiny_gguf)
+    assert q4.specs[Q] == exact[Q] and q4.specs[EMBED].method == "sym" and not q4.act_aware
+    assert q4.requantized() == [EMBED]
+    assert plan_of(tiny_gguf, transcode=False, method="gptq").specs[Q].method == "gptq"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"method": "gptq"}, "--method does nothing for this source (every int4 tensor is transcoded"),
+    ({"offsets": True}, "--offsets does nothing for this source"),
+    ({"recipe": "exact", "block_size": 64}, "--block-size does nothing: every tensor is transcoded"),
+])
+def test_options_that_change_nothing_for_this_source_are_refused(tiny_gguf, kw, message):
+    with pytest.raises(OptionsError, match=message.replace("(", r"\(")):
+        plan_of(tiny_gguf, **kw)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"method": "gptq", "offsets": True}, "--method gptq rounds onto integer zero points"),
+    ({"target_kld": 0.01}, "--target-kld sets the mixed recipe's goal"),
+    ({"recipe": "q8", "vocab_block": 16}, "--vocab-block sets the int8 embedding / lm_head of q4 and mixed"),
+    ({"smooth_alpha": 0.3}, "smoothing applies to the q8 recipe only"),
+    ({"recipe": "fp32", "method": "rtn"}, "recipe fp32 rounds nothing to int4"),
+    ({"max_kld": 0.0}, "--max-kld must be positive"),
+    ({"recipe": "int3"}, "unknown recipe 'int3'"),
+])
+def test_contradictory_options_are_one_line_options_errors(kw, message):
+    with pytest.raises(OptionsError, match=message) as e:
+        ExportOptions(**kw).validated()
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_source_dependent_refusals(tiny):
+    with pytest.raises(OptionsError, match="this source has no GGUF blocks"):
+        plan_of(tiny, transcode=False)
+    with pytest.raises(OptionsError, match="recipe exact transcodes GGUF blocks, and this source has none"):
+        plan_of(tiny, recipe="exact")
+
+
+def test_api_default_options_export_and_record_the_plan(tmp_path):
+    from export.pipeline import export_bundle
+
+    out = export_bundle("tiny:llama", tmp_path / "b")
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["recipe"] == "q4" and q["tensors"][EMBED]["bits"] == 8 and q["tensors"][Q]["bits"] == 4
+    with pytest.raises(OptionsError, match="cannot take --offsets"):
+        export_bundle("tiny:llama", tmp_path / "c", ExportOptions(method="gptq", offsets=True))
+    assert not (tmp_path / "c").exists()
