@@ -237,6 +237,8 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
         weights = quantize_planned(source, plan, act, hessians, log)
     table = plan.manifest()
     for name, entry in table["tensors"].items():
+        q = weights[name]  # what was stored, which a transcode decides per tensor (not the spec)
+        entry.update(zero_points=q.zero_points is not None, offsets=q.offsets is not None)
         if name in source.gguf_blocks:  # the GGUF type: transcoded, or re-quantized from it
             entry["gguf_type"] = source.gguf_blocks[name].kind
     return weights, {**table, "act_aware": plan.act_aware, "untied_embeddings": bool(opts.untie_embeddings),
