@@ -104,16 +104,9 @@ def command(session, line: str):
 
 def run(args) -> int:
     """Chat with a bundle in the terminal; the conversation keeps its KV cache between turns."""
-    from .. import load
-    from ..sampling import validate
-    from ..stats import parse_size
+    from .run import load_model, utf8_argument
 
-    validate(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-             args.max_new_tokens)
-    budget = parse_size(args.budget) if args.budget is not None else None
-    model = load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
-                 memory_budget=budget, kv_dtype=args.kv_dtype, verify=args.verify, overflow=args.overflow)
-    from .run import utf8_argument
+    model = load_model(args)
 
     system = utf8_argument(args.system, "--system") if args.system else None
     session = model.load_session(args.load) if args.load else model.session(system=system)

@@ -73,8 +73,8 @@ def _prompt(args, model):
     return messages + [{"role": "user", "content": text}]
 
 
-def run(args) -> int:
-    """Stream an answer to a prompt."""
+def load_model(args):
+    """The Model the generation options ask for, after checking the sampling arguments (before the load)."""
     from .. import load
     from ..sampling import validate
     from ..stats import parse_size
@@ -82,8 +82,13 @@ def run(args) -> int:
     validate(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
              args.max_new_tokens)
     budget = parse_size(args.budget) if args.budget is not None else None
-    model = load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
-                 memory_budget=budget, kv_dtype=args.kv_dtype, verify=args.verify, overflow=args.overflow)
+    return load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
+                memory_budget=budget, kv_dtype=args.kv_dtype, verify=args.verify, overflow=args.overflow)
+
+
+def run(args) -> int:
+    """Stream an answer to a prompt."""
+    model = load_model(args)
     stream = model.stream(_prompt(args, model), max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
