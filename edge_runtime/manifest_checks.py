@@ -58,6 +58,8 @@ def check_manifest(manifest: dict, where: str) -> None:
     _check_graph(manifest.get("graph"), where)
     _check_weights(manifest.get("weights"), where)
     _check_tokenizer(manifest.get("tokenizer"), manifest["config"]["vocab_size"], where)
+    if manifest.get("decoder") is not None:  # absent in a graph optimum wrote (no spec of ours)
+        _check_decoder(manifest["decoder"], manifest["config"]["num_hidden_layers"], where)
 
 
 def _fail(where: str, what: str):
@@ -134,6 +136,26 @@ def _check_weights(weights: Any, where: str) -> None:
             _fail(where, f"{what}.shape must be a list of at most 8 non-negative integers")
         if int(np.prod(shape, dtype=object)) * np.dtype(meta["dtype"]).itemsize != meta["nbytes"]:
             _fail(where, f"{what}: shape and dtype do not make nbytes")
+
+
+def _check_decoder(decoder: Any, num_layers: int, where: str) -> None:
+    decoder = _check_dict(decoder, "decoder", where)
+    units = decoder.get("units")
+    if not isinstance(units, list) or len(units) > 64 * num_layers + 8:
+        _fail(where, "decoder.units must be a list of units")
+    for i, unit in enumerate(units):
+        unit = _check_dict(unit, f"decoder.units[{i}]", where)
+        names = unit.get("names")
+        if not isinstance(names, list) or not 0 < len(names) <= 16 or not all(isinstance(n, str) for n in names):
+            _fail(where, f"decoder.units[{i}].names must be a list of 1..16 tensor names")
+        _check_str(unit.get("fused"), f"decoder.units[{i}].fused", where, optional=True)
+    layers = decoder.get("layers")
+    if not isinstance(layers, list) or len(layers) != num_layers:
+        _fail(where, f"decoder.layers must list the config's {num_layers} layers")
+    for i, layer in enumerate(layers):
+        window = _check_dict(layer, f"decoder.layers[{i}]", where).get("window")
+        if window is not None:
+            _check_int(window, 1, MAX_CONTEXT, f"decoder.layers[{i}].window", where)
 
 
 def _check_tokenizer(tok: Any, vocab: int, where: str) -> None:

@@ -41,13 +41,14 @@ def default_threads() -> int:
     return min(available_cpus(), MAX_DEFAULT_THREADS)
 
 
-def check_threads(threads: int | None) -> int:
+def check_threads(threads: int | None, name: str = "threads") -> int:
     """The thread count to run with: default_threads() for None, else `threads` capped at available_cpus()
-    (more threads than CPUs only add contention and per-thread buffers), with an EdgeWarning saying so."""
+    (more threads than CPUs only add contention and per-thread buffers), with an EdgeWarning saying so.
+    name: how the caller's users spell the argument (a flag for a CLI)."""
     if threads is None:
         return default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise EdgeError(f"threads must be a positive integer, got {threads!r}")
+        raise EdgeError(f"{name} must be a positive integer, got {threads!r}")
     cpus = available_cpus()
     if threads > cpus:
         warnings.warn(EdgeWarning(f"threads {threads} capped at {cpus}, the CPUs available to this process"),

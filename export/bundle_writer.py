@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from edge_runtime.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import EdgeError
-from edge_runtime.spec import spec_for
+from edge_runtime.spec import spec_for, supported
 
 from .graph.builder import WEIGHT_LAYOUT_KEY, fused_initializers
 
@@ -53,8 +53,10 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
     if (graph is None) == (graphs is None):
         raise ValueError("write_bundle takes graph or graphs")
     graphs = graphs or {_kv_dtype(graph): graph}
-    # What a runtime reads instead of guessing: the units as the default graph fused them, the layer pattern
-    decoder = spec_for(config).manifest(fused_initializers(next(iter(graphs.values()))))
+    # What a runtime reads instead of guessing: the units as the default graph fused them, the layer pattern.
+    # A graph optimum wrote for a family without a spec (the fallback) has none; only ONNX Runtime runs it.
+    decoder = (spec_for(config).manifest(fused_initializers(next(iter(graphs.values()))))
+               if supported(config.model_type) else None)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ def write_bundle(out_dir, *, config: ModelConfig, manifest_fields: Mapping, extr
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else bytes(data))
         manifest = _manifest(config, graphs, files, manifest_fields, index, tmp)
-        manifest["decoder"] = decoder
+        if decoder is not None:
+            manifest["decoder"] = decoder
         if exact_graph is not None:
             manifest["graph"]["exact_graph"] = {"file": EXACT_FILE, "accuracy_level": 0, "kv_dtype": "float32"}
         write_manifest(tmp, manifest)

@@ -82,7 +82,7 @@ def options_of(args):
     return ExportOptions(recipe=args.recipe or "q4", quant=args.quant, target_kld=args.target_kld,
                          kv_dtype=args.kv_dtype, accuracy_level=args.accuracy_level, block_size=args.block_size,
                          method=args.method, offsets=args.offsets, transcode=not args.no_transcode,
-                         max_context=args.max_context, threads=check_threads(args.threads),
+                         max_context=args.max_context, threads=check_threads(args.threads, "--threads"),
                          reference=not args.no_reference, progress=not args.quiet,
                          evaluate=not args.no_eval, eval_text=args.eval_text, max_kld=args.max_kld,
                          force=args.force, act_aware=not args.no_act_aware,

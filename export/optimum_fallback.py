@@ -315,6 +315,7 @@ def export_fallback_bundle(source, out_dir, opts) -> Path:
     from .pipeline import Steps, bundle_contents, chat_encoder, tokenizer_of
     from .probes import build_reference
 
+    opts = opts.validated()  # idempotent; callers of the Python API may pass unresolved options
     if source.hf_dir is None:
         raise UnsupportedModelError(f"architecture '{source.config.model_type}' is only exported from a Hugging "
                                     f"Face folder (through optimum)")

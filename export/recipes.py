@@ -79,8 +79,8 @@ def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
 
 
 def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
-    """The plan of validated `opts` on `source`; OptionsError for options that would change nothing."""
-    refuse_source_mismatch(source, opts)
+    """The plan of validated `opts` on `source` (as loaded, or untied by --untie-embeddings); OptionsError for
+    options that would change nothing (refuse_source_mismatch runs first, on the source as loaded)."""
     cfg, blocks = source.config, source.gguf_blocks
     if opts.recipe == "fp32":
         specs = preset_specs(cfg, "fp32")
@@ -104,6 +104,7 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
 
 
 def refuse_source_mismatch(source: SourceModel, opts: ExportOptions) -> None:
+    """OptionsError for an option this source, as loaded, gives nothing to do."""
     if not opts.transcode and not source.gguf_blocks:
         raise OptionsError("--no-transcode does nothing: this source has no GGUF blocks")
     if opts.untie_embeddings and not source.config.tie_word_embeddings:

@@ -176,4 +176,4 @@ def test_edge_export_errors_take_the_same_path(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("edge-export: error: argument --quant: invalid choice") and err.count("\n") == 1
     assert edge_export(["tiny:llama", "--out", str(tmp_path / "b"), "--threads", "0"]) == 2
-    assert capsys.readouterr().err == "edge-export: error: --threads must be a positive integer (got 0)\n"
+    assert capsys.readouterr().err == "edge-export: error: --threads must be a positive integer, got 0\n"

@@ -67,7 +67,7 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     assert set(manifest["files"]) == {"model.onnx", "model.float16.onnx", "model.exact.onnx", "weights.bin",
                                       "tokenizer.json", "reference.json"}
     assert manifest["graph"]["contract"] == "edge-llama-v1"
-    assert manifest["quantization"]["preset"] == "int4"
+    assert manifest["quantization"]["recipe"] == "q4"  # the recipe int4 names
     b = edge_runtime.bundle.Bundle.open(bundle)
     for name, meta in manifest["weights"]["tensors"].items():
         assert b.tensor(name).nbytes == meta["nbytes"]

@@ -253,9 +253,10 @@ class NumpyBackend:
         return np.ascontiguousarray(self.model.forward(ids, past_len, logits_index), dtype=np.float32)
 
     def kv_arrays(self) -> list[np.ndarray]:
-        """Views [1, kv_heads, context, head_dim] of each layer's keys, then values (the ORT backend's order)."""
+        """Views [1, kv_heads, capacity, head_dim] of each layer's keys, then values (the ORT backend's order);
+        capacity is the context, or the window of a sliding-window layer's ring."""
         c = self.model.cache
-        return [a[i:i + 1] for i in range(c.keys.shape[0]) for a in (c.keys, c.values)]
+        return [a[None] for k, v in zip(c.keys, c.values) for a in (k, v)]
 
     def kv_nbytes(self) -> int:
         return self.model.cache.nbytes
