@@ -10,6 +10,17 @@ activations `x` [S, K], split into blocks `x[t, b, i]`:
 Rows are processed in chunks whose float codes stay in a core's L2 cache, so memory traffic is the packed
 codes only. 4-bit codes are unpacked with 64-bit masks into `[low nibbles | high nibbles]` order per block;
 the activations are permuted to match instead of interleaving the codes.
+
+With int8 activations (what MatMulNBits does at accuracy_level 4) the activations are rounded per block to
+integer codes `xi` with a scale `xsc[t, b]`, and the products are taken on integers, as MLAS does:
+
+    y[t, n] = sum_b s[n, b] * xsc[t, b] * (z[b, n, t] - zp[n, b] * xis[t, b])  (+ offsets, see above)
+    z[b, n, t] = sum_i q[n, b, i] * xi[t, b, i],   xis[t, b] = sum_i xi[t, b, i]
+
+Codes times int8 values summed over a block stay far below 2^24, so z is exact in float32 whatever order BLAS
+sums in, and the sum over blocks runs in a fixed order: a row's result does not depend on how many rows are
+computed with it. That keeps a prompt prefilled in one pass, in chunks, or token by token on the same logits
+(the int8 rounding of the next matmul's input would otherwise amplify an ulp into a different token).
 """
 from __future__ import annotations
 
@@ -26,7 +37,8 @@ import numpy as np
 from .quant import BlockQuant, Rows
 
 CHUNK_FLOATS = 1 << 18  # float codes per row chunk: 1 MB, a core's L2 (measured: 2^16 slower, 2^19 same)
-BLOCKWISE_MAX_ROWS = 12  # activation rows up to which per-block products beat dequantize + GEMM (measured)
+BLOCKWISE_MAX_ROWS = 12  # float activation rows up to which per-block products beat dequantize + GEMM (measured)
+INT8_ROWS = 32  # int8 activation rows per per-block product: bounds the per-thread product buffer
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 _FOUR = np.uint64(4)
 
@@ -91,6 +103,8 @@ class _Frame:
         self.f_t = self.f.transpose(1, 0, 2)                # [kb, n, bs]: one matrix per block
         self.f_rows = self.f.reshape(n, kb * bs)            # [n, K]
         self.z = ws.take("z", (kb, n, s_rows), np.float32)  # per-block products [kb, n, S]
+        self.t = ws.take("t", (kb, n, s_rows), np.float32)  # terms of the int8 products [kb, n, S]
+        self.y = ws.take("y", (n, s_rows), np.float32)      # their sum over blocks [n, S]
         if bits == 4:
             half = np.dtype((np.void, bs // 2))             # one half-block of codes, as one item
             words = n * kb * bs // 16                       # uint64 words of packed codes
@@ -152,17 +166,22 @@ def row_chunks(n: int, k: int, threads: int) -> list[tuple[int, int]]:
 
 # -- quantized matrix -----------------------------------------------------------------------------
 
-def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """x [S, K] rounded to int8 per block of `block` values with scale absmax/127 (what MatMulNBits does to its
-    input at accuracy_level 4), returned in float32."""
+def int8_codes(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [S, K] rounded to int8 per block of `block` values (what MatMulNBits does to its input at
+    accuracy_level 4): (codes [S, kb, block] float32 holding integers in -127..127, scales [S, kb] absmax/127)."""
     s_rows, k = x.shape
     xb = x.reshape(s_rows, k // block, block)
     amax = np.abs(xb).max(axis=2, keepdims=True)
-    scale = amax / np.float32(127)
     # MLAS multiplies by 127/amax, not by 1/scale: the two differ by an ulp, which flips exact .5 ties
     # (common: inputs built from quantized embeddings land on them) and moves whole output rows.
     inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
-    return (np.rint(xb * inv) * scale).reshape(s_rows, k).astype(np.float32, copy=False)
+    return np.rint(xb * inv).astype(np.float32, copy=False), (amax / np.float32(127))[:, :, 0]
+
+
+def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """x [S, K] as MatMulNBits rounds it at accuracy_level 4 (int8_codes times their scales), float32."""
+    codes, scales = int8_codes(x, block)
+    return (codes * scales[:, :, None]).reshape(x.shape).astype(np.float32, copy=False)
 
 
 class QuantMatrix:
@@ -186,10 +205,17 @@ class QuantMatrix:
         if self.bits == 4:
             half = np.r_[half[0::2], half[1::2]]
         self.perm = (np.arange(self.kb)[:, None] * self.bs + half[None, :]).reshape(-1)  # [K]
-        # -zp*scale [N, kb]: kept only when zero points are stored (else made from the mmapped scales).
-        self._zp_bias = None
-        if bq.zero_points is not None:
+        # Zero points, kept only when stored (else the type's default): with float activations as -zp*scale
+        # [N, kb]; with int8 ones as float32 integers [n, kb, 1] per chunk, subtracted from the codes.
+        self._zp_bias, self.zp_chunks = None, None
+        if bq.zero_points is not None and int8_activations:
+            zp = bq.zero_point_values().astype(np.float32)
+            self.zp_chunks = [zp[c0:c1, :, None] for c0, c1 in self.bounds]
+        elif bq.zero_points is not None:
             self._zp_bias = self.zero_point_bias(slice(None))
+        self.off_chunks = None  # offsets [kb, n, 1] per chunk (views of the mmapped ones would be strided)
+        if bq.offsets is not None and int8_activations:
+            self.off_chunks = [np.ascontiguousarray(bq.offsets[c0:c1].T)[:, :, None] for c0, c1 in self.bounds]
 
     @property
     def shape(self) -> tuple:
@@ -198,7 +224,8 @@ class QuantMatrix:
     @property
     def resident_nbytes(self) -> int:
         """Bytes this matrix holds in RAM besides the mmapped bundle arrays."""
-        return 0 if self._zp_bias is None else int(self._zp_bias.nbytes)
+        chunks = (self.zp_chunks or []) + (self.off_chunks or [])
+        return int(sum(c.nbytes for c in chunks)) + (0 if self._zp_bias is None else int(self._zp_bias.nbytes))
 
     def zero_point_bias(self, rows: Rows) -> np.ndarray:
         """-zp*scale, float32 [n, kb] for the given rows (slice or index array)."""
@@ -211,21 +238,58 @@ class QuantMatrix:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """x [S, K] float32 -> x @ W.T [S, N] float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.int8_activations:
+            return self._int8_matmul(x)
         s_rows = x.shape[0]
-        xq = int8_blocks(x, self.bs) if self.int8_activations else x  # what the codes multiply
-        xp = xq[:, self.perm] if self.bits == 4 else xq  # [S, K] in code column order
+        xp = x[:, self.perm] if self.bits == 4 else x  # [S, K] in code column order
         y = np.empty((s_rows, self.n), np.float32)
         if s_rows <= BLOCKWISE_MAX_ROWS:
             xbt = np.ascontiguousarray(xp.reshape(s_rows, self.kb, self.bs).transpose(1, 2, 0))  # [kb, bs, S]
             self.pool.run(lambda i: self._blockwise(xbt, y.T, i), len(self.bounds))
         else:
             self.pool.run(lambda i: self._dequant_gemm(xp, y, i), len(self.bounds))
-        sums = x.reshape(s_rows, self.kb, self.bs).sum(axis=2)                 # [S, kb] of the float input
-        qsums = xq.reshape(s_rows, self.kb, self.bs).sum(axis=2) if xq is not x else sums
-        y += self._bias_product(qsums)
-        if self.bq.offsets is not None:  # the graph sums the float activations for this term (ReduceSum)
+        sums = x.reshape(s_rows, self.kb, self.bs).sum(axis=2)                 # [S, kb]
+        y += self._bias_product(sums)
+        if self.bq.offsets is not None:
             y += sums @ self.bq.offsets.T
         return y
+
+    def _int8_matmul(self, x: np.ndarray) -> np.ndarray:
+        """x [S, K] -> y [S, N] on int8 activation codes (module docstring): each row independent of the others."""
+        s_rows = x.shape[0]
+        xi, xsc = int8_codes(x, self.bs)                                      # [S, kb, bs], [S, kb]
+        xp = xi.reshape(s_rows, self.k)[:, self.perm] if self.bits == 4 else xi.reshape(s_rows, self.k)
+        xb = xp.reshape(s_rows, self.kb, self.bs)
+        parts = []
+        for t0 in range(0, s_rows, INT8_ROWS):                                # contiguous operands per part
+            t = slice(t0, min(t0 + INT8_ROWS, s_rows))
+            terms = [xsc[t]]
+            if self.bq.offsets is not None:  # the graph sums the float activations for this term (ReduceSum)
+                terms.append(x[t].reshape(-1, self.kb, self.bs).sum(axis=2))
+            parts.append((t, np.ascontiguousarray(xb[t].transpose(1, 2, 0)),  # [kb, bs, s]
+                          *[np.ascontiguousarray(a.T)[:, None, :] for a in terms]))  # [kb, 1, s] each
+        y = np.empty((s_rows, self.n), np.float32)
+        self.pool.run(lambda i: self._int8_blockwise(parts, y, i), len(self.bounds))
+        return y
+
+    def _int8_blockwise(self, parts: list, y: np.ndarray, i: int) -> None:
+        """y[:, rows of chunk i] from exact per-block integer products [kb, n, s], part by part of the rows."""
+        c0, c1 = self.bounds[i]
+        fr = self._frame(c1 - c0, parts[0][1].shape[2])
+        zero = self.zp_chunks[i] if self.zp_chunks is not None else np.float32(self.bq.qtype.default_zp)
+        self._codes(i, fr, zero)                                              # q - zp: exact small integers
+        offsets = self.off_chunks[i] if self.off_chunks is not None else None
+        for t, xbt, xst, *sums in parts:
+            s = xbt.shape[2]
+            z, tmp, acc = fr.z[:, :, :s], fr.t[:, :, :s], fr.y[:, :s]         # [kb, n, s], [kb, n, s], [n, s]
+            np.matmul(fr.f_t, xbt, out=z)                                     # exact: integers below 2^24
+            z *= self.s_chunks[i]                                             # [kb, n, 1]
+            z *= xst                                                          # [kb, 1, s]
+            if offsets is not None:
+                np.multiply(offsets, sums[0], out=tmp)
+                z += tmp
+            np.add.reduce(z, axis=0, out=acc)                                 # over blocks, in order
+            y[t, c0:c1] = acc.T
 
     def _bias_product(self, xs: np.ndarray) -> np.ndarray:
         """xs [S, kb] block sums -> sum_b (-zp*scale)[n, b] * xs[t, b]: [S, N]."""
@@ -241,11 +305,12 @@ class QuantMatrix:
             frame = ws.frames[key] = _Frame(ws, self.bits, n, self.kb, self.bs, s_rows)
         return frame
 
-    def _codes(self, i: int, fr: _Frame) -> None:
-        """Codes of row chunk i as float32 into fr.f [n, kb, bs] (4-bit: low nibbles first in each block)."""
+    def _codes(self, i: int, fr: _Frame, zero=None) -> None:
+        """Codes of row chunk i as float32 into fr.f [n, kb, bs] (4-bit: low nibbles first in each block), minus
+        `zero` ([n, kb, 1] or a scalar) if given."""
         q = self.q_chunks[i]
         if self.bits == 8:
-            np.copyto(fr.f, q, casting="unsafe")
+            self._to_float(q, fr.f, zero)
             return
         # Nibbles are split with 64-bit masks (16 codes per op) on contiguous words, then the low and high
         # halves of each block are placed side by side as whole half-block items: every NumPy loop stays long.
@@ -254,7 +319,14 @@ class QuantMatrix:
         np.bitwise_and(fr.hi, _LOW_NIBBLES, out=fr.hi)
         np.copyto(fr.lo_dst, fr.lo_src)
         np.copyto(fr.hi_dst, fr.hi_src)
-        np.copyto(fr.f, fr.u, casting="unsafe")
+        self._to_float(fr.u, fr.f, zero)
+
+    @staticmethod
+    def _to_float(codes: np.ndarray, out: np.ndarray, zero) -> None:
+        if zero is None:
+            np.copyto(out, codes, casting="unsafe")
+        else:
+            np.subtract(codes, zero, out=out, dtype=np.float32, casting="unsafe")  # one pass: cast and subtract
 
     def _blockwise(self, xbt: np.ndarray, yt: np.ndarray, i: int) -> None:
         """yt[rows of chunk i] = sum_b s[n, b] * z[b, n, :] for small S (xbt: [kb, bs, S], yt: [N, S])."""

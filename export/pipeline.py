@@ -18,7 +18,7 @@ from edge_runtime.spec import EMBED, LM_HEAD, supported
 from edge_runtime.tokenizer import Tokenizer
 
 from .options import MIXED_DEFAULT_KLD, ExportOptions
-from .recipes import Plan, refuse_source_mismatch, resolve
+from .recipes import Plan, refuse_idle_untie, resolve
 from .sources import SourceModel, load_source
 
 __all__ = ["ExportOptions", "export_bundle"]
@@ -296,7 +296,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     try:
         steps.start("load source")
         source = load_source(spec)
-        refuse_source_mismatch(source, opts)
+        refuse_idle_untie(source, opts)
         if opts.untie_embeddings:
             source = untie_embeddings(source)
         steps.done()

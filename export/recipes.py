@@ -79,8 +79,9 @@ def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
 
 
 def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
-    """The plan of validated `opts` on `source` (as loaded, or untied by --untie-embeddings); OptionsError for
-    options that would change nothing (refuse_source_mismatch runs first, on the source as loaded)."""
+    """The plan of validated `opts` on `source` (as loaded, or untied by --untie-embeddings: refuse_idle_untie
+    checks that flag on the source as loaded); OptionsError for options that would change nothing."""
+    refuse_source_mismatch(source, opts)
     cfg, blocks = source.config, source.gguf_blocks
     if opts.recipe == "fp32":
         specs = preset_specs(cfg, "fp32")
@@ -104,9 +105,13 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
 
 
 def refuse_source_mismatch(source: SourceModel, opts: ExportOptions) -> None:
-    """OptionsError for an option this source, as loaded, gives nothing to do."""
+    """OptionsError for an option this source gives nothing to do."""
     if not opts.transcode and not source.gguf_blocks:
         raise OptionsError("--no-transcode does nothing: this source has no GGUF blocks")
+
+
+def refuse_idle_untie(source: SourceModel, opts: ExportOptions) -> None:
+    """OptionsError for --untie-embeddings on a source (as loaded) whose lm_head is not tied."""
     if opts.untie_embeddings and not source.config.tie_word_embeddings:
         raise OptionsError("--untie-embeddings does nothing: this model's lm_head is not tied")
 

@@ -19,7 +19,7 @@ import pytest
 from edge_runtime.bundle import Bundle
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ContextOverflowError, EdgeError, UnsupportedModelError
-from edge_runtime.kernels import BLOCKWISE_MAX_ROWS, QuantMatrix, RowPool
+from edge_runtime.kernels import BLOCKWISE_MAX_ROWS, QuantMatrix, RowPool, int8_blocks
 from edge_runtime.llama_numpy import DecoderForward, DenseWeights
 from edge_runtime.quant import BlockQuant, pack_4bit
 from edge_runtime.rope import full_tables, half_tables
@@ -78,6 +78,30 @@ def test_quant_matmul_matches_dequantized(bits, bs, threads):
                 ref = x.astype(np.float64) @ w.T.astype(np.float64)
                 err = np.abs(m.matmul(x) - ref).max() / np.abs(ref).max()
                 assert err < 2e-6, (zero_points, offsets, s_rows, err)
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("bits,bs", [(4, 16), (4, 32), (8, 32), (8, 64)])
+def test_int8_activation_matmul_matches_and_each_row_ignores_the_others(bits, bs):
+    """With int8 activations (MatMulNBits at accuracy_level 4) a row's product is the same bits whether it is
+    computed alone, in a short batch or in a long one: a prompt scores the same prefilled at once or step by step."""
+    rng = np.random.default_rng(bits * 100 + bs)
+    pool = RowPool(2)
+    try:
+        for zero_points, offsets in [(False, False), (True, False), (True, True)]:
+            bq = random_quant(rng, bits, 300, 256, bs, zero_points, offsets)
+            m = QuantMatrix(bq, pool, int8_activations=True)
+            x = rng.standard_normal((45, 256)).astype(np.float32)
+            ref = int8_blocks(x, bs).astype(np.float64) @ bq.dequantize().T.astype(np.float64)
+            if offsets:  # the graph adds the offsets against the float activations' block sums
+                ref += x.reshape(45, -1, bs).sum(axis=2).astype(np.float64) @ bq.offsets.T.astype(np.float64) \
+                    - int8_blocks(x, bs).reshape(45, -1, bs).sum(axis=2).astype(np.float64) @ bq.offsets.T
+            full = m.matmul(x)
+            assert np.abs(full - ref).max() / np.abs(ref).max() < 2e-6
+            for s_rows in (1, 2, 7, 16, 17, 40):
+                np.testing.assert_array_equal(m.matmul(x[:s_rows]), full[:s_rows])
+            np.testing.assert_array_equal(m.matmul(x[30:31])[0], full[30])
     finally:
         pool.close()
 
