@@ -116,7 +116,7 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
-KEY_BLOCK = 512  # float16 cache positions converted to float32 at a time: the cache is never copied whole
+KEY_BLOCK = 512  # cache positions converted to float64 at a time: the cache is never copied whole
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int, key_start: int = 0,
@@ -128,17 +128,22 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int
     cache's own views) at positions key_start..key_start+T-1 (T = past_len + S - key_start). A query sees the
     keys at or before it, and with `window` only the last `window` of them (itself included). Query head h
     reads KV head h // (H // KVH) (HF repeat_kv order). scale: default 1/sqrt(D); softcap c: scores become
-    c * tanh(scores / c). Returns [H, S, D]. Scores are computed in place; the cache is read in float32
+    c * tanh(scores / c). Returns [H, S, D] float32. Scores are computed in place; the cache is read in
     blocks of KEY_BLOCK positions.
+
+    Computed in float64 and rounded once at the end: BLAS sums a row in an order that depends on how many rows
+    share the call, and the softmax's sum on how many masked keys a row carries. In float32 those differ by an
+    ulp between a prompt prefilled at once and token by token, which the next matmul's int8 rounding can turn
+    into another token; in float64 the rounded results agree.
     """
     n_heads, s_len, d = q.shape
     kv_heads, t_len, _ = keys.shape
     group = n_heads // kv_heads
-    qg = q.reshape(kv_heads, group * s_len, d)                        # [KVH, G*S, D]
-    block = t_len if keys.dtype == np.float32 else KEY_BLOCK          # only a float16 cache is converted
-    scores = np.empty((kv_heads, group * s_len, t_len), np.float32)   # [KVH, G*S, T]
+    qg = q.reshape(kv_heads, group * s_len, d).astype(np.float64)     # [KVH, G*S, D]
+    block = KEY_BLOCK
+    scores = np.empty((kv_heads, group * s_len, t_len), np.float64)   # [KVH, G*S, T]
     for t0 in range(0, t_len, block):
-        kb = keys[:, t0:t0 + block].astype(np.float32, copy=False)
+        kb = keys[:, t0:t0 + block].astype(np.float64)
         np.matmul(qg, kb.transpose(0, 2, 1), out=scores[:, :, t0:t0 + block])
     scores *= np.float32(1.0 / math.sqrt(d) if scale is None else scale)
     if softcap:
@@ -155,10 +160,10 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
-    out = probs[:, :, :block] @ values[:, :block].astype(np.float32, copy=False)      # [KVH, G*S, D]
+    out = probs[:, :, :block] @ values[:, :block].astype(np.float64)      # [KVH, G*S, D]
     for t0 in range(block, t_len, block):
-        out += probs[:, :, t0:t0 + block] @ values[:, t0:t0 + block].astype(np.float32, copy=False)
-    return out.reshape(n_heads, s_len, d)                            # [H, S, D]
+        out += probs[:, :, t0:t0 + block] @ values[:, t0:t0 + block].astype(np.float64)
+    return out.reshape(n_heads, s_len, d).astype(np.float32)                            # [H, S, D]
 
 
 class KVCache:
