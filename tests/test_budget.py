@@ -182,9 +182,10 @@ def test_unknown_kv_dtype_is_an_edge_error(tiny_manifest):
 
 
 def test_smollm2_int4_session_matches_its_plan(smollm2_bundle):
-    """The planner's calibration on the real model: a short ORT session in a fresh process, within +-10%."""
+    """The planner's calibration on the real model: a short ORT session in a fresh process stays within its plan
+    (+10% for page-cache noise), and the plan does not waste more than a quarter of the budget it asks for."""
     bundle = smollm2_bundle("int4")
     plan = budget.plan_session(Bundle.open(bundle, verify=False), 256, "ort")
     m = assert_generation_within_budget(bundle, plan.total * 1.10, prompt_tokens=200, new_tokens=8, context=256,
                                         backend="ort")
-    assert abs(m.peak / plan.total - 1) <= 0.10, f"plan {plan.total / MB:.1f} MB, measured {m.peak / MB:.1f} MB"
+    assert 0.75 <= m.peak / plan.total <= 1.10, f"plan {plan.total / MB:.1f} MB, measured {m.peak / MB:.1f} MB"
