@@ -16,31 +16,17 @@ HELP = "commands: /reset /save FILE /load FILE /stats /help /quit; Ctrl-C stops 
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from .. import backends
     from ..generate import OVERFLOW_POLICIES
+    from .run import add_runtime_arguments, add_sampling_arguments
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--system", help="system message")
     p.add_argument("--load", metavar="FILE", help="continue a session saved with /save")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=0, help="0 = off")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int)
-    r = p.add_argument_group("runtime")
-    r.add_argument("--backend", default="auto", choices=backends.choices())
-    r.add_argument("--threads", type=int, metavar="N")
-    r.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens")
-    r.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context chosen to fit)")
-    r.add_argument("--kv-dtype", choices=("float32", "float16"), help="KV-cache precision")
+    add_sampling_arguments(p)
+    r = add_runtime_arguments(p, "200MB (context chosen to fit)")
     r.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="slide",
                    help="when the conversation outgrows the context (default: slide, dropping the oldest turns)")
-    r.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checksum pass")
     r.add_argument("--no-stats", dest="stats", action="store_false", help="no stats line after each answer")
-
 
 def read_lines(stdin=None) -> Iterator[str]:
     """The user's lines: typed at a prompt (with line editing), or read from a script."""

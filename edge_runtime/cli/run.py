@@ -8,7 +8,6 @@ from ..errors import EdgeError
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from .. import backends
     from ..generate import OVERFLOW_POLICIES
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
@@ -19,6 +18,17 @@ def configure(p: argparse.ArgumentParser) -> None:
                            "(default if the bundle has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="feed the prompt as plain text")
     p.add_argument("--system", help="system message (chat mode)")
+    s = add_sampling_arguments(p)
+    s.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
+                   help="stop strings (not printed)")
+    r = add_runtime_arguments(p, "200MB (context chosen to fit)")
+    r.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error",
+                   help="when prompt + answer exceed the context (default: error)")
+    r.add_argument("--no-stats", dest="stats", action="store_false", help="do not print the stats line")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser):
+    """The sampling group shared by run and chat (load_model checks the values); returns the group."""
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -27,19 +37,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--seed", type=int, help="random seed of sampling (an integer >= 0)")
-    s.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
-                   help="stop strings (not printed)")
+    return s
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, budget_example: str):
+    """The runtime group shared by run, chat and serve (what load() takes); returns the group."""
+    from .. import backends
+
     r = p.add_argument_group("runtime")
     r.add_argument("--backend", default="auto", choices=backends.choices())
     r.add_argument("--threads", type=int, metavar="N", help="compute threads (at most the CPUs available)")
     r.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens")
-    r.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 200MB (context chosen to fit)")
+    r.add_argument("--budget", metavar="SIZE", help=f"memory budget, e.g. {budget_example}")
     r.add_argument("--kv-dtype", choices=("float32", "float16"),
                    help="KV-cache precision (default: the bundle's default graph, or the memory plan's choice)")
-    r.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error",
-                   help="when prompt + answer exceed the context (default: error)")
     r.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checksum pass")
-    r.add_argument("--no-stats", dest="stats", action="store_false", help="do not print the stats line")
+    return r
 
 
 def read_prompt(arg: str) -> str:

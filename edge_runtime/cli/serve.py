@@ -8,7 +8,7 @@ from ..server import DEFAULT_HOST, DEFAULT_QUEUE, MAX_BODY
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from .. import backends
+    from .run import add_runtime_arguments
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("--host", default=DEFAULT_HOST,
@@ -20,14 +20,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="requests waiting or running at once (fewer if the budget's headroom is smaller); "
                         "more get HTTP 503")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES", help="largest request body")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--backend", default="auto", choices=backends.choices())
-    r.add_argument("--threads", type=int, metavar="N")
-    r.add_argument("--context", type=int, metavar="N", help="KV-cache size in tokens")
-    r.add_argument("--budget", metavar="SIZE", help="memory budget, e.g. 300MB (context and queue chosen to fit)")
-    r.add_argument("--kv-dtype", choices=("float32", "float16"), help="KV-cache precision")
-    r.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checksum pass")
-
+    add_runtime_arguments(p, "300MB (context and queue chosen to fit)")
 
 def run(args) -> int:
     """Serve a bundle over the OpenAI chat-completions API (streaming and not) on a local port."""
