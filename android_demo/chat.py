@@ -21,24 +21,13 @@ if __package__ in (None, ""):  # run as a script (python android_demo/chat.py): 
 import edge_runtime
 from android_demo.profiles import DEFAULT_PROFILE, PROFILES, Profile, describe, get_profile
 from edge_runtime.errors import ContextOverflowError, EdgeError, MemoryBudgetError
-from edge_runtime.runtime import default_threads
-from edge_runtime.stats import MB, GenerationStats, parse_size, peak_rss_bytes
+from edge_runtime.generation.stats import MB, GenerationStats, parse_size, peak_rss_bytes
+from edge_runtime.threads import default_threads
 
 PROG = "chat"
 # SmolLM2's model card suggests a low temperature with nucleus sampling for chat.
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 0.9
-
-
-def pick_backend(requested: str) -> str:
-    """"auto" is ONNX Runtime when it imports (not on Termux, where no wheel exists), else NumPy."""
-    if requested != "auto":
-        return requested
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "numpy"
-    return "ort"
 
 
 def load_model(bundle: str, profile: Profile, backend: str, threads: int, context: int | None = None,
@@ -60,7 +49,7 @@ def load_model(bundle: str, profile: Profile, backend: str, threads: int, contex
 
 
 def _max_context(bundle: str) -> int:
-    from edge_runtime.bundle import Bundle
+    from edge_runtime.format.bundle import Bundle
 
     return Bundle.open(bundle, verify=False).max_context
 
@@ -193,7 +182,7 @@ def show_stats(session: ChatSession, info: TextIO) -> None:
 
 def show_budget(session: ChatSession, info: TextIO) -> None:
     """The planner's breakdown for this session next to what the process has actually used."""
-    from edge_runtime import budget
+    from edge_runtime.memory import budget
 
     m, p = session.model, session.profile
     plan = budget.plan_session(m.bundle, m.context, backend=m.backend.name,
@@ -283,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_session(args) -> ChatSession:
-    from edge_runtime.sampling import validate
+    from edge_runtime.generation.sampling import validate
 
     profile = get_profile(args.profile)
     temperature = 0.0 if args.greedy else args.temperature
     validate(temperature, 0, args.top_p, 0.0, args.repetition_penalty, args.max_new_tokens)
     budget = parse_size(args.budget) if args.budget is not None else profile.budget
     threads = args.threads or min(profile.threads, default_threads())
-    model = load_model(args.bundle, profile, pick_backend(args.backend), threads, args.context, budget,
+    model = load_model(args.bundle, profile, args.backend, threads, args.context, budget,
                        args.verify)
     settings = Settings(args.max_new_tokens, temperature, args.top_p, args.repetition_penalty, args.seed,
                         args.print_ids)

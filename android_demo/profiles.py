@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_runtime.errors import EdgeError
-from edge_runtime.stats import MB
+from edge_runtime.generation.stats import MB
 
 
 @dataclass(frozen=True)

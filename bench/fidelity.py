@@ -24,7 +24,7 @@ SENS_CACHE = ROOT / "cache/sensitivity"
 # name -> edge-export arguments. "re-quant" presets re-quantize the fp32 weights (--no-transcode): SmolLM2's
 # GGUF is Q4_1 and the fp32 reference is its dequantization, so the transcoded presets are exact by design.
 PRESETS = {
-    "int8": ["--quant", "int8"],  # smoothed (export/smooth.py), blocks of 16
+    "int8": ["--quant", "int8"],  # smoothed (export/quant/smooth.py), blocks of 16
     "int8-nosmooth": ["--quant", "int8", "--no-smooth", "--block-size", "32"],  # the exact transcode
     "int8-acc0": ["--quant", "int8", "--accuracy-level", "0"],
     "int8-requant": ["--quant", "int8", "--no-transcode"],
@@ -37,7 +37,7 @@ PRESETS = {
     "int4-requant-search": ["--quant", "int4", "--no-transcode", "--no-act-aware"],
     "int4-requant": ["--quant", "int4", "--no-transcode"],
     "int4-requant-offsets": ["--quant", "int4", "--no-transcode", "--offsets"],
-    # GPTQ rounding (export/gptq.py) of the re-quantized layers, the tied lm_head stored apart (GPTQ int4) from
+    # GPTQ rounding (export/quant/gptq.py) of the re-quantized layers, the tied lm_head stored apart (GPTQ int4) from
     # the int8 embedding table; blocks of 64 are make bench's fast int4
     "int4-requant-gptq": ["--quant", "int4", "--no-transcode", "--method", "gptq", "--untie-embeddings"],
     "int4-b64-gptq": ["--quant", "int4", "--no-transcode", "--block-size", "64", "--method", "gptq",

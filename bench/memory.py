@@ -20,11 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime import budget
-from edge_runtime.bundle import Bundle
 from edge_runtime.errors import MemoryBudgetError
-from edge_runtime.stats import MB
-from edge_runtime.testing import measure_generation
+from edge_runtime.format.bundle import Bundle
+from edge_runtime.generation.stats import MB
+from edge_runtime.memory import budget
+from edge_runtime.memory.testing import measure_generation
 from export.version import ensure_bundle as ensure_exported
 
 MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +90,8 @@ def budget_200(backend) -> None:
 
 def fail_fast() -> None:
     print("\n## A budget below the minimum fails at load, before anything large is allocated\n")
-    code = ("import time, edge_runtime; from edge_runtime.stats import peak_rss_bytes; t = time.perf_counter()\n"
+    code = ("import time, edge_runtime; from edge_runtime.generation.stats import peak_rss_bytes\n"
+            "t = time.perf_counter()\n"
             "try:\n    edge_runtime.load(%r, memory_budget='60MB', context=2048, verify=False)\n"
             "except edge_runtime.MemoryBudgetError as e:\n"
             "    print(f'{time.perf_counter() - t:.3f} s, peak RSS {peak_rss_bytes() / 2**20:.1f} MB: {e}')")

@@ -5,7 +5,7 @@ plain ORT generation loop (pasts fed as NumPy inputs, presents back, no IO bindi
     python bench/naive.py run OUT_DIR/int4 --prompt-tokens 500 --new-tokens 64 --threads 2 --json
 
 `run` makes one measurement in the current process and prints it as JSON on the last line; the harness
-(bench/bench.py) runs it in fresh subprocesses and takes medians, so peak RSS (VmHWM) covers only loading and
+(bench/speed.py) runs it in fresh subprocesses and takes medians, so peak RSS (VmHWM) covers only loading and
 generating. The `run` path imports only NumPy and onnxruntime.
 """
 from __future__ import annotations
@@ -147,11 +147,11 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: int) 
 
 def heldout_fidelity(model_dir: Path, gguf: Path, threads: int) -> dict:
     """The naive model's held-out figures against the float reference on the exporter's text domains
-    (export.eval_domains), with the metrics of a bundle's manifest `fidelity` (export.evaluate)."""
-    from export.eval_domains import TEXT_DOMAINS
-    from export.evaluate import EvalSet, evaluate_domains, token_windows
-    from export.pipeline import tokenizer_of
-    from export.reference import FloatReference
+    (export.quality.eval_domains), with the metrics of a bundle's manifest `fidelity` (export.quality.evaluate)."""
+    from export.bundle.assets import tokenizer_of
+    from export.quality.eval_domains import TEXT_DOMAINS
+    from export.quality.evaluate import EvalSet, evaluate_domains, token_windows
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     source = load_source(str(gguf))

@@ -37,7 +37,7 @@ def vm_hwm_mb() -> float:
 
 def quantized_weights(src, variant: str, embed_bits: int, block_size: int = 32) -> dict:
     """HF name -> float array or BlockQuant: linears per variant, the (tied) embedding at embed_bits."""
-    from export.quantize import quantize_int4, quantize_int8, transcode_gguf
+    from export.quant.quantize import quantize_int4, quantize_int8, transcode_gguf
 
     out = {}
     for name, w in src.tensors.items():
@@ -53,7 +53,7 @@ def quantized_weights(src, variant: str, embed_bits: int, block_size: int = 32) 
 
 
 def build(args) -> None:
-    from export.bundle_writer import write_bundle
+    from export.bundle.writer import write_bundle
     from export.graph import GraphOptions, build_decoder_graph
     from export.sources import load_source
 
@@ -78,8 +78,8 @@ def build(args) -> None:
 def run(args) -> dict:
     import numpy as np
 
-    from edge_runtime.backends.ort import OrtBackend
-    from edge_runtime.bundle import Bundle
+    from edge_runtime.backends.ort.llama import OrtBackend
+    from edge_runtime.format.bundle import Bundle
 
     options = {k: int(v) if v.isdigit() else v for k, v in (o.split("=", 1) for o in args.option)}
     bundle = Bundle.open(args.bundle, verify=False)
@@ -117,8 +117,8 @@ def profile(args) -> None:
 
     import numpy as np
 
-    from edge_runtime.backends import ort as ort_backend
-    from edge_runtime.bundle import Bundle
+    from edge_runtime.backends.ort import llama as ort_backend
+    from edge_runtime.format.bundle import Bundle
 
     make = ort_backend.make_session_options
 

@@ -1,7 +1,7 @@
 """One benchmark measurement of a bundle in this (fresh) process: load, prefill N tokens, decode M greedy tokens.
 
 Prints one JSON line: load_s, prefill_tps, decode_tps, peak_rss_mb (VmHWM of this process), bundle_mb.
-The decode loop is the runtime's own (edge_runtime.generate.generate_tokens: forward + sampler), with EOS
+The decode loop is the runtime's own (edge_runtime.generation.generate.generate_tokens: forward + sampler), with EOS
 ignored so every run decodes exactly M tokens.
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import edge_runtime
-    from edge_runtime.generate import generate_tokens
-    from edge_runtime.sampling import make_sampler
-    from edge_runtime.state import CacheState
-    from edge_runtime.stats import peak_rss_bytes
-    from edge_runtime.testing import text_prompt_ids
+    from edge_runtime.generation.generate import generate_tokens
+    from edge_runtime.generation.sampling import make_sampler
+    from edge_runtime.generation.stats import peak_rss_bytes
+    from edge_runtime.memory.testing import text_prompt_ids
+    from edge_runtime.sessions.state import CacheState
 
     t0 = time.perf_counter()
     model = edge_runtime.load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,

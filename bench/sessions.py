@@ -39,9 +39,9 @@ TTFT_BAR = 0.25
 def load_exact(bundle: str, backend: str, threads: int):
     """The model on the bundle's exact graph (float32 activations and KV; NumPy computes the same)."""
     from edge_runtime import backends
-    from edge_runtime.bundle import Bundle
-    from edge_runtime.runtime import DEFAULT_CONTEXT, Model
-    from edge_runtime.tokenizer import Tokenizer
+    from edge_runtime.format.bundle import Bundle
+    from edge_runtime.model import DEFAULT_CONTEXT, Model
+    from edge_runtime.tokenizer.tokenizer import Tokenizer
 
     b = Bundle.open(bundle)
     engine = backends.make_backend(backend, b, min(b.max_context, DEFAULT_CONTEXT), threads, float_activations=True)
@@ -52,8 +52,8 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = 
         reuse_decoded: bool = False) -> dict:
     """The whole comparison for one backend in this process; a JSON-ready dict."""
     import edge_runtime
-    from edge_runtime import budget
-    from edge_runtime.stats import MB, peak_rss_bytes
+    from edge_runtime.generation.stats import MB, peak_rss_bytes
+    from edge_runtime.memory import budget
 
     model = load_exact(bundle, backend, threads) if exact else edge_runtime.load(bundle, backend=backend,
                                                                                   threads=threads)

@@ -7,39 +7,39 @@
 Importing this package loads only NumPy; onnxruntime, tokenizers and jinja2 are imported when first needed.
 """
 from .errors import (
-                     BundleError,
-                     ContextOverflowError,
-                     EdgeError,
-                     FidelityError,
-                     MemoryBudgetError,
-                     SamplingError,
-                     SessionFileError,
-                     StreamBusyError,
-                     UnsupportedModelError,
+    BundleError,
+    ContextOverflowError,
+    EdgeError,
+    FidelityError,
+    MemoryBudgetError,
+    SamplingError,
+    SessionFileError,
+    StreamBusyError,
+    UnsupportedModelError,
 )
-from .generate import Generation
-from .runtime import Model, load
-from .session import Session
-from .stats import GenerationStats
-from .stream import Response, ResponseStream
+from .generation.generate import Generation
+from .generation.stats import GenerationStats
+from .generation.stream import Response, ResponseStream
+from .model import Model, load
+from .sessions.session import Session
 
 __version__ = "0.1.0"
 
 __all__ = [
-                     "BundleError",
-                     "ContextOverflowError",
-                     "EdgeError",
-                     "FidelityError",
-                     "Generation",
-                     "GenerationStats",
-                     "MemoryBudgetError",
-                     "Model",
-                     "SamplingError",
-                     "Response",
-                     "ResponseStream",
-                     "Session",
-                     "SessionFileError",
-                     "StreamBusyError",
-                     "UnsupportedModelError",
-                     "load",
+    "BundleError",
+    "ContextOverflowError",
+    "EdgeError",
+    "FidelityError",
+    "Generation",
+    "GenerationStats",
+    "MemoryBudgetError",
+    "Model",
+    "SamplingError",
+    "Response",
+    "ResponseStream",
+    "Session",
+    "SessionFileError",
+    "StreamBusyError",
+    "UnsupportedModelError",
+    "load",
 ]

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import ContextOverflowError, EdgeError
-from .stats import MB
+from .generation.stats import MB
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_BODY = 1 << 20              # bytes of one request body
@@ -51,7 +51,7 @@ def queue_limit(model, budget: int | None, requested: int = DEFAULT_QUEUE) -> in
     cannot hold that many request bodies (at least one: the plan itself already fits)."""
     if budget is None:
         return requested
-    from . import budget as planner
+    from .memory import budget as planner
 
     b = model.backend
     plan = planner.plan_session(model.bundle, model.context, backend=b.name, kv_dtype=getattr(b, "kv_dtype", None),

@@ -73,7 +73,7 @@ def build_parser() -> ArgumentParser:
 
 def options_of(args):
     """The ExportOptions of parsed arguments, validated (OptionsError: one line) before any work."""
-    from edge_runtime.runtime import check_threads
+    from edge_runtime.threads import check_threads
 
     from .options import ExportOptions
 
@@ -94,7 +94,7 @@ def options_of(args):
 
 def export(argv) -> int:
     """Parse, check, export; print where the bundle went and its fidelity summary."""
-    from .bundle_writer import check_out_dir
+    from .bundle.writer import check_out_dir
     from .pipeline import export_bundle
 
     args = build_parser().parse_args(argv)
@@ -103,14 +103,14 @@ def export(argv) -> int:
     out = export_bundle(args.source, args.out, opts)
     print(f"bundle written: {out}")
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    from .quantize import gguf_paths
+    from .quant.quantize import gguf_paths
 
     paths = gguf_paths((manifest.get("quantization") or {}).get("tensors") or {})
     if paths:
         print(paths)
     fidelity = manifest.get("fidelity")
     if fidelity and "heldout" in fidelity:
-        from .evaluate import summary
+        from .quality.evaluate import summary
 
         print(summary(fidelity))
     return 0

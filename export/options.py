@@ -1,7 +1,7 @@
 """The exporter's options: one frozen-after-validation object shared by the CLI and the Python API.
 
 `ExportOptions.validated()` checks everything that does not depend on the source (ranges, combinations) and
-fills the defaults; export.recipes checks, once the source is loaded, that every option given changes
+fills the defaults; export.quant.recipes checks, once the source is loaded, that every option given changes
 something for it. Both raise OptionsError: one line, exit code 2, no traceback.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The export pipeline, a straight line: options -> source -> per-tensor plan (export.recipes) -> calibration ->
+"""The export pipeline, a straight line: options -> source -> per-tensor plan (export.quant.recipes) -> calibration ->
 quantized weights -> graph -> float reference probes -> bundle -> fidelity on every evaluation domain (optional
 --max-kld gate) -> atomic rename."""
 from __future__ import annotations
@@ -7,18 +7,16 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
-from edge_runtime.chat import render
 from edge_runtime.errors import FidelityError
 from edge_runtime.spec import EMBED, LM_HEAD, supported
-from edge_runtime.tokenizer import Tokenizer
 
+from .bundle.assets import bundle_contents, chat_encoder, tokenizer_of
 from .options import MIXED_DEFAULT_KLD, ExportOptions
-from .recipes import Plan, refuse_idle_untie, resolve
+from .progress import Steps
+from .quant.recipes import Plan, refuse_idle_untie, resolve
 from .sources import SourceModel, load_source
 
 __all__ = ["ExportOptions", "export_bundle"]
@@ -37,65 +35,12 @@ def kv_dtypes_of(opts: ExportOptions) -> tuple[str, ...]:
     return (opts.kv_dtype,) if opts.kv_dtype else KV_DTYPES
 
 
-class Steps:
-    """Progress on stderr: one tqdm bar over the pipeline's steps on a terminal, only the log lines elsewhere
-    (quiet when progress is off)."""
-
-    def __init__(self, names, enabled: bool):
-        self.bar = None
-        self.enabled = enabled
-        if enabled and sys.stderr.isatty():  # a bar redrawn into a log file or pipe is one line per redraw
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(names), desc="export", unit="step", file=sys.stderr, leave=True,
-                            bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
-        self.t0 = time.perf_counter()
-
-    def start(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(name)
-
-    def done(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def log(self, msg: str) -> None:
-        """A line on stderr that does not break the bar (silent when progress is off)."""
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        elif self.enabled:
-            print(msg, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def tokenizer_of(source: SourceModel) -> Tokenizer:
-    meta = source.tokenizer_meta
-    return Tokenizer.from_json(source.tokenizer_json, "tokenizers", bos_token_id=meta.get("bos_token_id"),
-                               eos_token_ids=meta.get("eos_token_ids") or (),
-                               add_bos_token=meta.get("add_bos_token", False))
-
-
-def chat_encoder(source: SourceModel, tok: Tokenizer):
-    meta = source.tokenizer_meta
-
-    def encode_chat(text: str) -> list[int]:
-        if not meta.get("chat_template"):
-            return tok.encode(text)
-        prompt = render(meta["chat_template"], [{"role": "user", "content": text}], meta.get("special_tokens"))
-        return tok.encode(prompt, add_bos=False)
-
-    return encode_chat
-
-
 def untie_embeddings(source: SourceModel) -> SourceModel:
     """The same model with its tied lm_head as a tensor of its own (same values, same GGUF blocks).
 
     Tied, one matrix serves two uses quantized alike: the lm_head, a matmul read whole every token, and the
-    embedding table, read a row per token. Apart, each is quantized for its use (export.recipes): the lm_head by the
-    preset (GPTQ can then compensate its rounding, which it cannot do to a table whose rows are read alone), and
+    embedding table, read a row per token. Apart, each is quantized for its use (export.quant.recipes): the lm_head by
+    the preset (GPTQ can then compensate its rounding, which it cannot do to a table whose rows are read alone), and
     the table at 8 bits, which costs bytes on disk but no per-token reads."""
     if not source.config.tie_word_embeddings:
         return source
@@ -108,37 +53,10 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
     return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks, config=config)
 
 
-def tokenizer_manifest(source: SourceModel) -> dict:
-    meta = source.tokenizer_meta
-    return {"file": "tokenizer.json", "bos_token_id": meta.get("bos_token_id"),
-            "eos_token_ids": list(meta.get("eos_token_ids") or []), "pad_token_id": meta.get("pad_token_id"),
-            "special_tokens": dict(meta.get("special_tokens") or {}), "chat_template": meta.get("chat_template"),
-            "add_bos_token": bool(meta.get("add_bos_token", False))}
-
-
-def bundle_contents(source: SourceModel, graph_fields: dict, quantization: dict, max_context: int,
-                    reference: Optional[dict], opts: ExportOptions) -> tuple[dict, dict]:
-    """The manifest keys the exporter owns, and the bundle's files besides the graph and weights."""
-    fields = {
-        "architecture": source.config.model_type,
-        "graph": graph_fields,
-        "quantization": quantization,
-        "tokenizer": tokenizer_manifest(source),
-        "max_context": max_context,
-        "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
-        **opts.extra_manifest,
-    }
-    extra = {"tokenizer.json": source.tokenizer_json}
-    if reference is not None:
-        fields["reference"] = {"file": "reference.json"}
-        extra["reference.json"] = json.dumps(reference)
-    return fields, extra
-
-
 def reference_probes(source: SourceModel, threads: int, ref=None) -> dict:
-    """reference.json of `source` (ref: an export.reference.FloatReference to reuse)."""
-    from .probes import build_reference
-    from .reference import FloatReference
+    """reference.json of `source` (ref: an export.quality.reference.FloatReference to reuse)."""
+    from .quality.probes import build_reference
+    from .quality.reference import FloatReference
 
     tok = tokenizer_of(source)
     ref = ref or FloatReference(source, threads=threads)
@@ -150,19 +68,19 @@ SMOOTH_WINDOWS = 6       # smoothing statistics and GPTQ inputs
 
 
 def calibration_windows(source: SourceModel, k: int = CALIBRATION_WINDOWS) -> list[list[int]]:
-    """k token windows of the calibration text (export.eval_domains: never an evaluation source)."""
-    from . import evaluate
-    from .eval_domains import calibration_text
+    """k token windows of the calibration text (export.quality.eval_domains: never an evaluation source)."""
+    from .quality import evaluate
+    from .quality.eval_domains import calibration_text
 
     return evaluate.calibration_windows(tokenizer_of(source).encode(calibration_text()), k)
 
 
 def smoothed_source(source: SourceModel, ref, alpha: float) -> tuple[SourceModel, dict]:
-    """The source with export.smooth folded in (an equivalent float model) and its manifest note.
+    """The source with export.quant.smooth folded in (an equivalent float model) and its manifest note.
 
     Smoothed tensors lose their GGUF blocks: they are re-quantized, not transcoded."""
-    from .sensitivity import activation_scales
-    from .smooth import KINDS, changed, smooth_decoder
+    from .quant.sensitivity import activation_scales
+    from .quant.smooth import KINDS, changed, smooth_decoder
 
     windows = calibration_windows(source, SMOOTH_WINDOWS)
     act = activation_scales(ref.torch_model, windows, source.config.tie_word_embeddings)
@@ -175,7 +93,7 @@ def smoothed_source(source: SourceModel, ref, alpha: float) -> tuple[SourceModel
 
 def gptq_hessians(source: SourceModel, ref) -> dict:
     """HF name -> its matmul's input second moments [K, K] over the calibration windows."""
-    from .gptq import hessian_keys, input_hessians
+    from .quant.gptq import hessian_keys, input_hessians
 
     keys = hessian_keys(source.config)
     by_input = input_hessians(ref.torch_model, calibration_windows(source, SMOOTH_WINDOWS), keys)
@@ -184,7 +102,7 @@ def gptq_hessians(source: SourceModel, ref) -> dict:
 
 def calibrate(source: SourceModel, plan: Plan, ref) -> tuple[dict, dict]:
     """The calibration statistics the plan needs: (HF name -> activation RMS [K], HF name -> hessian [K, K])."""
-    from .sensitivity import activation_scales
+    from .quant.sensitivity import activation_scales
 
     act = {}
     if plan.act_aware and plan.recipe != "mixed":  # mixed measures its own alongside the sensitivities
@@ -194,7 +112,7 @@ def calibrate(source: SourceModel, plan: Plan, ref) -> tuple[dict, dict]:
 
 def quantize_planned(source: SourceModel, plan: Plan, act: dict, hessians: dict, log=lambda msg: None) -> dict:
     """HF name -> float array or BlockQuant, each tensor by its spec in the plan."""
-    from .quantize import quantize_tensor
+    from .quant.quantize import quantize_tensor
 
     weights = {}
     for j, (name, w) in enumerate(source.tensors.items()):
@@ -212,7 +130,7 @@ def quantize_planned(source: SourceModel, plan: Plan, act: dict, hessians: dict,
 def quantize_mixed(source: SourceModel, plan: Plan, opts: ExportOptions, ref, hessians: dict,
                    log=lambda msg: None) -> tuple[dict, Plan, dict]:
     """The mixed recipe: int4 or int8 per matmul from measured sensitivities; the plan it chose."""
-    from .sensitivity import auto_quantize
+    from .quant.sensitivity import auto_quantize
 
     target = opts.target_kld or MIXED_DEFAULT_KLD
     qweights, specs, chosen = auto_quantize(
@@ -247,7 +165,7 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
 
 def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) -> dict:
     """The `fidelity` manifest entry of the staged bundle: every evaluation domain against the float model."""
-    from .evaluate import eval_sets, evaluate_bundle
+    from .quality.evaluate import eval_sets, evaluate_bundle
 
     tok = tokenizer_of(source)
     sets = eval_sets(tok.encode, chat_encoder(source, tok),
@@ -257,7 +175,7 @@ def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) 
 
 def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
     """The --max-kld gate on the worst domain: raise FidelityError (nothing is written) unless --force."""
-    from .evaluate import worst_domain
+    from .quality.evaluate import worst_domain
 
     name, h = worst_domain(fidelity)
     if opts.max_kld is None or h["kl"] <= opts.max_kld or opts.force:
@@ -269,7 +187,7 @@ def check_fidelity(fidelity: dict, opts: ExportOptions) -> None:
 
 def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
     """manifest.json is not in the manifest's own `files`: rewriting it (re-sealed) leaves every checksum valid."""
-    from edge_runtime.bundle import MANIFEST, write_manifest
+    from edge_runtime.format.bundle import MANIFEST, write_manifest
 
     manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest[key] = value
@@ -280,13 +198,15 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     """Export `spec` (GGUF path, HF folder or tiny:<arch>) to a bundle folder `out_dir`, atomically.
 
     opts (default ExportOptions()) are validated, then resolved once against the source into a per-tensor plan
-    (export.recipes); OptionsError for contradictory or idle options. The bundle is written to a staging folder
+    (export.quant.recipes); OptionsError for contradictory or idle options. The bundle is written to a staging folder
     next to out_dir, evaluated against the float model there (its manifest gains `fidelity`), and renamed into
     place only if it passes the --max-kld gate.
     """
-    from .bundle_writer import _replace_dir, check_out_dir, write_bundle
-    from .graph import CONTRACT, GraphOptions, build_decoder_graph
-    from .reference import FloatReference
+    from edge_runtime.format.contracts import DECODER as CONTRACT
+
+    from .bundle.writer import _replace_dir, check_out_dir, write_bundle
+    from .graph import GraphOptions, build_decoder_graph
+    from .quality.reference import FloatReference
 
     opts = (opts or ExportOptions()).validated()
     out_dir = Path(out_dir)
@@ -302,7 +222,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
         steps.done()
         if not supported(source.config.model_type):
             steps.close()
-            from .optimum_fallback import export_fallback_bundle
+            from .optimum.fallback import export_fallback_bundle
 
             return export_fallback_bundle(source, out_dir, opts)
         plan = resolve(source, opts)

@@ -1,19 +1,78 @@
-"""A fingerprint of the code that shapes a bundle, so cached bundles (tests, benchmarks) are never stale."""
+"""A fingerprint of the code that shapes a bundle, so cached bundles (tests, benchmarks) are never stale, and are
+not re-exported for a change that cannot alter one.
+
+The key covers every module `edge-export` can import from this repository (its import closure, lazy imports
+included), each by its syntax tree without docstrings: editing a comment or a docstring keeps the key, editing
+code the exporter runs changes it.
+"""
 from __future__ import annotations
 
+import ast
 import hashlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ENTRY = "export.cli"
+OWN_PACKAGES = ("export", "edge_runtime")
+# packages whose modules are imported by a name computed at run time (a family's spec, a backend's class)
+DYNAMIC_PACKAGES = ("edge_runtime.spec", "edge_runtime.backends")
+
+
+def module_file(name: str) -> Path | None:
+    base = ROOT.joinpath(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def imported_names(name: str, tree: ast.AST, is_package: bool) -> set[str]:
+    """Absolute names of everything `tree` imports (a `from a import b` gives a and a.b)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".")
+                parts = parts[: len(parts) - node.level + (1 if is_package else 0)]
+                base = ".".join(parts + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def import_closure(entry: str = ENTRY) -> dict[str, Path]:
+    """Module name -> file, for every module of this repository `entry` may import, and their parent packages."""
+    seen: dict[str, Path] = {}
+    todo = [entry] + [".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                      for p in DYNAMIC_PACKAGES for f in sorted(ROOT.joinpath(*p.split(".")).rglob("*.py"))]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in OWN_PACKAGES or (f := module_file(name)) is None:
+            continue
+        seen[name] = f
+        parents = [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        todo.extend(parents + sorted(imported_names(name, tree, f.name == "__init__.py")))
+    return seen
 
 
 def exporter_key() -> str:
     h = hashlib.sha256()
-    files = sorted((ROOT / "export").rglob("*.py")) + [ROOT / "edge_runtime" / n
-                                                        for n in ("quant.py", "config.py", "bundle.py")]
-    for f in files:
-        if "distill" not in f.parts:
-            h.update(f.read_bytes())
+    for name, f in sorted(import_closure().items()):
+        h.update(name.encode() + b"\0")
+        h.update(ast.dump(without_docstrings(ast.parse(f.read_text(encoding="utf-8")))).encode())
     return h.hexdigest()[:10]
 
 

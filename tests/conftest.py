@@ -1,10 +1,13 @@
 """Shared fixtures: exported bundles of the real model (SmolLM2-135M) and of tiny random configs.
 
-Real bundles are exported once per version of the exporter code into build/test-bundles/ and reused by every
-test file (and by later runs while the code is unchanged), so the suite pays for each export only once.
+Real bundles are exported once per version of the exporter code (export.version.exporter_key: the syntax of every
+module edge-export may import) into build/test-bundles/ and reused by every test file and by later runs while that
+code is unchanged; entries of other versions are deleted when the suite starts using the cache.
 """
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,23 +30,41 @@ def export(source: str, out: Path, *args: str) -> Path:
     return out
 
 
+def prune_stale(cache: Path, key: str) -> list[str]:
+    """Delete the cached bundles and files of other exporter versions (names ending in -KEY or -KEY.json)."""
+    removed = []
+    for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
+        m = re.search(r"-([0-9a-f]{10})(\.json)?$", entry.name)
+        if m and m.group(1) != key:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+@pytest.fixture(scope="session")
+def bundle_cache() -> Path:
+    """build/test-bundles/, pruned of other exporter versions' entries."""
+    prune_stale(CACHE, exporter_key())
+    return CACHE
+
+
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     if not MODEL.is_file():
-        from export.fetch import default_model_path
+        from export.sources.fetch import default_model_path
 
         default_model_path(ROOT / "cache")
     return MODEL
 
 
 @pytest.fixture(scope="session")
-def smollm2_bundle(real_model):
+def smollm2_bundle(real_model, bundle_cache):
     """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that preset (exported on first use)."""
     key = exporter_key()
 
     def get(quant: str, *args: str) -> Path:
         tag = "-".join([quant, *[a.lstrip("-") for a in args]])
-        return export(str(real_model), CACHE / f"smollm2-{tag}-{key}", "--quant", quant, *args)
+        return export(str(real_model), bundle_cache / f"smollm2-{tag}-{key}", "--quant", quant, *args)
 
     return get
 

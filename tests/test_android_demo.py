@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from android_demo import chat, profiles
+from edge_runtime import backends
 from edge_runtime.errors import EdgeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,8 @@ def test_too_small_profile_is_refused_with_the_breakdown(bundle):
 
 def test_profile_context_falls_back_to_the_largest_that_fits(bundle):
     """A budget too small for the profile's context but big enough for a smaller one: the planner's choice."""
-    from edge_runtime import budget
-    from edge_runtime.bundle import Bundle
+    from edge_runtime.format.bundle import Bundle
+    from edge_runtime.memory import budget
 
     b = Bundle.open(bundle, verify=False)
     tight = budget.plan_session(b, 256, backend="numpy", kv_dtype="float16",
@@ -167,10 +168,11 @@ def test_profiles_and_backend_choice(monkeypatch):
     assert profiles.get_profile("phone-3gb").budget == 1024 * 2**20
     with pytest.raises(EdgeError, match="unknown device profile 'tablet'.*phone-3gb"):
         profiles.get_profile("tablet")
-    assert chat.pick_backend("numpy") == "numpy"
-    assert chat.pick_backend("auto") == "ort"  # onnxruntime is installed here
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as on Termux: the import fails
-    assert chat.pick_backend("auto") == "numpy"
+    # the demo passes --backend to the runtime, whose one resolver picks NumPy where onnxruntime is missing
+    assert backends.resolve("numpy", "edge-llama-v1") == "numpy"
+    assert backends.resolve("auto", "edge-llama-v1") == "ort"  # onnxruntime is installed here
+    monkeypatch.setattr(backends, "has_onnxruntime", lambda: False)  # as on Termux: no wheel
+    assert backends.resolve("auto", "edge-llama-v1") == "numpy"
 
 
 def test_setup_termux_runs_the_documented_steps(tmp_path, bundle):

@@ -22,9 +22,15 @@ from tokenizers import (
     trainers,
 )
 
-from edge_runtime import pretokenize
-from edge_runtime.bpe import K_BARRIER_EXTRA, NFC_BARRIER, PurePythonTokenizer, is_word_char, unicode_form
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.tokenizer import pretokenize
+from edge_runtime.tokenizer.bpe import (
+    K_BARRIER_EXTRA,
+    NFC_BARRIER,
+    PurePythonTokenizer,
+    is_word_char,
+    unicode_form,
+)
 from export.sources.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_from_gguf
 
 GGUF = Path(__file__).resolve().parents[1] / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,12 +8,13 @@ import time
 import pytest
 
 import edge_runtime
-from edge_runtime import budget, cli, testing
-from edge_runtime.bundle import Bundle
-from edge_runtime.config import ModelConfig
+from edge_runtime import cli
 from edge_runtime.errors import EdgeError, MemoryBudgetError
-from edge_runtime.stats import MB
-from edge_runtime.testing import Measurement, assert_generation_within_budget, measure_generation
+from edge_runtime.format.bundle import Bundle
+from edge_runtime.format.config import ModelConfig
+from edge_runtime.generation.stats import MB
+from edge_runtime.memory import budget, testing
+from edge_runtime.memory.testing import Measurement, assert_generation_within_budget, measure_generation
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,8 @@ def test_load_under_an_impossible_budget_fails_before_allocating(tiny, monkeypat
     def never(*a, **k):
         raise AssertionError("nothing large may be built before the plan is checked")
 
-    monkeypatch.setattr(edge_runtime.runtime.Tokenizer, "from_bundle", never)
-    monkeypatch.setattr(edge_runtime.runtime.backends, "make_backend", never)
+    monkeypatch.setattr(edge_runtime.model.Tokenizer, "from_bundle", never)
+    monkeypatch.setattr(edge_runtime.model.backends, "make_backend", never)
     t = time.perf_counter()
     with pytest.raises(MemoryBudgetError, match="exceeds the budget of 1.0 MB"):
         edge_runtime.load(tiny, backend="numpy", memory_budget="1MB", context=64)

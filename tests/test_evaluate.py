@@ -8,15 +8,15 @@ import operator
 import numpy as np
 import pytest
 
-from edge_runtime.fidelity import compare_logits
-from export import evaluate as E
+from edge_runtime.quality.fidelity import compare_logits
 from export.cli import main as edge_export
+from export.quality import evaluate as E
 
 EVAL_TEXT = "Names are bound by assignment; a while loop repeats its body while the test is true. " * 12
 
 
 def test_evaluation_domains_share_no_text_with_the_calibration_source():
-    from export import eval_domains as D
+    from export.quality import eval_domains as D
 
     cal = D.calibration_text()
     cal_lines = {line.strip() for line in cal.splitlines() if len(line.strip()) >= 40}
@@ -32,7 +32,7 @@ def test_evaluation_domains_share_no_text_with_the_calibration_source():
 
 
 def test_chat_windows_are_prompt_then_the_float_reply_and_only_the_reply_is_scored():
-    from export import eval_domains as D
+    from export.quality import eval_domains as D
 
     windows = D.chat_windows(lambda text: [1, 2, len(text)], lambda ids, n: [[7] * n for _ in ids], reply_tokens=4,
                              prompts=("ab", "abc"))
@@ -147,8 +147,8 @@ def test_bad_max_kld_and_unreadable_eval_text_are_one_line_errors(tmp_path, caps
 
 
 def test_default_evaluation_reports_every_domain_and_gates_on_the_worst(tmp_path, capsys):
-    from export import eval_domains as D
     from export.pipeline import ExportOptions, export_bundle
+    from export.quality import eval_domains as D
 
     out = export_bundle("tiny:llama", tmp_path / "b", ExportOptions(threads=1, progress=False, max_context=512,
                                                                     reference=False))
@@ -166,7 +166,7 @@ def test_default_evaluation_reports_every_domain_and_gates_on_the_worst(tmp_path
 
 
 def test_batched_float_greedy_equals_one_prompt_at_a_time():
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     ref = FloatReference(load_source("tiny:llama"), threads=1)

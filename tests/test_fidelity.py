@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_runtime.fidelity import (
+from edge_runtime.quality.fidelity import (
     FidelityReport,
     common_prefix_len,
     compare_logits,

@@ -32,7 +32,7 @@ def _paths(node, prefix=()):
 def mutate(root: Path, outside: Path, rng: random.Random) -> str:
     """Damage the bundle at root one random way; return what was done. The manifest is re-sealed (an
     attacker's consistent bundle) in about half of the cases, so the deeper checks are reached too."""
-    from edge_runtime.bundle import sha256_file, write_manifest
+    from edge_runtime.format.bundle import sha256_file, write_manifest
 
     meta = json.loads((root / "manifest.json").read_text())
     files = sorted(meta["files"])

@@ -8,8 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import FORMAT_VERSION, Bundle
-from edge_runtime.llama_numpy import DecoderForward, DenseWeights
+from edge_runtime.backends.numpy.llama import DecoderForward, DenseWeights
+from edge_runtime.format.bundle import FORMAT_VERSION, Bundle
 from edge_runtime.spec import spec_for
 from export.sources import SourceModel, load_source
 
@@ -23,7 +23,7 @@ def source() -> SourceModel:
 
 
 def float_logits(source: SourceModel, ids) -> np.ndarray:
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
 
     return FloatReference(source).logits(ids)  # [S, V]
 
@@ -97,7 +97,7 @@ def test_window_layers_keep_a_ring_of_window_positions(source):
 
 def backend_logits(bundle: Bundle, backend: str, ids, stepwise: bool = False, **kw) -> np.ndarray:
     from edge_runtime.backends import make_backend
-    from edge_runtime.verify import all_logits, stepwise_logits
+    from edge_runtime.quality.verify import all_logits, stepwise_logits
 
     b = make_backend(backend, bundle, CONTEXT, 1, **kw)
     return stepwise_logits(b, ids) if stepwise else all_logits(b, ids)
@@ -107,8 +107,8 @@ def backend_logits(bundle: Bundle, backend: str, ids, stepwise: bool = False, **
 def test_fp32_bundle_matches_the_float_model(tiny_bundle, source, backend):
     """The exported graph and the NumPy backend against transformers: logits, prefill and stepwise past the
     window, and greedy ids."""
-    from edge_runtime.verify import greedy_ids
-    from export.reference import FloatReference
+    from edge_runtime.quality.verify import greedy_ids
+    from export.quality.reference import FloatReference
 
     bundle = Bundle.open(tiny_bundle("tiny:gemma3", "fp32"))
     assert bundle.manifest["format_version"] == FORMAT_VERSION
@@ -127,8 +127,8 @@ def test_fp32_bundle_matches_the_float_model(tiny_bundle, source, backend):
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_presets_verify_and_cross_check(tiny_bundle, quant):
     """int8/int4 bundles pass edge-run verify on both backends and the NumPy-vs-ORT cross-check."""
-    from edge_runtime.parity import cross_check
-    from edge_runtime.verify import verify
+    from edge_runtime.quality.cross_check import cross_check
+    from edge_runtime.quality.verify import verify
 
     path = tiny_bundle("tiny:gemma3", quant)
     for backend in ("ort", "numpy"):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edge_runtime.errors import EdgeError
-from edge_runtime.quant import BlockQuant
-from export.quantize import exact_zero_points, transcode_bits, transcode_gguf
+from edge_runtime.format.quant import BlockQuant
+from export.quant.quantize import exact_zero_points, transcode_bits, transcode_gguf
 from export.sources.gguf_blocks import GGUF_TYPES, split_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -122,7 +122,7 @@ def test_block_quant_from_arrays_round_trip():
 
 
 def test_gguf_paths_line():
-    from export.quantize import gguf_paths
+    from export.quant.quantize import gguf_paths
 
     table = {"a": {"bits": 4, "method": "transcode", "gguf_type": "q4_k"},
              "b": {"bits": 8, "method": "transcode", "gguf_type": "q6_k"},

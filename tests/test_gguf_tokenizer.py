@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from edge_runtime.bpe import PurePythonTokenizer, byte_fallback_decode, strip_decoder
+from edge_runtime.tokenizer.bpe import PurePythonTokenizer, byte_fallback_decode, strip_decoder
 from export.sources.gguf_tokenizer import CONTROL, NORMAL, USER_DEFINED, tokenizer_from_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -97,13 +97,13 @@ def test_decoder_pieces():
 
 
 @pytest.fixture(scope="module")
-def gemma_tokenizer_json() -> str:
+def gemma_tokenizer_json(bundle_cache) -> str:
     """tokenizer.json of the real Gemma 3 GGUF, built once per exporter version (reading the 262k-piece
     vocabulary is the slow part) and kept beside the test bundles."""
-    from export.fetch import model_path
+    from export.sources.fetch import model_path
     from export.version import exporter_key
 
-    cached = ROOT / "build/test-bundles" / f"gemma3-tokenizer-{exporter_key()}.json"
+    cached = bundle_cache / f"gemma3-tokenizer-{exporter_key()}.json"
     if not cached.is_file():
         spec, _ = tokenizer_from_gguf(gguf.GGUFReader(model_path("gemma3", ROOT / "cache")).fields)
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def test_fixture_covers_domains(llamacpp_ids):
 
 @pytest.mark.parametrize("impl", ["tokenizers", "python"])
 def test_gemma3_ids_match_llamacpp(gemma_tokenizer_json, llamacpp_ids, impl):
-    from edge_runtime.tokenizer import Tokenizer as EdgeTokenizer
+    from edge_runtime.tokenizer.tokenizer import Tokenizer as EdgeTokenizer
 
     tok = EdgeTokenizer.from_json(gemma_tokenizer_json, impl, bos_token_id=2, add_bos_token=True)
     assert tok.encode(llamacpp_ids["with_bos"]["text"]) == llamacpp_ids["with_bos"]["ids"]

@@ -1,4 +1,4 @@
-"""GPTQ int4 (export/gptq.py): valid MatMulNBits blocks, and a smaller output error than rounding alone."""
+"""GPTQ int4 (export/quant/gptq.py): valid MatMulNBits blocks, and a smaller output error than rounding alone."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_export import run_cli
 
-from export.gptq import gptq_int4, hessian_keys
-from export.quantize import quantize_int4
+from export.quant.gptq import gptq_int4, hessian_keys
+from export.quant.quantize import quantize_int4
 from export.sources import load_source
 
 RNG = np.random.default_rng(77)
@@ -53,7 +53,7 @@ def test_gptq_codes_are_valid_blocks():
 
 
 def _search(x, wt):
-    from export.quantize import _search_chunk
+    from export.quant.quantize import _search_chunk
     return _search_chunk(x, wt, False, 15, grid=True)
 
 
@@ -130,7 +130,7 @@ def test_untied_fp32_bundle_computes_the_same_logits(tiny_bundle):
 
 
 def test_untied_gptq_bundle_keeps_the_table_at_8_bits_and_verifies(tiny_bundle):
-    from edge_runtime import verify as V
+    from edge_runtime.quality import verify as V
 
     b = tiny_bundle("tiny:llama", "int4", "--method", "gptq", "--untie-embeddings")
     tensors = json.loads((b / "manifest.json").read_text())["quantization"]["tensors"]
@@ -145,7 +145,7 @@ def test_presets_use_gptq_only_where_it_can_round():
     """GPTQ needs a matmul input; the embedding table (and a tied lm_head, which is that table) keeps the search."""
     import dataclasses
 
-    from export.quantize import preset_specs
+    from export.quant.quantize import preset_specs
 
     cfg = load_source("tiny:llama").config
     tied = preset_specs(cfg, "int4", method="gptq")

@@ -11,14 +11,14 @@ import torch
 from onnx import helper
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from edge_runtime.backends.ort import OrtBackend, make_session_options
-from edge_runtime.bundle import ALIGN, Bundle
-from edge_runtime.config import ModelConfig
+from edge_runtime.backends.ort.llama import OrtBackend, make_session_options
 from edge_runtime.errors import ContextOverflowError, UnsupportedModelError
-from edge_runtime.quant import BlockQuant
-from export.bundle_writer import write_bundle
+from edge_runtime.format.bundle import ALIGN, Bundle
+from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.quant import BlockQuant
+from export.bundle.writer import write_bundle
 from export.graph import GraphOptions, build_decoder_graph
-from export.quantize import quantize_int4, quantize_int8
+from export.quant.quantize import quantize_int4, quantize_int8
 
 TINY = {"vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
@@ -251,7 +251,7 @@ def test_float16_kv_cache_stays_close(tmp_path):
 def test_bundle_holds_a_graph_per_kv_dtype_over_one_weights_file(tiny_bundle):
     """Exported bundles carry float32- and float16-KV graphs sharing weights.bin; both backends default to the
     float32 one, take float16 when asked, and the two caches give the same answer to float16 rounding."""
-    from edge_runtime.backends.numpy_backend import NumpyBackend
+    from edge_runtime.backends.numpy.backend import NumpyBackend
 
     bundle = Bundle.open(tiny_bundle("tiny:llama", "int4"))
     graph = bundle.manifest["graph"]

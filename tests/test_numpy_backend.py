@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import Bundle
-from edge_runtime.config import ModelConfig
+from edge_runtime.backends.numpy.kernels import BLOCKWISE_MAX_ROWS, QuantMatrix, RowPool, int8_blocks
+from edge_runtime.backends.numpy.llama import DecoderForward, DenseWeights
 from edge_runtime.errors import ContextOverflowError, EdgeError, UnsupportedModelError
-from edge_runtime.kernels import BLOCKWISE_MAX_ROWS, QuantMatrix, RowPool, int8_blocks
-from edge_runtime.llama_numpy import DecoderForward, DenseWeights
-from edge_runtime.quant import BlockQuant, pack_4bit
-from edge_runtime.rope import full_tables, half_tables
+from edge_runtime.format.bundle import Bundle
+from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.quant import BlockQuant, pack_4bit
 from edge_runtime.spec import Rope, spec_for
+from edge_runtime.spec.rope import full_tables, half_tables
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 96
@@ -162,9 +162,9 @@ def build_bundle(out: Path, cfg: ModelConfig, tensors: dict, preset: str, accura
                  fuse: bool = True, int4_method: str = "search", offsets: bool = False,
                  kv_dtype: str = "float32") -> Path:
     """A tiny edge-llama-v1 bundle written by the exporter's graph builder and bundle writer."""
-    from export.bundle_writer import write_bundle
+    from export.bundle.writer import write_bundle
     from export.graph.decoder import GraphOptions, build_decoder_graph
-    from export.quantize import preset_specs, quantize_tensor
+    from export.quant.quantize import preset_specs, quantize_tensor
 
     specs = preset_specs(cfg, preset, method=int4_method, offsets=offsets)
     weights, qmeta = {}, {}
@@ -210,13 +210,13 @@ def bundles(tmp_path_factory):
 
 
 def numpy_backend(bundle, **kw):
-    from edge_runtime.backends.numpy_backend import NumpyBackend
+    from edge_runtime.backends.numpy.backend import NumpyBackend
 
     return NumpyBackend(bundle, CONTEXT, **kw)
 
 
 def ort_backend(bundle):
-    from edge_runtime.backends.ort import OrtBackend
+    from edge_runtime.backends.ort.llama import OrtBackend
 
     return OrtBackend(bundle, CONTEXT, threads=1)
 
@@ -316,7 +316,7 @@ def test_bad_input_raises_edge_errors(bundles):
     with pytest.raises(EdgeError):
         numpy_backend(bundle, kv_dtype="int8")
     with pytest.raises(ContextOverflowError):
-        from edge_runtime.backends.numpy_backend import NumpyBackend
+        from edge_runtime.backends.numpy.backend import NumpyBackend
 
         NumpyBackend(bundle, CONTEXT + 1)
     bundle.manifest["graph"]["contract"] = "optimum-kv-v1"
@@ -342,8 +342,8 @@ def test_imports_only_numpy(bundles):
 
         sys.meta_path.insert(0, Block())
         import numpy as np
-        from edge_runtime.bundle import Bundle
-        from edge_runtime.backends.numpy_backend import NumpyBackend
+        from edge_runtime.format.bundle import Bundle
+        from edge_runtime.backends.numpy.backend import NumpyBackend
         backend = NumpyBackend(Bundle.open({str(bundle.root)!r}), 32, threads=2)
         logits = backend.forward(np.arange(5), 0, np.array([4]))
         assert logits.shape == (1, {bundle.config.vocab_size}) and np.isfinite(logits).all()
@@ -363,8 +363,8 @@ def test_int8_activation_emulation_matches_matmulnbits_accuracy_level_4(bits, ro
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_runtime.kernels import QuantMatrix, RowPool
-    from export.quantize import quantize_int4, quantize_int8
+    from edge_runtime.backends.numpy.kernels import QuantMatrix, RowPool
+    from export.quant.quantize import quantize_int4, quantize_int8
 
     rng = np.random.default_rng(bits + rows)
     k, n = 576, 256
@@ -466,7 +466,7 @@ def test_float16_kv_follows_the_graph(bundles):
 # -- issue #5: the SmolLM2 bundles ----------------------------------------------------------------
 
 def test_smollm2_fp32_logits_match_ort(smollm2_bundle):
-    from edge_runtime.parity import cross_check
+    from edge_runtime.quality.cross_check import cross_check
 
     res = cross_check(smollm2_bundle("fp32", "--accuracy-level", "0"), threads=2)
     assert res.ok, res.lines()
@@ -478,7 +478,7 @@ def test_smollm2_bundle_parity_on_its_exact_graph(smollm2_bundle, quant):
     """Issue #5's figures on the default bundles themselves, where the function is continuous: their exact graph
     (same weights, float32 activations): >= 99% top-1 on the probe window (measured 100%), logits within float
     rounding, the same 32 greedy tokens on the 3 reference prompts (`edge-run verify --cross`)."""
-    from edge_runtime.parity import GREEDY_STEPS, cross_check
+    from edge_runtime.quality.cross_check import GREEDY_STEPS, cross_check
 
     res = cross_check(smollm2_bundle(quant), threads=2)
     assert res.ok, res.lines()
@@ -494,7 +494,7 @@ def test_smollm2_default_graph_agrees_as_well_as_ort_with_itself(smollm2_bundle,
     itself with RMSNorm's sums in float64. NumPy against ORT must reach that floor, and top-1 may differ only
     where ORT's own top-2 gap is small. Measured on SmolLM2 (NumPy vs ORT / ORT vs ORT / NumPy vs NumPy):
     int8 99.0 / 99.2 / 98.4%, int4 97.5 / 95.9 / 97.1%; ORT's top-2 gap where NumPy's top-1 differs <= 0.48."""
-    from bench.parity import parity, perturb_check, self_check
+    from edge_runtime.quality.agreement import parity, perturb_check, self_check
 
     path = str(smollm2_bundle(quant))
     ours = parity(path, steps=0, window=512)

@@ -1,4 +1,4 @@
-"""The optimum fallback (export/optimum_fallback.py + backends/ort_optimum.py) and the naive benchmark path,
+"""The optimum fallback (export/optimum/fallback.py + backends/ort_optimum.py) and the naive benchmark path,
 checked against transformers on a tiny random GPT-2 (an architecture the graph builder does not know)."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edge_runtime.backends.ort_optimum import OptimumOrtBackend
-from edge_runtime.bundle import ALIGN, Bundle
+from edge_runtime.backends.ort.optimum import OptimumOrtBackend
 from edge_runtime.errors import ContextOverflowError, UnsupportedModelError
-from export.optimum_fallback import export_fallback_bundle, export_with_optimum, read_fallback_source
+from edge_runtime.format.bundle import ALIGN, Bundle
+from export.optimum.fallback import export_fallback_bundle, export_with_optimum
 from export.pipeline import ExportOptions
+from export.sources.hf import read_fallback_source
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = np.array([5, 17, 200, 33, 9, 100, 250, 3, 42, 7], dtype=np.int64)

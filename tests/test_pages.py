@@ -1,4 +1,4 @@
-"""Page-level memory helpers (edge_runtime.pages)."""
+"""Page-level memory helpers (edge_runtime.memory.pages)."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge_runtime import pages
+from edge_runtime.memory import pages
 
 MB = 2**20
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux features")

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_runtime import parity as P
-from edge_runtime.bundle import Bundle, sha256_file, write_manifest
 from edge_runtime.cli import main as edge_run
+from edge_runtime.format.bundle import Bundle, sha256_file, write_manifest
+from edge_runtime.quality import cross_check as P
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_level0_and_float_bundles_need_no_second_graph(exported):
 
 def test_cross_check_fails_when_the_numpy_kernels_are_wrong(exported, monkeypatch):
     """A kernel 1% off on one matrix fails the check, through the logit bound (top-1 and greedy may survive it)."""
-    from edge_runtime import kernels
+    from edge_runtime.backends.numpy import kernels
 
     real = kernels.QuantMatrix.matmul
 

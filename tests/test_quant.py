@@ -1,14 +1,14 @@
-"""Block quantization: the MatMulNBits layout (edge_runtime.quant) and the quantizers (export.quantize)."""
+"""Block quantization: the MatMulNBits layout (edge_runtime.format.quant) and the quantizers (export.quant.quantize)."""
 import json
 
 import numpy as np
 import pytest
 
-from edge_runtime.bundle import ALIGN, Bundle
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import BundleError, EdgeError
-from edge_runtime.quant import BlockQuant, pack_4bit, unpack_4bit
-from export.quantize import (
+from edge_runtime.format.bundle import ALIGN, Bundle
+from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.quant import BlockQuant, pack_4bit, unpack_4bit
+from export.quant.quantize import (
     QuantSpec,
     preset_specs,
     quantize_int4,

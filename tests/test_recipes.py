@@ -7,7 +7,7 @@ import gguf
 import pytest
 
 from export.options import ExportOptions, OptionsError
-from export.recipes import VOCAB_INT8_BLOCK, resolve
+from export.quant.recipes import VOCAB_INT8_BLOCK, resolve
 from export.sources import load_source
 
 EMBED = "model.embed_tokens.weight"

@@ -17,12 +17,12 @@ import pytest
 
 import edge_runtime
 from edge_runtime import backends
-from edge_runtime.bundle import FORMAT_VERSION, write_manifest
 from edge_runtime.errors import BundleError, ContextOverflowError, EdgeError, UnsupportedModelError
-from edge_runtime.generate import fit_prompt, held_back, split_stop
-from edge_runtime.runtime import default_threads
-from edge_runtime.stats import GenerationStats, parse_size, peak_rss_bytes
-from edge_runtime.tokenizer import StreamDecoder, Tokenizer
+from edge_runtime.format.bundle import FORMAT_VERSION, write_manifest
+from edge_runtime.generation.generate import fit_prompt, held_back, split_stop
+from edge_runtime.generation.stats import GenerationStats, parse_size, peak_rss_bytes
+from edge_runtime.threads import default_threads
+from edge_runtime.tokenizer.tokenizer import StreamDecoder, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_HOOK = "fake=test_runtime:FakeBackend"

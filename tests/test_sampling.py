@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.errors import SamplingError
-from edge_runtime.sampling import (
+from edge_runtime.generation.sampling import (
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,

@@ -17,12 +17,12 @@ from test_cli import REPO, assert_one_line_error, cli_env, edge_run
 from test_runtime import CHATML, EOS, fake_hook, ids_of, make_model, tiny_tokenizer, write_bundle  # noqa: F401
 
 import edge_runtime
-from edge_runtime import chat
-from edge_runtime.bundle import Bundle, sha256_file, write_manifest
 from edge_runtime.errors import BundleError, EdgeError, EdgeWarning, SamplingError
-from edge_runtime.generate import NonFiniteLogitsError
-from edge_runtime.runtime import available_cpus
-from edge_runtime.stats import format_size
+from edge_runtime.format.bundle import Bundle, sha256_file, write_manifest
+from edge_runtime.generation.generate import NonFiniteLogitsError
+from edge_runtime.generation.stats import format_size
+from edge_runtime.threads import available_cpus
+from edge_runtime.tokenizer import chat_template as chat
 from export.cli import main as edge_export
 
 TINY_EXPORT = ["tiny:llama", "--quant", "fp32", "--quiet", "--no-eval", "--no-reference", "--kv-dtype", "float32"]
@@ -335,7 +335,7 @@ def test_undecodable_text_and_bytes_are_edge_errors(tmp_path):
 
 
 def test_reference_json_of_the_wrong_shape_is_one_line(copy):
-    from edge_runtime.verify import verify
+    from edge_runtime.quality.verify import verify
 
     (copy / "reference.json").write_text(json.dumps({"probe": {"ids": [1, 2], "top_ids": 5}}))
     refit(copy, "reference.json", lambda m: m.setdefault("reference", {"file": "reference.json"}))

@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime.quant import BlockQuant
+from edge_runtime.format.quant import BlockQuant
 from edge_runtime.spec import spec_for
-from export import sensitivity as S
+from export.quant import sensitivity as S
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import load_source
 
     source = load_source("tiny:llama")
@@ -89,7 +89,7 @@ def test_auto_quantize_meets_its_budget_with_a_mix_and_caches_sensitivity(tiny, 
 
 
 def test_vocab_int8_block_only_where_the_hidden_size_allows():
-    from edge_runtime.config import ModelConfig
+    from edge_runtime.format.config import ModelConfig
 
     cfg = ModelConfig("llama", 1000, 576, 1536, 2, 9, 3, 64, tie_word_embeddings=False)
     specs = S.vocab_int8_specs(cfg)
@@ -109,7 +109,7 @@ def test_exact_transcodes_are_not_measured_and_cost_nothing(tiny):
     without a forward pass; the others are measured as before."""
     import dataclasses
 
-    from export.reference import FloatReference
+    from export.quality.reference import FloatReference
     from export.sources import GGUFBlocks
 
     source, _, windows = tiny

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import edge_runtime
-from edge_runtime import budget
+from edge_runtime.memory import budget
 from edge_runtime.server import REQUEST_BYTES, make_server, queue_limit
 
 openai = pytest.importorskip("openai")  # the test extra

@@ -1,4 +1,4 @@
-"""SmoothQuant-style smoothing for the int8 preset (export.smooth) and the exact int8 transcodes it sits beside."""
+"""SmoothQuant-style smoothing for the int8 preset (export.quant.smooth) and the exact int8 transcodes beside it."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime.kernels import int8_blocks
-from edge_runtime.llama_numpy import DecoderForward, DenseWeights, rms_norm
-from export import smooth as S
-from export.quantize import transcode_gguf
+from edge_runtime.backends.numpy.kernels import int8_blocks
+from edge_runtime.backends.numpy.llama import DecoderForward, DenseWeights, rms_norm
+from export.quant import smooth as S
+from export.quant.quantize import transcode_gguf
 from export.sources import GGUFBlocks, load_source
 
 RNG = np.random.default_rng(0)

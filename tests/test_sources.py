@@ -8,9 +8,9 @@ import pytest
 
 from edge_runtime.errors import UnsupportedModelError
 from edge_runtime.spec import spec_for
-from export.fetch import default_model_path
-from export.reference import FloatReference
+from export.quality.reference import FloatReference
 from export.sources import load_source, render_chat
+from export.sources.fetch import default_model_path
 from export.sources.gguf import unpermute_order
 from export.sources.hf import read_hf_folder, save_hf_folder
 

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_runtime import verify as V
-from edge_runtime.bundle import Bundle, sha256_file, write_manifest
 from edge_runtime.cli import main as edge_run
-from edge_runtime.fidelity import FidelityReport
+from edge_runtime.format.bundle import Bundle, sha256_file, write_manifest
+from edge_runtime.quality import verify as V
+from edge_runtime.quality.fidelity import FidelityReport
 
 EVAL_TEXT = "The quick brown fox jumps over the lazy dog while the assignment statement binds names. " * 12
 

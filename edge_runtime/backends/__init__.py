@@ -8,18 +8,19 @@ import inspect
 import os
 
 from ..errors import EdgeError, UnsupportedModelError
+from ..format.contracts import DECODER, OPTIMUM_KV
 
 # name -> "module:class". Kept as strings so nothing is imported until a backend is built.
 BACKENDS = {
-    "ort": "edge_runtime.backends.ort:OrtBackend",
-    "numpy": "edge_runtime.backends.numpy_backend:NumpyBackend",
-    "ort-optimum": "edge_runtime.backends.ort_optimum:OptimumOrtBackend",
+    "ort": "edge_runtime.backends.ort.llama:OrtBackend",
+    "numpy": "edge_runtime.backends.numpy.backend:NumpyBackend",
+    "ort-optimum": "edge_runtime.backends.ort.optimum:OptimumOrtBackend",
 }
 
 # contract -> backends able to run it, preferred first. "auto" takes the first whose runtime is installed.
 CONTRACTS = {
-    "edge-llama-v1": ("ort", "numpy"),
-    "optimum-kv-v1": ("ort-optimum",),
+    DECODER: ("ort", "numpy"),
+    OPTIMUM_KV: ("ort-optimum",),
 }
 
 NEEDS_ONNXRUNTIME = ("ort", "ort-optimum")

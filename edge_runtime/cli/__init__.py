@@ -4,6 +4,7 @@ A subcommand is registered with `add_subcommand(name, help, module)`; the module
 (its arguments) and `run(args) -> int` (its exit code). `edge-run BUNDLE [PROMPT]` without a subcommand means
 `run`; a bundle folder whose name is a subcommand runs as `edge-run run verify` or `edge-run ./verify`.
 Errors from parsing and from the commands go through cli.errors.run_guarded (one line, exit 1/2).
+May import every runtime package; of it, only cli.errors is imported elsewhere (edge-export shares its error path).
 """
 from __future__ import annotations
 

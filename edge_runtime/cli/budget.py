@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import EdgeError
-from ..stats import MB, format_size, parse_size
+from ..generation.stats import MB, format_size, parse_size
 
 # measured stage -> the plan components it holds
 STAGE_COMPONENTS = (
@@ -37,9 +37,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Print the memory plan of a session and, unless --plan-only, the measured peak of a fresh process."""
-    from .. import budget
-    from ..bundle import Bundle
-    from ..testing import ChildError, measure_generation
+    from ..format.bundle import Bundle
+    from ..memory import budget
+    from ..memory.testing import ChildError, measure_generation
 
     bundle = Bundle.open(args.bundle, verify=False)
     limit = parse_size(args.budget) if args.budget is not None else None

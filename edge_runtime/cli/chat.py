@@ -16,7 +16,7 @@ HELP = "commands: /reset /save FILE /load FILE /stats /help /quit; Ctrl-C stops 
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..generate import OVERFLOW_POLICIES
+    from ..generation.generate import OVERFLOW_POLICIES
     from .run import add_runtime_arguments, add_sampling_arguments
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")

@@ -12,8 +12,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Print the figures of the two executors; exit 1 when any limit is missed."""
-    from ..parity import cross_check
-    from ..runtime import check_threads
+    from ..quality.cross_check import cross_check
+    from ..threads import check_threads
 
     res = cross_check(args.bundle, threads=check_threads(args.threads))
     for line in res.lines():

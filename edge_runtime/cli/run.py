@@ -8,7 +8,7 @@ from ..errors import EdgeError
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..generate import OVERFLOW_POLICIES
+    from ..generation.generate import OVERFLOW_POLICIES
 
     p.add_argument("bundle", help="bundle folder (made by edge-export)")
     p.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or omitted reads standard input")
@@ -89,8 +89,8 @@ def _prompt(args, model):
 def load_model(args):
     """The Model the generation options ask for, after checking the sampling arguments (before the load)."""
     from .. import load
-    from ..sampling import validate
-    from ..stats import parse_size
+    from ..generation.sampling import validate
+    from ..generation.stats import parse_size
 
     validate(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
              args.max_new_tokens)

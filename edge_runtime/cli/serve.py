@@ -26,8 +26,8 @@ def run(args) -> int:
     """Serve a bundle over the OpenAI chat-completions API (streaming and not) on a local port."""
     from .. import load
     from ..errors import EdgeError
+    from ..generation.stats import parse_size
     from ..server import make_server, queue_limit
-    from ..stats import parse_size
 
     for name in ("port", "queue", "max_tokens", "max_body"):
         value = getattr(args, name)

@@ -33,7 +33,7 @@ def print_result(res, out=None) -> None:
 
 def run(args) -> int:
     """Re-run the bundle's float-reference probes and compare with the figures recorded at export."""
-    from ..verify import fmt_metric, verify
+    from ..quality.verify import fmt_metric, verify
 
     if args.cross:
         if args.backend != "auto":

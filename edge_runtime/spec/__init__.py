@@ -1,10 +1,13 @@
-"""One decoder spec per family (DecoderSpec subclasses, one module each), chosen by the config's model_type."""
+"""One decoder spec per family (DecoderSpec subclasses, one module each), chosen by the config's model_type, and the
+rotary tables derived from it (rope). Imports only edge_runtime.format and edge_runtime.errors: the graph builder,
+the readers, the quantizers, both backends and the planner import it, so a family is declared once.
+"""
 from __future__ import annotations
 
 import importlib
 
-from ..config import ModelConfig
 from ..errors import UnsupportedModelError
+from ..format.config import ModelConfig
 from .base import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Layer, Rope, Unit, kv_capacity
 
 # model_type -> module of this package

@@ -2,6 +2,8 @@
 
     out = distill("cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", layers=18, minutes=30, out_dir="build/student")
     load_source(out)  # a Hugging Face folder, exported like any model
+
+May import torch, export.sources, export.quality, edge_runtime.spec and edge_runtime.quality; never the pipeline.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def load_teacher(spec) -> Teacher:
     """The teacher from a load_source() spec (GGUF, HF folder, tiny:<arch>) or an already loaded SourceModel."""
     from tokenizers import Tokenizer
 
-    from ..reference import build_torch_model
+    from ..quality.reference import build_torch_model
     from ..sources import load_source
 
     source = load_source(spec) if isinstance(spec, (str, Path)) else spec

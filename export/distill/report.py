@@ -3,8 +3,8 @@
 Each evaluation domain (domains.EVAL_DOMAINS, sources the student never trained on) is scored on its own; both
 models see the very same token windows. On the evaluation chat prompts the teacher answers greedily and the
 student is scored on that answer (teacher-forced top-1 and KLD) and on its own greedy answer (the tokens it
-reproduces before the first difference). The metrics come from edge_runtime.fidelity when it provides them
-(so the figures match what the exporter reports), else from the NumPy functions below.
+reproduces before the first difference). The metrics are edge_runtime.quality.fidelity's, so the figures are the
+ones the exporter reports.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import torch
+
+from edge_runtime.quality import fidelity
 
 from .data import pack
 from .domains import EVAL_CHAT_PROMPTS, EVAL_DOMAINS
@@ -21,40 +23,9 @@ CHAT_TOKENS = 48  # greedy answer length compared on each evaluation chat prompt
 TARGET_PPL_RATIO, TARGET_TOP1 = 1.5, 0.70  # the acceptance bar of the distillation demo, per domain
 
 
-def _metrics():
-    """(kl_divergence, top1_agreement, nll_sum) over logits [T, V], from edge_runtime.fidelity when present."""
-    try:
-        from edge_runtime import fidelity
-    except ImportError:
-        return kl_divergence, top1_agreement, nll_sum, "export.distill.report"
-
-    def fidelity_nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:
-        return float(np.log(fidelity.perplexity(logits[:-1], ids[1:])) * (len(ids) - 1))
-
-    return fidelity.kl_divergence, fidelity.top1_agreement, fidelity_nll_sum, "edge_runtime.fidelity"
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean over positions of KL(ref || model), logits [T, V]."""
-    p = log_softmax(ref_logits.astype(np.float64))
-    q = log_softmax(logits.astype(np.float64))
-    return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
-
-
-def top1_agreement(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Fraction of positions where both argmax tokens agree, logits [T, V]."""
-    return float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
-
-
 def nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:
     """Summed next-token NLL of ids [T] under logits [T, V] (T - 1 predictions)."""
-    lp = log_softmax(logits[:-1].astype(np.float64))
-    return float(-lp[np.arange(len(ids) - 1), ids[1:]].sum())
+    return float(np.log(fidelity.perplexity(logits[:-1], ids[1:])) * (len(ids) - 1))
 
 
 def domain_windows(tokenizer, eos_id: int | None, window: int = EVAL_WINDOW,
@@ -90,17 +61,16 @@ def _logits(model, ids: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def compare(teacher, student, windows: np.ndarray) -> dict:
     """Held-out figures for teacher and student over the same windows [n, T] (or a list of 1-D id arrays)."""
-    kld_fn, top1_fn, nll_fn, metric_source = _metrics()
     t0 = time.perf_counter()
     nll_t = nll_s = 0.0
     kld = top1 = 0.0
     count = 0
     for ids in windows:
         lt, ls = _logits(teacher, ids), _logits(student, ids)  # [T, V] each
-        nll_t += nll_fn(lt, ids)
-        nll_s += nll_fn(ls, ids)
-        kld += kld_fn(lt, ls) * len(ids)
-        top1 += top1_fn(lt, ls) * len(ids)
+        nll_t += nll_sum(lt, ids)
+        nll_s += nll_sum(ls, ids)
+        kld += fidelity.kl_divergence(lt, ls) * len(ids)
+        top1 += fidelity.top1_agreement(lt, ls) * len(ids)
         count += len(ids)
     preds = count - len(windows)  # next-token predictions scored for perplexity
     ppl_t, ppl_s = float(np.exp(nll_t / preds)), float(np.exp(nll_s / preds))
@@ -111,7 +81,7 @@ def compare(teacher, student, windows: np.ndarray) -> dict:
         "eval_windows": len(windows), "eval_window": int(len(windows[0])), "eval_tokens": int(count),
         "teacher_ppl": ppl_t, "student_ppl": ppl_s, "ppl_ratio": ppl_s / ppl_t,
         "kld": kld / count, "top1": top1 / count,
-        "metrics": metric_source, "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -122,15 +92,6 @@ def greedy(model, ids: list[int], new_tokens: int, eos_ids) -> list[int]:
     out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
                          eos_token_id=list(eos_ids) or None, pad_token_id=(list(eos_ids) or [0])[0])
     return out[0, len(ids):].tolist()
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @torch.no_grad()
@@ -145,7 +106,6 @@ def chat_eval(teacher, student, tokenizer, meta: dict, new_tokens: int = CHAT_TO
 
     if not meta.get("chat_template"):
         return None
-    kld_fn, top1_fn, _, _ = _metrics()
     eos = meta.get("eos_token_ids") or []
     kld = top1 = count = match = identical = silent = 0.0
     for question in EVAL_CHAT_PROMPTS:
@@ -155,10 +115,10 @@ def chat_eval(teacher, student, tokenizer, meta: dict, new_tokens: int = CHAT_TO
         ids = np.asarray(prompt + answer_t)
         span = slice(len(prompt) - 1, len(ids) - 1)  # positions predicting the answer tokens
         lt, ls = _logits(teacher, ids)[span], _logits(student, ids)[span]
-        kld += kld_fn(lt, ls) * len(answer_t)
-        top1 += top1_fn(lt, ls) * len(answer_t)
+        kld += fidelity.kl_divergence(lt, ls) * len(answer_t)
+        top1 += fidelity.top1_agreement(lt, ls) * len(answer_t)
         count += len(answer_t)
-        match += common_prefix(answer_t, answer_s) / max(len(answer_t), 1)
+        match += fidelity.common_prefix_len(answer_t, answer_s) / max(len(answer_t), 1)
         identical += answer_t == answer_s
         silent += bool(answer_s) and answer_s[0] in eos
     n = len(EVAL_CHAT_PROMPTS)

@@ -10,7 +10,7 @@ weight index (docs/bundle-format.md):
   `[V, kb, blob]` read by GatherBlockQuantized as `[V, K*bits/8]`); the writer points both at one offset.
 
 That layout travels with the ModelProto as the metadata entry `WEIGHT_LAYOUT_KEY` (JSON), which
-`export.bundle_writer.write_bundle` consumes and removes.
+`export.bundle.writer.write_bundle` consumes and removes.
 """
 from __future__ import annotations
 
@@ -141,6 +141,6 @@ def fused_initializers(model: onnx.ModelProto) -> set[str]:
     if entry is None:
         return set()
     layout = json.loads(entry)
-    from edge_runtime.quant import SUFFIXES
+    from edge_runtime.format.quant import SUFFIXES
 
     return {next((n.removesuffix(f".{s}") for s in SUFFIXES if n.endswith(f".{s}")), n) for n in layout["parts"]}

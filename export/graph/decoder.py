@@ -2,7 +2,7 @@
 
 One method per block; what differs between families (norms around attention and MLP, q/k norms, activation,
 embedding scale, attention scale/window/softcap, rope per layer) is read from the DecoderSpec.
-Weights arrive by Hugging Face name, each a float32 array or an `edge_runtime.quant.BlockQuant`.
+Weights arrive by Hugging Face name, each a float32 array or an `edge_runtime.format.quant.BlockQuant`.
 
     input_ids [1,S] -> embedding (* embed_scale) -> [S,H] = h
       layer i:  x = norm(h) ; a = o_proj(GQA(qkv_proj(x))) ; h += attn_out_norm(a)   (residual adds fused
@@ -19,17 +19,16 @@ from typing import Union
 import numpy as np
 import onnx
 
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
-from edge_runtime.quant import BlockQuant
-from edge_runtime.rope import half_tables
+from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.quant import BlockQuant
 from edge_runtime.spec import EMBED, FINAL_NORM, Layer, spec_for
+from edge_runtime.spec.rope import half_tables
 
 from . import ops
 from .builder import MS_DOMAIN, GraphBuilder
 
 Weight = Union[np.ndarray, BlockQuant]
-CONTRACT = "edge-llama-v1"
 KV_DTYPES = ("float32", "float16")
 
 
@@ -281,5 +280,5 @@ class DecoderGraph:
 
 def build_decoder_graph(config: ModelConfig, weights: Mapping[str, Weight],
                         options: GraphOptions = GraphOptions()) -> onnx.ModelProto:
-    """The `edge-llama-v1` decoder graph for `config`, initializers inline (see export.bundle_writer)."""
+    """The `edge-llama-v1` decoder graph for `config`, initializers inline (see export.bundle.writer)."""
     return DecoderGraph(config, weights, options).build()

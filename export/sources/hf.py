@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.format.config import ModelConfig
 from edge_runtime.spec import FAMILIES, spec_for, supported
 from edge_runtime.spec.base import rope_factor
 
-from . import SourceModel, check_tensors
+from .source import SourceModel, check_tensors
 
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old checkpoints saved this buffer; it is recomputed
 
@@ -123,8 +123,6 @@ def read_hf_folder(folder) -> SourceModel:
         raise UnsupportedModelError(f"{folder}: not a Hugging Face model folder (no config.json)")
     if not supported(_model_type(folder)):
         # Architectures the graph builder does not know go through optimum's exporter (graph optimum-kv-v1).
-        from ..optimum_fallback import read_fallback_source
-
         return read_fallback_source(folder)
     cfg = read_config(folder)
     tensors = read_tensors(folder, cfg)
@@ -173,7 +171,7 @@ def save_hf_folder(source: SourceModel, out_dir) -> Path:
     """Write `source` as a float32 HF folder that transformers / optimum load with from_pretrained."""
     from safetensors.numpy import save_file
 
-    from ..reference import hf_config_dict
+    from ..quality.reference import hf_config_dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,3 +187,42 @@ def save_hf_folder(source: SourceModel, out_dir) -> Path:
         (out / name).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "tokenizer.json").write_text(tokenizer_for_hf(source), encoding="utf-8")
     return out
+
+
+def any_model_config(hf_dir: Path) -> ModelConfig:
+    """ModelConfig from any transformers config (their attribute maps give GPT-2's n_embd as hidden_size)."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    except (KeyError, ValueError, OSError) as e:
+        kind = _model_type(Path(hf_dir))
+        raise UnsupportedModelError(
+            f"{hf_dir}: unsupported architecture {kind!r}: neither our graph builder nor transformers/optimum "
+            f"know it ({type(e).__name__})") from None
+    heads = c.num_attention_heads
+    return ModelConfig(
+        model_type=c.model_type,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        rms_norm_eps=float(getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_epsilon", 1e-5)),
+        rope_theta=float(getattr(c, "rope_theta", None) or 10000.0),
+        max_position_embeddings=int(getattr(c, "max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+    )
+
+
+def read_fallback_source(folder):
+    """A HF folder of an architecture of no family of edge_runtime.spec as a SourceModel: config, tokenizer and the
+    folder itself (no tensors: optimum reads the weights)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UnsupportedModelError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    tok_json, meta = read_tokenizer(folder)
+    origin = {"format": "hf", "path": str(folder), "sha256": folder_digest(folder), "exporter": "optimum"}
+    return SourceModel(any_model_config(folder), {}, tok_json, meta, origin, hf_dir=folder)

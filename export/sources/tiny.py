@@ -7,11 +7,11 @@ import zlib
 
 import numpy as np
 
-from edge_runtime.config import ModelConfig
 from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.format.config import ModelConfig
 from edge_runtime.spec import spec_for
 
-from . import SourceModel, check_tensors, expected_shapes
+from .source import SourceModel, check_tensors, expected_shapes
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 VOCAB_TARGET = 384

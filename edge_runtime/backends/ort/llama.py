@@ -1,0 +1,188 @@
+"""ONNX Runtime backend for the `edge-llama-v1` graph contract: KV cache bound once, in place, for the session.
+
+Every past/present pair is one NumPy buffer [1, kv_heads, context, head_dim] bound with IO binding as both the
+graph's past input and its present output (GroupQueryAttention writes the new positions in place), so a decode
+step allocates and copies nothing but the logits. Decode steps reuse preallocated, pre-bound input arrays
+and write the token id, seqlens_k and total_sequence_length into them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ...errors import BundleError, ContextOverflowError, UnsupportedModelError
+from ...format.bundle import Bundle
+from ...format.contracts import DECODER as CONTRACT
+from ...memory.pages import release_file_pages, reserve
+
+# Measured on SmolLM2-135M int4 with `bench/ort_graph.py sweep` (one process per setting, VmHWM):
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "graph_optimization_level": "all",
+    "enable_cpu_mem_arena": True,      # off: no lower RSS (the weights are prepacked outside the arena)
+    # on: each new chunk length (e.g. a slide's re-prefill) plans another pattern and the arena keeps ~13 MB
+    # more for the rest of the session, past the memory plan; off: no growth, decode speed unchanged (H9)
+    "enable_mem_pattern": False,
+    "disable_prepacking": False,       # on: 67 MB instead of 199 MB after load, but MatMulNBits is ~50x slower
+    "use_device_allocator_for_initializers": False,  # no effect: prepacked copies replace the mmapped weights
+    "use_env_allocators": False,       # no effect with one session per process
+    "allow_spinning": True,            # off: 2x faster when the cores are oversubscribed, 25% slower when idle
+    # off: the graph's per-block offsets reach their Gemm through a Reshape view that ConstantFolding would turn
+    # back into a prepacked constant; unpacked, MLAS's M=1 kernel reads them 2x faster (int4 Q4_1: +6-11%
+    # decode) and the session holds no packed copy of them (export/graph/ops.py nbits_linear)
+    "constant_folding": False,
+}
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+_CONFIG_ENTRIES = {  # option -> SessionOptions config key (values "0"/"1")
+    "disable_prepacking": "session.disable_prepacking",
+    "use_device_allocator_for_initializers": "session.use_device_allocator_for_initializers",
+    "use_env_allocators": "session.use_env_allocators",
+    "allow_spinning": "session.intra_op.allow_spinning",
+}
+
+
+def make_session_options(threads: int, options: Mapping[str, Any] | None = None):
+    """ORT SessionOptions for single-stream decoding: `threads` intra-op, 1 inter-op, sequential."""
+    import onnxruntime as ort
+
+    opts = dict(DEFAULT_OPTIONS, **(options or {}))
+    unknown = set(opts) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise UnsupportedModelError(f"unknown ONNX Runtime session option(s): {', '.join(sorted(unknown))}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[opts["graph_optimization_level"]])
+    so.enable_cpu_mem_arena = bool(opts["enable_cpu_mem_arena"])
+    so.enable_mem_pattern = bool(opts["enable_mem_pattern"])
+    so.log_severity_level = 3
+    for key, entry in _CONFIG_ENTRIES.items():
+        so.add_session_config_entry(entry, "1" if opts[key] else "0")
+    if not opts["constant_folding"]:
+        so.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+    return so
+
+
+def exact_graph_file(bundle: Bundle) -> str:
+    """The bundle's float32-activation graph; an error naming the fix when it has none."""
+    path = bundle.exact_graph_file()
+    if path is None:
+        raise UnsupportedModelError(f"bundle {bundle.root} has no float-activation graph (graph.exact_graph): "
+                                    "re-export it with this edge-export")
+    return path
+
+
+def inference_session(bundle: Bundle, name: str, options):
+    """An ONNX Runtime session on a graph of the bundle, its external data files checked first
+    (Bundle.graph_path); a graph ONNX Runtime cannot load is a BundleError."""
+    import onnxruntime as ort
+
+    path = bundle.graph_path(name)
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception classes (Fail, InvalidGraph, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BundleError(f"bundle {bundle.root}: ONNX Runtime cannot load {name}: {first[:300]}") from None
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
+                 session_options: Mapping[str, Any] | None = None, float_activations: bool = False):
+        """kv_dtype: None takes the bundle's default graph; else the graph with that KV dtype (graph.kv_graphs).
+        float_activations: run the bundle's exact graph instead (Bundle.exact_graph_file: the same weights,
+        float32 activations and KV cache), the one the NumPy backend is checked against to float rounding."""
+        import onnxruntime as ort
+
+        if bundle.contract != CONTRACT:
+            raise UnsupportedModelError(f"OrtBackend runs the {CONTRACT} contract, this bundle is {bundle.contract}")
+        kv_dtype = bundle.run_kv_dtype(kv_dtype, float_activations)
+        graph_file = exact_graph_file(bundle) if float_activations else None
+        if kv_dtype not in bundle.kv_dtypes and graph_file is None:
+            raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this bundle has graphs for a "
+                                        f"{' or '.join(bundle.kv_dtypes)} KV cache")
+        if not 0 < context <= bundle.max_context:
+            raise ContextOverflowError(
+                f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
+        self.context, self.threads, self.kv_dtype = int(context), int(threads), kv_dtype
+        self.float_activations = bool(float_activations)
+        self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
+        cfg = bundle.config
+        self.vocab = cfg.vocab_size
+        self.session = inference_session(bundle, graph_file or bundle.graph_file(kv_dtype),
+                                         make_session_options(threads, session_options))
+        self._ov = ort.OrtValue.ortvalue_from_numpy
+        self.binding = self.session.io_binding()
+        # The initializers GatherBlockQuantized reads in place stay mapped, fully read by prepacking: let the
+        # pages go, a decode step faults back in only the embedding rows it gathers.
+        release_file_pages(bundle.path(bundle.manifest["weights"]["file"]))
+        # [1, kv_heads, context, head_dim] per layer and per K/V, reserved once for the whole context (the memory
+        # plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
+        kv_shape = (1, cfg.num_key_value_heads, self.context, cfg.head_dim)
+        self.kv = []
+        for i in range(cfg.num_hidden_layers):
+            for kv in ("key", "value"):
+                buf = reserve(kv_shape, kv_dtype)
+                value = self._ov(buf)
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+                self.kv.append((buf, value))
+        self._seqlens = np.zeros(1, np.int32)     # [1]  past_len + S - 1
+        self._total = np.zeros((), np.int32)      # []   past_len + S
+        self.binding.bind_ortvalue_input("seqlens_k", self._ov(self._seqlens))
+        self.binding.bind_ortvalue_input("total_sequence_length", self._ov(self._total))
+        # The decode step's own arrays: one token in, logits of that token out.
+        self._step_ids = np.zeros((1, 1), np.int64)
+        self._step_index = np.zeros(1, np.int64)
+        self._step_logits = np.empty((1, 1, self.vocab), np.float32)
+        self._step_values = tuple(self._ov(a) for a in (self._step_ids, self._step_index, self._step_logits))
+        self._bound_step = False
+
+    def _bind(self, ids, index, logits) -> None:
+        self.binding.bind_ortvalue_input("input_ids", ids)
+        self.binding.bind_ortvalue_input("logits_index", index)
+        self.binding.bind_ortvalue_output("logits", logits)
+
+    def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
+        """Run ids [S] at positions past_len.. and return float32 logits [len(logits_index), vocab]."""
+        s = len(ids)
+        if s == 0 or past_len < 0 or past_len + s > self.context:
+            raise ContextOverflowError(f"{past_len} cached + {s} new tokens do not fit the context of {self.context}")
+        self._seqlens[0] = past_len + s - 1
+        self._total[()] = past_len + s
+        if s == 1 and len(logits_index) == 1:
+            return self._decode_step(int(ids[0]), int(logits_index[0]))
+        index = np.ascontiguousarray(logits_index, dtype=np.int64)
+        logits = np.empty((1, len(index), self.vocab), np.float32)
+        self._bind(self._ov(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, s)), self._ov(index),
+                   self._ov(logits))
+        self._bound_step = False
+        self.session.run_with_iobinding(self.binding)
+        return logits[0]
+
+    def _decode_step(self, token: int, index: int) -> np.ndarray:
+        self._step_ids[0, 0] = token
+        self._step_index[0] = index
+        if not self._bound_step:
+            self._bind(*self._step_values)
+            self._bound_step = True
+        self.session.run_with_iobinding(self.binding)
+        return self._step_logits[0].copy()  # the buffer is rewritten by the next step
+
+    def kv_arrays(self) -> list[np.ndarray]:
+        """The bound buffers [1, kv_heads, context, head_dim], per layer key then value (written in place)."""
+        return [buf for buf, _ in self.kv]
+
+    def kv_nbytes(self) -> int:
+        return sum(buf.nbytes for buf, _ in self.kv)
+
+    def describe(self) -> str:
+        exact = " activations=float32 (exact graph)" if self.float_activations else ""
+        return f"ort threads={self.threads} kv={self.kv_dtype}{exact}"

@@ -1,0 +1,7 @@
+"""The graph contracts a bundle may declare (manifest graph.contract, docs/bundle-format.md): what its ONNX graph's
+inputs and outputs mean. The exporters write them, the backends register for them; spelled here only."""
+
+# our decoder graph: input_ids, positions, a KV cache bound in place (one buffer per layer), logits of the last rows
+DECODER = "edge-llama-v1"
+# optimum's exported graph: past_key_values.* in, present.* out, fed back each step
+OPTIMUM_KV = "optimum-kv-v1"

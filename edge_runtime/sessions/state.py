@@ -1,0 +1,81 @@
+"""What a model's one KV cache holds, and who may use it: the threading contract of a loaded Model.
+
+A Model owns one backend and one KV cache. Every use of them (a stream from its first token to its end,
+`logits`, `logprobs`, a session's save/load) holds the model's lock, so callers on other threads wait their
+turn and never interleave forward passes (ONNX Runtime's IO binding and the NumPy cache are not reentrant).
+A second use from the thread that holds the lock (two streams opened and read alternately) cannot wait for
+itself: it raises StreamBusyError instead of corrupting the first.
+
+`ids` are the tokens whose keys/values sit at positions 0..len(ids)-1, so a new prompt that starts the same
+way reuses them (prefix reuse) instead of prefilling them again. Only the first `exact` of them are reused by
+default: those written by multi-token (prefill) passes from position 0 on. Keys/values written one token at a
+time (an answer being decoded) take another kernel path whose rounding differs slightly from a prefill's, and
+with int8 activations that can flip a near-tie later; run again in the next prefill, they make a reused
+prompt's logits those of prefilling it from scratch, so a session answers exactly what re-prefilling the
+conversation would. `reuse_decoded=True` reuses them too (faster turns, answers equal to rounding).
+"""
+from __future__ import annotations
+
+import threading
+
+from ..errors import StreamBusyError
+from ..quality.fidelity import common_prefix_len as common_prefix
+
+
+class CacheState:
+    """The ids held by the KV cache, and the lock that serializes every use of the backend."""
+
+    def __init__(self, reuse_decoded: bool = False):
+        self.ids: list[int] = []
+        self.exact = 0  # leading ids whose keys/values came from prefill passes (see the module docstring)
+        self.reuse_decoded = reuse_decoded
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def claim(self) -> Claim:
+        """Wait for the cache (held by another thread) and take it; StreamBusyError if this thread holds it."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise StreamBusyError("a stream on this model is still open in this thread: read it to the end "
+                                  "or close() it before starting another generation")
+        self._lock.acquire()
+        self._owner = me
+        return Claim(self)
+
+    def _release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def truncate(self, n: int) -> None:
+        """Positions >= n are about to be overwritten (or were left half-written by a failed pass)."""
+        del self.ids[n:]
+        self.exact = min(self.exact, n)
+
+    def append(self, ids, past_len: int) -> None:
+        """Record a successful pass of `ids` at past_len (= len(self.ids))."""
+        self.ids.extend(int(i) for i in ids)
+        if len(ids) > 1 and self.exact == past_len:
+            self.exact += len(ids)
+
+    def reusable(self, ids) -> int:
+        """How many leading `ids` the cache holds and may reuse."""
+        held = self.ids if self.reuse_decoded else self.ids[:self.exact]
+        return common_prefix(held, ids)
+
+
+class Claim:
+    """The right to use the cache until release() (idempotent; a stream may end on another thread)."""
+
+    def __init__(self, state: CacheState):
+        self._state: CacheState | None = state
+
+    def release(self) -> None:
+        state, self._state = self._state, None
+        if state is not None:
+            state._release()
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
