@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (python android_demo/chat.py): 
 
 import edge_runtime
 from android_demo.profiles import DEFAULT_PROFILE, PROFILES, Profile, describe, get_profile
+from edge_runtime.cli.chat import read_lines
 from edge_runtime.errors import ContextOverflowError, EdgeError, MemoryBudgetError
 from edge_runtime.generation.stats import MB, GenerationStats, parse_size, peak_rss_bytes
 from edge_runtime.threads import default_threads
@@ -209,27 +210,6 @@ COMMANDS: dict[str, Callable[[ChatSession, TextIO], None]] = {
 HELP = "commands: /reset /stats /budget /quit; Ctrl-C stops an answer, Ctrl-D or /quit leaves"
 
 
-def read_lines(interactive: bool, out: TextIO, stdin: TextIO) -> Iterator[str]:
-    """The user's lines: typed at a prompt, or read from a script (echoed so the transcript reads well)."""
-    if interactive:
-        try:
-            import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
-        while True:
-            try:
-                yield input("you> ")
-            except KeyboardInterrupt:  # at the prompt Ctrl-C only clears the line, as in a shell
-                out.write("\n")
-            except EOFError:
-                out.write("\n")
-                return
-    for line in stdin:
-        line = line.rstrip("\r\n")
-        out.write(f"you> {line}\n")
-        yield line
-
-
 def run_loop(session: ChatSession, lines: Iterator[str], out: TextIO, info: TextIO) -> int:
     for line in lines:
         text = line.strip()
@@ -314,9 +294,8 @@ def main(argv=None, stdin: TextIO | None = None, out: TextIO | None = None,
         print(f"{PROG}: error: {e}", file=info)
         return e.exit_code
     print(banner(session), file=info)
-    interactive = stdin.isatty()
     try:
-        return run_loop(session, read_lines(interactive, out, stdin), out, info)
+        return run_loop(session, read_lines(stdin, out, echo=True), out, info)
     except EdgeError as e:
         print(f"{PROG}: error: {e}", file=info)
         return e.exit_code

@@ -141,6 +141,7 @@ def measure(model_dir: Path, prompt_tokens: int, new_tokens: int, threads: int) 
         "rss_after_load_mb": rss_loaded,
         "peak_rss_mb": proc_status_mb("VmHWM"),
         "bundle_mb": folder_bytes(model_dir) / 1e6,
+        "prompt_ids": prompt.tolist(),
         "ids": run["ids"],
     }
 

@@ -26,10 +26,22 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of `tree` except the bodies of `if TYPE_CHECKING:` (annotations only, never executed)."""
+    for node in ast.iter_child_nodes(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, (ast.Name, ast.Attribute)) and "TYPE_CHECKING" in ast.unparse(test):
+            yield from (n for child in node.orelse for n in [child, *runtime_nodes(child)])
+            continue
+        yield node
+        yield from runtime_nodes(node)
+
+
 def imported_names(name: str, tree: ast.AST, is_package: bool) -> set[str]:
-    """Absolute names of everything `tree` imports (a `from a import b` gives a and a.b)."""
+    """Absolute names of everything module `name` (its syntax `tree`) imports when it runs, lazy imports included
+    (a `from a import b` gives a and a.b: b may be a module)."""
     out = set()
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -3,7 +3,6 @@ measured peaks of fresh processes against the plan (tiny bundles, and SmolLM2-13
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -120,10 +119,8 @@ def test_load_under_an_impossible_budget_fails_before_allocating(tiny, monkeypat
 
     monkeypatch.setattr(edge_runtime.model.Tokenizer, "from_bundle", never)
     monkeypatch.setattr(edge_runtime.model.backends, "make_backend", never)
-    t = time.perf_counter()
     with pytest.raises(MemoryBudgetError, match="exceeds the budget of 1.0 MB"):
         edge_runtime.load(tiny, backend="numpy", memory_budget="1MB", context=64)
-    assert time.perf_counter() - t < 5  # generous: the figure that matters is printed by bench/memory.py
 
 
 def test_auto_backend_falls_back_to_numpy_when_only_it_fits(tiny):

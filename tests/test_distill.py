@@ -80,8 +80,12 @@ def test_kd_losses_vanish_for_identical_full_distributions():
     want = F.kl_div(torch.log_softmax(other, -1), torch.log_softmax(logits, -1), log_target=True,
                     reduction="none").sum(-1).mean()
     assert kd_loss(other, top_ids, top_logp, 1.0, "fkl").item() == pytest.approx(want.item(), rel=1e-5)
-    assert kd_loss(other, top_ids, top_logp, 1.0, "rkl").item() > 0
-    assert kd_loss(other, top_ids, top_logp, 1.0, "jsd").item() > 0
+    t, s = torch.log_softmax(logits, -1), torch.log_softmax(other, -1)  # full k: no tail bucket
+    want_rkl = (s.exp() * (s - t)).sum(-1).mean()
+    m = torch.log((t.exp() + s.exp()) / 2)
+    want_jsd = (0.5 * ((t.exp() * (t - m)).sum(-1) + (s.exp() * (s - m)).sum(-1))).mean()
+    assert kd_loss(other, top_ids, top_logp, 1.0, "rkl").item() == pytest.approx(want_rkl.item(), rel=1e-5)
+    assert kd_loss(other, top_ids, top_logp, 1.0, "jsd").item() == pytest.approx(want_jsd.item(), rel=1e-5)
     ids = torch.randint(0, 11, (2, 5))
     want_ce = F.cross_entropy(other[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
     assert ce_loss(other, ids).item() == pytest.approx(want_ce.item(), rel=1e-6)

@@ -2,8 +2,9 @@
 checked against transformers on a tiny random GPT-2 (an architecture the graph builder does not know)."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -196,23 +197,25 @@ def test_context_overflow_and_bad_preset(bundles, hf_dir, tmp_path):
         export_with_optimum(hf_dir, tmp_path, "q3_k")
 
 
-def load_naive():
-    spec = importlib.util.spec_from_file_location("bench_naive", ROOT / "bench" / "naive.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def naive(*args: str) -> str:
+    """bench/naive.py run as the benchmark runs it (a script, never imported by tests)."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench/naive.py"), *args], capture_output=True, text=True,
+                       cwd=ROOT, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
 
 
-def test_naive_path_prepares_and_measures(hf_dir, hf_model, tmp_path, capsys):
-    naive = load_naive()
-    naive.prepare(hf_dir, tmp_path)
+def test_naive_path_prepares_and_measures(hf_dir, hf_model, tmp_path):
+    naive("prepare", str(hf_dir), str(tmp_path))
     for variant in ("fp32", "int4", "int8"):
         assert (tmp_path / variant / "model.onnx").is_file()
-    assert naive.main(["run", str(tmp_path / "fp32"), "--prompt-tokens", "12", "--new-tokens", "5",
-                       "--threads", "1", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("decode_tps", "prefill_tps", "peak_rss_mb", "load_s", "bundle_mb"):
-        assert result[key] > 0
+    out = naive("run", str(tmp_path / "fp32"), "--prompt-tokens", "12", "--new-tokens", "5", "--threads", "1",
+                "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["prompt_tokens"] == 12 and result["new_tokens"] == 5 and len(result["prompt_ids"]) == 12
+    assert result["bundle_mb"] * 1e6 == pytest.approx(sum(f.stat().st_size for f in (tmp_path / "fp32").iterdir()
+                                                          if f.is_file()), rel=1e-6)
+    assert result["peak_rss_mb"] >= result["rss_after_load_mb"]
     # The plain loop's greedy ids on the fp32 export are transformers' greedy ids.
-    prompt = np.random.default_rng(naive.SEED).integers(0, hf_model.config.vocab_size, size=12, dtype=np.int64)
+    prompt = np.array(result["prompt_ids"], np.int64)
     assert result["ids"] == reference_greedy(hf_model, prompt, 5)

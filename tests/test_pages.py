@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -69,5 +70,13 @@ def test_a_mapping_with_private_changes_is_left_alone(tmp_path):
     assert cow[0] == 7
 
 
-def test_trim_heap_never_raises():
-    assert pages.trim_heap() in (True, False)
+def test_trim_heap_returns_freed_heap_and_is_a_no_op_without_glibc(monkeypatch):
+    import ctypes
+
+    chunks = [bytes(4096) for _ in range(20_000)]  # small blocks: malloc's heap, not mmap
+    del chunks
+    assert pages.trim_heap() is True  # glibc here: the freed blocks went back to the system
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: types.SimpleNamespace())  # a libc without malloc_trim
+    assert pages.trim_heap() is False
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert pages.trim_heap() is False

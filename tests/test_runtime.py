@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -477,8 +476,9 @@ def test_stats_line_and_sizes():
     assert parse_size("200MB") == 200 << 20 and parse_size("1.5G") == 3 << 29 and parse_size(4096) == 4096
     with pytest.raises(EdgeError, match="cannot read size"):
         parse_size("lots")
-    assert 1 << 20 < peak_rss_bytes() < 1 << 40
-    assert os.path.exists("/proc/self/status")
+    status = open("/proc/self/status", encoding="ascii").read()
+    hwm_kb = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+    assert peak_rss_bytes() == hwm_kb * 1024
 
 
 def test_invalid_bytes_are_not_held_back_forever():

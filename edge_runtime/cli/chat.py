@@ -28,11 +28,16 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="when the conversation outgrows the context (default: slide, dropping the oldest turns)")
     r.add_argument("--no-stats", dest="stats", action="store_false", help="no stats line after each answer")
 
-def read_lines(stdin=None) -> Iterator[str]:
-    """The user's lines: typed at a prompt (with line editing), or read from a script."""
-    stdin = stdin or sys.stdin
+def read_lines(stdin=None, out=None, echo: bool = False) -> Iterator[str]:
+    """The user's lines: typed at a prompt (with line editing), or read from a script, then written to `out` after
+    the prompt when `echo` (so a scripted transcript reads like a typed one)."""
+    stdin, out = stdin or sys.stdin, out or sys.stderr
     if not stdin.isatty():
-        yield from (line.rstrip("\r\n") for line in stdin)
+        for line in stdin:
+            line = line.rstrip("\r\n")
+            if echo:
+                out.write(f"you> {line}\n")
+            yield line
         return
     try:
         import readline  # noqa: F401 - line editing and history for input()
@@ -42,9 +47,9 @@ def read_lines(stdin=None) -> Iterator[str]:
         try:
             yield input("you> ")
         except KeyboardInterrupt:  # at the prompt, Ctrl-C only clears the line
-            print(file=sys.stderr)
+            out.write("\n")
         except EOFError:
-            print(file=sys.stderr)
+            out.write("\n")
             return
 
 
