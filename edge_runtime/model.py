@@ -9,7 +9,7 @@ from typing import Union
 import numpy as np
 
 from . import backends
-from .errors import ContextOverflowError, EdgeError, SamplingError
+from .errors import EdgeError, SamplingError
 from .format.bundle import Bundle
 from .generation import scoring
 from .generation.generate import (
@@ -52,12 +52,7 @@ def _choose_context(bundle: Bundle, context: int | None, memory_budget, backend:
         return int(plan.context), plan.kv_dtype, plan.prefill_chunk
     if context is None:
         return min(bundle.max_context, DEFAULT_CONTEXT), kv_dtype, PREFILL_CHUNK
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise EdgeError(f"context must be a positive number of tokens, got {context!r}")
-    if context > bundle.max_context:
-        raise ContextOverflowError(
-            f"context {context} exceeds this bundle's max_context {bundle.max_context}")
-    return context, kv_dtype, PREFILL_CHUNK
+    return bundle.check_context(context), kv_dtype, PREFILL_CHUNK
 
 
 def load(bundle_path, backend: str = "auto", threads: int | None = None, context: int | None = None,

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import BundleError, UnsupportedModelError
+from ..errors import BundleError, ContextOverflowError, EdgeError, UnsupportedModelError
 from .config import ModelConfig
 from .manifest_checks import check_manifest, seal
 from .onnx_refs import ProtobufError, external_data_locations
@@ -49,6 +49,16 @@ def write_manifest(root: Path, manifest: dict) -> None:
     """Write manifest.json with its checksum (Bundle.open refuses a manifest whose checksum does not match)."""
     (Path(root) / MANIFEST).write_text(json.dumps(seal(manifest), indent=1), encoding="utf-8")
 
+
+
+def check_context(context, max_context: int) -> int:
+    """`context` as an int of 1..max_context: EdgeError for what is not a positive count of tokens,
+    ContextOverflowError past the bundle's max_context. The one check of a requested KV context."""
+    if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1:
+        raise EdgeError(f"context must be a positive number of tokens, got {context!r}")
+    if context > max_context:
+        raise ContextOverflowError(f"context {context} exceeds this bundle's max_context {max_context}")
+    return int(context)
 
 @dataclass
 class Bundle:
@@ -178,6 +188,10 @@ class Bundle:
     @property
     def max_context(self) -> int:
         return int(self.manifest["max_context"])
+
+    def check_context(self, context) -> int:
+        """`context` checked against this bundle (see check_context)."""
+        return check_context(context, self.max_context)
 
     @property
     def tensor_index(self) -> dict[str, dict[str, Any]]:

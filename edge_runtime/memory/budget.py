@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import EdgeError, MemoryBudgetError
-from ..format.bundle import kv_dtypes
+from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity
@@ -341,8 +341,8 @@ def plan(bundle, budget: int, context: int | None = None, backend: str = "ort", 
     budget = int(budget)
     manifest = _manifest(bundle)
     max_ctx = int(manifest["max_context"])
-    if context is not None and not 0 < int(context) <= max_ctx:
-        raise EdgeError(f"context must be in 1..{max_ctx} for this bundle, got {context!r}")
+    if context is not None:
+        check_context(context, max_ctx)
     dtypes = (kv_dtype,) if kv_dtype else kv_dtype_choices(bundle, backend)
     chunks = (prefill_chunk,) if prefill_chunk else PREFILL_CHUNKS
     kw = {"backend": backend, "resident_bytes": resident_bytes, "threads": threads}

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .calibration import each_matmul_input
+
 DAMP = 0.01  # fraction of mean(diag H) added to the diagonal: keeps the Cholesky factor stable
 
 
@@ -29,32 +31,13 @@ def hessian_keys(config) -> dict[str, str]:
 
 def input_hessians(torch_model, windows: Sequence[Sequence[int]], keys: Mapping[str, str]) -> dict[str, np.ndarray]:
     """Input key -> H = sum over calibration tokens of x x^T, float64 [K, K], one per distinct matmul input."""
-    import torch
-
     by_module = {name.removesuffix(".weight"): key for name, key in keys.items()}
-    sums: dict[str, torch.Tensor] = {}
-    seen: set = set()
-    hooks = []
-    for mod_name, mod in torch_model.named_modules():
-        key = by_module.get(mod_name)
-        if key is None:
-            continue
+    sums: dict = {}
 
-        def hook(_m, args, key=key):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()      # [tokens, K]
-            if (key, id(args[0])) in seen:  # q/k/v (gate/up) read the same tensor: count it once
-                return
-            seen.add((key, id(args[0])))
-            sums[key] = sums.get(key, 0) + x.T @ x
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for ids in windows:
-                seen.clear()
-                torch_model(input_ids=torch.as_tensor([list(ids)]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    def add(key, x):  # x [tokens, K]
+        sums[key] = sums.get(key, 0) + x.T @ x
+
+    each_matmul_input(torch_model, windows, by_module, add)
     return {k: v.numpy() for k, v in sums.items()}
 
 

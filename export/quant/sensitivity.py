@@ -24,6 +24,7 @@ from edge_runtime.format.config import ModelConfig
 from edge_runtime.format.quant import BlockQuant
 from edge_runtime.spec import EMBED, LM_HEAD, Unit, spec_for
 
+from .calibration import each_matmul_input
 from .quantize import QuantSpec, preset_specs, quantize_tensor
 
 # Share of the KLD target the weights may use on calibration text: the rest is left for MatMulNBits' int8
@@ -50,25 +51,16 @@ def activation_scales(torch_model, windows: Sequence[Sequence[int]], tied: bool)
     """HF weight name -> RMS over calibration tokens of each input channel of its matmul, float32 [K]."""
     import torch
 
-    sums: dict[str, torch.Tensor] = {}
+    names = {m: EMBED if (tied and m == "lm_head") else f"{m}.weight"
+             for m, mod in torch_model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    sums: dict = {}
     counts: dict[str, int] = {}
-    hooks = []
-    for mod_name, mod in torch_model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            name = EMBED if (tied and mod_name == "lm_head") else f"{mod_name}.weight"
 
-            def hook(_m, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()   # [tokens, K]
-                sums[name] = sums.get(name, 0) + (x * x).sum(0)
-                counts[name] = counts.get(name, 0) + x.shape[0]
-            hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for ids in windows:
-                torch_model(input_ids=torch.as_tensor([list(ids)]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    def add(name, x):  # x [tokens, K]
+        sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    each_matmul_input(torch_model, windows, names, add)
     return {n: np.sqrt(sums[n].numpy() / counts[n]).astype(np.float32) for n in sums}
 
 

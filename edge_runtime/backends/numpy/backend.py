@@ -216,10 +216,7 @@ class NumpyBackend:
         kv_dtype = bundle.run_kv_dtype(kv_dtype, float_activations)
         if kv_dtype not in KV_DTYPES:
             raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-        self.context = int(context)
-        if not 0 < self.context <= bundle.max_context:
-            raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} "
-                                       "for this bundle")
+        self.context = bundle.check_context(context)
         from ...threads import default_threads
 
         self.threads = int(threads) if threads else default_threads()

@@ -108,10 +108,7 @@ class OrtBackend:
         if kv_dtype not in bundle.kv_dtypes and graph_file is None:
             raise UnsupportedModelError(f"kv_dtype {kv_dtype} is not available: this bundle has graphs for a "
                                         f"{' or '.join(bundle.kv_dtypes)} KV cache")
-        if not 0 < context <= bundle.max_context:
-            raise ContextOverflowError(
-                f"context {context} is outside 1..{bundle.max_context} (the bundle's max_context)")
-        self.context, self.threads, self.kv_dtype = int(context), int(threads), kv_dtype
+        self.context, self.threads, self.kv_dtype = bundle.check_context(context), int(threads), kv_dtype
         self.float_activations = bool(float_activations)
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config

@@ -21,9 +21,7 @@ class OptimumOrtBackend:
 
         if bundle.contract != CONTRACT:
             raise UnsupportedModelError(f"OptimumOrtBackend runs {CONTRACT} graphs, bundle has {bundle.contract}")
-        self.context = int(context)
-        if not 0 < self.context <= bundle.max_context:
-            raise ContextOverflowError(f"context {context} is outside 1..{bundle.max_context} for this bundle")
+        self.context = bundle.check_context(context)
         graph = bundle.manifest["graph"]
         self.threads = threads
         self.session = inference_session(bundle, graph["file"], session_options(ort, threads))
