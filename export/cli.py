@@ -24,7 +24,7 @@ def build_parser() -> ArgumentParser:
                          "are, float tensors int8; q8: int8; mixed: int4/int8 per matmul, fewest bytes meeting "
                          "--target-kld; fp32")
     ap.add_argument("--quant", default=None, choices=tuple(ALIASES) + ("fp32", "exact"),
-                    help="the former name of --recipe: int4 = q4, int8 = q8, auto = mixed")
+                    help="alias of --recipe, for existing command lines: int4 = q4, int8 = q8, auto = mixed")
     ap.add_argument("--target-kld", type=float, metavar="X",
                     help="mixed: the KLD from float the per-matmul choice aims at (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
@@ -39,8 +39,8 @@ def build_parser() -> ArgumentParser:
                     help="store a tied lm_head apart from the embedding table: the lm_head quantized by the preset "
                          "(GPTQ-rounded under --method gptq), the table at 8 bits (more bytes on disk, none per token)")
     ap.add_argument("--vocab-block", type=int, default=None, choices=(16, 32, 64),
-                    help="auto: block size of the embedding / lm_head int8 candidate (default 64, the fastest; 16 "
-                         "gives the lm_head finer int8 inputs: on SmolLM2 KLD 0.0052 -> 0.0034 at ~0.9x decode)")
+                    help="q4 / mixed: block size of the int8 embedding / lm_head (default 64, the fastest; 16 "
+                         "gives the lm_head finer int8 inputs: lower KLD, slower decode)")
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),

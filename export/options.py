@@ -14,7 +14,7 @@ from edge_runtime.errors import EdgeError
 
 RECIPES = ("q4", "exact", "q8", "mixed", "fp32")
 DEFAULT_RECIPE = "q4"
-# The former --quant presets, kept as names for the recipes that replaced them.
+# --quant's preset names, accepted as aliases of the recipes so that existing command lines keep working.
 ALIASES = {"int4": "q4", "int8": "q8", "auto": "mixed"}
 METHODS = ("search", "gptq", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -31,8 +31,8 @@ class OptionsError(EdgeError):
 class ExportOptions:
     """What to export and how; see `edge-export -h` for each field's flag. None means "not given"."""
 
-    recipe: str = DEFAULT_RECIPE     # q4 | exact | q8 | mixed | fp32 (or a former preset name: int4, int8, auto)
-    quant: Optional[str] = None      # the former name of `recipe` (int4 | int8 | auto | fp32); wins when given
+    recipe: str = DEFAULT_RECIPE     # q4 | exact | q8 | mixed | fp32 (or an alias: int4, int8, auto)
+    quant: Optional[str] = None      # the alias option of `recipe` (int4 | int8 | auto | fp32); wins when given
     target_kld: Optional[float] = None  # mixed: the held-out KLD the per-matmul int4/int8 choice aims at
     max_kld: Optional[float] = None  # the quality gate: fail (nothing written) when a domain's KLD exceeds it
     force: bool = False              # write the bundle even when it misses max_kld

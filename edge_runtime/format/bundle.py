@@ -16,7 +16,7 @@ from .manifest_checks import check_manifest, seal
 from .onnx_refs import ProtobufError, external_data_locations
 
 FORMAT = "edge-bundle"
-FORMAT_VERSION = 3  # 2: the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY); 3: its `decoder`
+FORMAT_VERSION = 3  # the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY) and a `decoder` entry
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # the weight index of a model far larger than any this runtime targets
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
@@ -33,8 +33,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def kv_graphs(manifest: dict) -> dict[str, str]:
-    """KV dtype -> graph file, the default graph (graph.kv_dtype, graph.file) first. Bundles written before
-    graph.kv_graphs existed hold the default graph only."""
+    """KV dtype -> graph file, the default graph (graph.kv_dtype, graph.file) first. A manifest without
+    graph.kv_graphs holds the default graph only."""
     graph = manifest.get("graph") or {}
     default = graph.get("kv_dtype", "float32")
     return {default: graph["file"], **{d: f for d, f in (graph.get("kv_graphs") or {}).items() if d != default}}
@@ -176,8 +176,8 @@ class Bundle:
 
     def exact_graph_file(self) -> str | None:
         """The graph computing the same function with float32 activations (accuracy_level 0) and a float32 KV
-        cache, on the same weights: the default graph itself when it is one, else graph.exact_graph (written
-        by exporters since the cross-backend check), else None. Two executors agree on it to float rounding.
+        cache, on the same weights: the default graph itself when it is one, else graph.exact_graph (the graph
+        the cross-backend check runs), else None. Two executors agree on it to float rounding.
         A bundle without quantized weights has no MatMulNBits: its default float32-KV graph is exact."""
         graph = self.manifest.get("graph") or {}
         quantized = bool(((self.manifest.get("quantization") or {}).get("tensors")))

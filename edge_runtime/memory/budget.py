@@ -34,9 +34,9 @@ from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity
 
-# Tried largest first: a larger chunk prefills faster. 256 is left out: measured on SmolLM2 int4, it prefills
-# ~10% faster than 64 but peaks ~11 MB higher; 128 sits between (bench/memory.py). 16 is for the tightest
-# budgets: the NumPy backend's float16 attention scratch at context 2048 is ~3 MB smaller than at 32.
+# Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
+# higher peak; 128 sits between (bench/memory.py, bench/run_one.py --prefill-chunk N). 16 is for the tightest
+# budgets: the attention scratch [heads, chunk, context] shrinks with the chunk, most at long contexts.
 PREFILL_CHUNKS = (128, 64, 32, 16)
 KV_DTYPE_BYTES = {"float32": 4, "float16": 2}
 MIN_CONTEXT = 16
@@ -66,12 +66,12 @@ class Calibration:
     workspace: int               # per-thread scratch of prefill (BLAS buffers, dequantized row chunks)
 
 
-# The one place for measured constants: SmolLM2-135M bundles on x86-64, Python 3.11, onnxruntime 1.32, NumPy 2.4.6
-# (the runtime rows re-measured 2026-11-28: importing NumPy 2.4.6 costs ~20 MB of OpenBLAS pages, onnxruntime
-# ~28 MB more),
-# fitted from fresh-process measurements (full-context sessions at 512, 2048 and 8192, prefill chunk 128;
-# bench/memory.py). ORT's float32 GroupQueryAttention scores keys in windows (flat past 2048); its float16 path
-# scores all keys at once and keeps float32 copies.
+# The one place for measured constants, fitted by bench/memory.py from fresh-process measurements (full-context
+# sessions at 512, 2048 and 8192, prefill chunk 128) of SmolLM2-135M bundles on x86-64, Python 3.11,
+# onnxruntime 1.32, NumPy 2.4.6. The runtime rows are mostly the pages of the imported libraries (NumPy's
+# OpenBLAS, onnxruntime), so they move with those versions: re-fit them with bench/memory.py after an upgrade.
+# ORT's float32 GroupQueryAttention scores keys in windows (flat past 2048); its float16 path scores all keys at
+# once and keeps float32 copies.
 CALIBRATION = {
     "ort": Calibration(runtime=68 * MB, runtime_no_tokenizers=64 * MB, session=19 * MB, prefill_base=0,
                        activation_slack=0.5,
@@ -85,7 +85,7 @@ CALIBRATION = {
                          attention={"float32": Attention(3.6, None), "float16": Attention(3.8, None)},
                          workspace=2 * MB),
 }
-# Resident bytes of a parsed tokenizer per byte of tokenizer.json (measured on SmolLM2's 49k-token BPE).
+# Resident bytes of a parsed tokenizer per byte of tokenizer.json (fitted by bench/memory.py on SmolLM2's BPE).
 TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 1.0}
 TOKENIZER_BASE = 3 * MB  # the tokenizer module, its special-token tables and its word cache
 
@@ -131,7 +131,8 @@ class MemoryPlan:
         return self.budget is None or self.total <= self.budget
 
     def summary(self) -> str:
-        """One line: 'runtime 53.0 + tokenizer 42.1 + ... = 250.3 MB (context 2048, kv float32, chunk 256)'."""
+        """One line: every component's size, the planned peak and the plan's settings, as
+        'runtime SIZE + tokenizer SIZE + ... = PEAK (context C, kv DTYPE, prefill chunk N, BACKEND)'."""
         parts = " + ".join(f"{c.name} {format_size(c.nbytes)}" for c in self.components)
         load = f"; load peak {format_size(self.load_peak)}" if self.load_peak > self.run_peak else ""
         return (f"{parts} = {format_size(self.total)} (context {self.context}, kv {self.kv_dtype}, "
@@ -385,8 +386,8 @@ def resolve_backend(bundle, backend: str = "auto", budget: int | None = None, co
                     kv_dtype: str | None = None) -> str:
     """The backend load() builds for `bundle`: "auto" is ONNX Runtime when installed, else NumPy; under a
     budget that ONNX Runtime's plan cannot meet, "auto" is the NumPy backend if its plan does (it keeps no
-    prepacked copies: SmolLM2 int4 at context 2048 plans ~215 MB against ~257 MB). When neither fits, the
-    first backend's MemoryBudgetError is raised."""
+    prepacked copies, so it can fit where ONNX Runtime does not; bench/memory.py --backend numpy measures it).
+    When neither fits, the first backend's MemoryBudgetError is raised."""
     from .. import backends
 
     name = backends.resolve(backend, bundle.contract)

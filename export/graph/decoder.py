@@ -210,7 +210,7 @@ class DecoderGraph:
         w = self.weights[name]
         if isinstance(w, BlockQuant) and w.offsets is None:
             # MatMulNBits reads [1, L, H] and writes the bound logits buffer itself; a Reshape after it would
-            # copy the [L, V] logits into that buffer (196 KB per decode token for a 49k vocabulary).
+            # copy the [L, V] logits into that buffer (4 x vocab bytes per decode token).
             x = ops.reshape(g, x, [1, -1, self.cfg.hidden_size], "/lm_head/input")    # [1, L, H]
             return self.linear(x, [name], None, "/lm_head", output=output)
         logits = self.linear(x, [name], None, "/lm_head")                             # [L, V]

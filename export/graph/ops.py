@@ -73,8 +73,8 @@ def block_sum(g: GraphBuilder, x: str, k: int, block_size: int, name: str) -> st
     """Sum of x over each quantization block: [S, K] -> [S, K/bs]; shared by every matmul reading x."""
     key = ("block_sum", x, block_size)
     if key not in g.cache:
-        # Reshape (a view) + ReduceSum: measured cheaper than a MatMul with a 0/1 block indicator, whose packed
-        # [K, kb] operand costs ~3 us more per call at K=1536 and ~7x the ReduceSum's time in a prefill chunk.
+        # Reshape (a view) + ReduceSum: cheaper than a MatMul with a 0/1 block indicator, whose packed [K, kb]
+        # operand costs more per call, most in a prefill chunk (per-op times: bench/ort_graph.py profile).
         blocks = reshape(g, x, [-1, k // block_size, block_size], f"{name}/block_sum")     # [S, kb, bs]
         g.cache[key] = g.op("ReduceSum", [blocks, g.constant([-1])], f"{name}/block_sum/ReduceSum",
                             keepdims=0)                                                    # [S, kb]
@@ -96,9 +96,10 @@ def nbits_linear(g: GraphBuilder, x: str, inits: dict[str, str], bias: str | Non
     if "offsets" in inits:
         sums = block_sum(g, x, k, block_size, name)                                   # [S, kb]
         # The offsets reach the Gemm through a Reshape view (no copy): ORT prepacks only a constant B, and the
-        # packed path of a [1, kb] x [kb, N] product is memory-bound on one thread (~10 GB/s); the unpacked
-        # B is read by MLAS's M=1 kernel row by row, 2x faster at N=3072, and is never copied into the arena.
-        # The runtime must keep ORT's ConstantFolding off, or it folds the view back into a constant.
+        # packed path of a [1, kb] x [kb, N] product is memory-bound on one thread; the unpacked B is read by
+        # MLAS's M=1 kernel row by row, faster, and is never copied into the arena (bench/ort_graph.py run
+        # BUNDLE --option constant_folding=1 measures the folded graph). The runtime must keep ORT's
+        # ConstantFolding off, or it folds the view back into a constant.
         offsets = reshape(g, inits["offsets"], [n, k // block_size], f"{name}/offsets")  # [N, kb]
         # y + sums @ off^T in one node (Gemm's C input)
         y = g.op("Gemm", [sums, offsets, y], f"{name}/offsets/Gemm", transB=1)       # [S, N]

@@ -239,11 +239,11 @@ def plan_bits(kl: PerturbedKL, cands: Candidates, all_units: Sequence[Unit], sen
 def vocab_int8_specs(cfg: ModelConfig, block: int = VOCAB_INT8_BLOCK) -> dict:
     """The int8 candidate of the vocabulary matrices (embedding / lm_head): blocks of `block`.
 
-    The lm_head is the largest matmul of a small model and the only one auto keeps at int8 on SmolLM2: with
-    blocks of 64 MLAS's int8 kernel reads half the scales and runs it at ~1.3x the speed of blocks of 32
-    (49152x576, one MatMulNBits node, 2 threads), for +0.0005 calibration KLD against the exact Q8_0 copy.
-    Smaller blocks go the other way: MatMulNBits rounds its int8 activations per weight block, so blocks of 16
-    give the lm_head finer inputs (SmolLM2 held-out KLD 0.0052 -> 0.0034, about 0.9x the decode speed).
+    The lm_head is the largest matmul of a small model and often the one the mixed recipe keeps at int8: with
+    blocks of 64 MLAS's int8 kernel reads half the scales of blocks of 32 and runs it faster, for a slightly
+    higher calibration KLD than the exact Q8_0 copy. Smaller blocks go the other way: MatMulNBits rounds its
+    int8 activations per weight block, so blocks of 16 give the lm_head finer inputs: lower KLD, slower decode
+    (bench/fidelity.py: presets auto and auto-vocab16).
     """
     out = {}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):

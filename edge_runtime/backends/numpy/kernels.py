@@ -36,7 +36,9 @@ import numpy as np
 
 from ...format.quant import BlockQuant, Rows
 
-CHUNK_FLOATS = 1 << 18  # float codes per row chunk: 1 MB, a core's L2 (measured: 2^16 slower, 2^19 same)
+# Float codes per row chunk: 1 MB, a core's L2; smaller chunks run slower, larger ones no faster
+# (bench/run_one.py --backend numpy).
+CHUNK_FLOATS = 1 << 18
 BLOCKWISE_MAX_ROWS = 12  # float activation rows up to which per-block products beat dequantize + GEMM (measured)
 INT8_ROWS = 32  # int8 activation rows per per-block product: bounds the per-thread product buffer
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
@@ -67,7 +69,7 @@ def set_blas_threads(n: int) -> bool:
     then OPENBLAS_NUM_THREADS / OMP_NUM_THREADS set before importing numpy are the only control.
 
     The NumPy backend sets 1: its own threads share every product by row chunks, and BLAS threads on top of
-    them oversubscribe the cores (on a busy 2-core machine a 2-thread GEMM of a prefill chunk ran 30x slower).
+    them oversubscribe the cores (on a busy machine that slows a prefill chunk's GEMM down by a large factor).
     """
     setter = _openblas_setter()
     if setter is None:

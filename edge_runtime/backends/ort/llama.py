@@ -17,20 +17,21 @@ from ...format.bundle import Bundle
 from ...format.contracts import DECODER as CONTRACT
 from ...memory.pages import release_file_pages, reserve
 
-# Measured on SmolLM2-135M int4 with `bench/ort_graph.py sweep` (one process per setting, VmHWM):
+# Each setting's effect on speed and peak RSS: `bench/ort_graph.py sweep BUNDLE` (one process per setting, VmHWM;
+# `bench/ort_graph.py run BUNDLE --option NAME=VALUE` for one of them).
 DEFAULT_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "all",
     "enable_cpu_mem_arena": True,      # off: no lower RSS (the weights are prepacked outside the arena)
-    # on: each new chunk length (e.g. a slide's re-prefill) plans another pattern and the arena keeps ~13 MB
-    # more for the rest of the session, past the memory plan; off: no growth, decode speed unchanged (H9)
+    # on: each new chunk length (e.g. a slide's re-prefill) plans another pattern and the arena keeps that memory
+    # for the rest of the session, past the memory plan; off: no growth, and decode is no slower
     "enable_mem_pattern": False,
-    "disable_prepacking": False,       # on: 67 MB instead of 199 MB after load, but MatMulNBits is ~50x slower
+    "disable_prepacking": False,       # on: less memory after load, but MatMulNBits runs far slower
     "use_device_allocator_for_initializers": False,  # no effect: prepacked copies replace the mmapped weights
     "use_env_allocators": False,       # no effect with one session per process
-    "allow_spinning": True,            # off: 2x faster when the cores are oversubscribed, 25% slower when idle
+    "allow_spinning": True,            # off: faster when the cores are oversubscribed, slower when they are idle
     # off: the graph's per-block offsets reach their Gemm through a Reshape view that ConstantFolding would turn
-    # back into a prepacked constant; unpacked, MLAS's M=1 kernel reads them 2x faster (int4 Q4_1: +6-11%
-    # decode) and the session holds no packed copy of them (export/graph/ops.py nbits_linear)
+    # back into a prepacked constant; unpacked, MLAS's M=1 kernel reads them faster (a faster Q4_1 decode) and
+    # the session holds no packed copy of them (export/graph/ops.py nbits_linear)
     "constant_folding": False,
 }
 
