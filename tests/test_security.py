@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import REPO, assert_one_line_error, cli_env, edge_run
+from test_cli import REPO, assert_one_line_error, cli_env, edge_run, interruptible
 from test_runtime import CHATML, EOS, fake_hook, ids_of, make_model, tiny_tokenizer, write_bundle  # noqa: F401
 
 import edge_runtime
@@ -352,7 +352,8 @@ def test_ctrl_c_during_an_overwrite_keeps_the_old_bundle_and_leaves_nothing(expo
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     cmd = [sys.executable, "-m", "export.cli", "tiny:llama", "--quant", "int4", "--out", str(out), "--overwrite",
            "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible)
     try:
         while proc.poll() is None and not any(".staging-" in p.name for p in tmp_path.iterdir()):
             time.sleep(0.05)  # the new bundle is being written or evaluated next to the old one
