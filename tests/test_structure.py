@@ -139,3 +139,10 @@ def test_stale_cache_entries_are_pruned(tmp_path):
     assert prune_stale(tmp_path, "bbbbbbbbbb") == ["gemma3-tokenizer-aaaaaaaaaa.json", "smollm2-int4-aaaaaaaaaa"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-tokenizer-bbbbbbbbbb.json", "other",
                                                           "smollm2-int4-bbbbbbbbbb"]
+
+
+def test_every_module_is_listed_in_docs_layout():
+    listed = (ROOT / "docs/layout.md").read_text(encoding="utf-8")
+    missing = [m for m, p in modules().items() if p.name != "__main__.py"
+               and f"`{p.parent.relative_to(ROOT) if p.name == '__init__.py' else p.relative_to(ROOT)}" not in listed]
+    assert missing == [], "add these modules to docs/layout.md"
