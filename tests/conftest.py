@@ -6,6 +6,8 @@ code is unchanged; entries of other versions are deleted when the suite starts u
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import re
 import shutil
 import subprocess
@@ -21,12 +23,25 @@ MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = ROOT / "build/test-bundles"
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (created if missing): two test runs of one checkout share the bundle cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def export(source: str, out: Path, *args: str) -> Path:
-    if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        if p.returncode != 0:
-            raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    with locked(out.parent / f".{out.name}.lock"):
+        if not (out / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
     return out
 
 
@@ -34,7 +49,7 @@ def prune_stale(cache: Path, key: str) -> list[str]:
     """Delete the cached bundles and files of other exporter versions (names ending in -KEY or -KEY.json)."""
     removed = []
     for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
-        m = re.search(r"-([0-9a-f]{10})(\.json)?$", entry.name)
+        m = re.search(r"-([0-9a-f]{10})(\.json|\.lock)?$", entry.name)
         if m and m.group(1) != key:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             removed.append(entry.name)
@@ -44,7 +59,8 @@ def prune_stale(cache: Path, key: str) -> list[str]:
 @pytest.fixture(scope="session")
 def bundle_cache() -> Path:
     """build/test-bundles/, pruned of other exporter versions' entries."""
-    prune_stale(CACHE, exporter_key())
+    with locked(CACHE / ".prune.lock"):
+        prune_stale(CACHE, exporter_key())
     return CACHE
 
 
@@ -59,14 +75,27 @@ def real_model() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(real_model, bundle_cache):
-    """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that preset (exported on first use)."""
+    """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that preset (exported on first use).
+
+    Without the held-out evaluation (--no-eval): no test reads a real bundle's `fidelity` (tests/test_evaluate.py
+    checks the evaluation on tiny models; bench/fidelity.py reports it for the real one). The reference probes
+    that verify and cross-check run are kept."""
     key = exporter_key()
 
     def get(quant: str, *args: str) -> Path:
         tag = "-".join([quant, *[a.lstrip("-") for a in args]])
-        return export(str(real_model), bundle_cache / f"smollm2-{tag}-{key}", "--quant", quant, *args)
+        return export(str(real_model), bundle_cache / f"smollm2-{tag}-{key}", "--quant", quant, "--no-eval", *args)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(real_model):
+    """SmolLM2's float reference (transformers, fp32), built once for the tests that compare against it."""
+    from export.quality.reference import FloatReference
+    from export.sources import load_source
+
+    return FloatReference(load_source(str(real_model)), threads=1)
 
 
 @pytest.fixture(scope="session")

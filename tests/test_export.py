@@ -139,17 +139,13 @@ def test_run_refuses_prompt_longer_than_context(tiny_bundle):
 # ------------------------------------------------------------------------------------------ SmolLM2-135M
 
 
-def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, real_model):
+def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, smollm2_reference):
     """Acceptance: max |logit diff| <= 1e-3 on a 128-token probe window; same greedy tokens for 32 steps."""
-    from export.quality.reference import FloatReference
-    from export.sources import load_source
-
     bundle = smollm2_bundle("fp32", "--accuracy-level", "0")
     reference = reference_of(bundle)
     ids = reference["probe"]["ids"]
     assert len(ids) == 128
-    ref = FloatReference(load_source(str(real_model)), threads=1)
-    diff = np.abs(backend_logits(bundle, ids) - ref.logits(ids)).max()
+    diff = np.abs(backend_logits(bundle, ids) - smollm2_reference.logits(ids)).max()
     assert diff <= 1e-3, diff
     eos = set(json.loads((bundle / "manifest.json").read_text())["tokenizer"]["eos_token_ids"])
     for p in reference["prompts"]:
@@ -157,7 +153,7 @@ def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, real_mod
         assert got == p["greedy_ids"], p["text"]
 
 
-def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, real_model):
+def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, smollm2_reference):
     """Acceptance: the int8 bundle's first 8 greedy tokens equal the float reference's on 3 prompts.
 
     Exact for weight-only int8 (accuracy_level 0, fp32 activations). At the default accuracy_level 4 (int8
@@ -165,9 +161,6 @@ def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, real_model
     logits): the first answer token of prompt 1 is a 0.08-logit tie in float ("The" vs '"'), which activation
     rounding flips, and the NumPy backend emulating that rounding flips it the same way.
     """
-    from export.quality.reference import FloatReference
-    from export.sources import load_source
-
     exact = smollm2_bundle("int8", "--accuracy-level", "0")
     prompts = reference_of(exact)["prompts"]
     for p in prompts:
@@ -175,7 +168,7 @@ def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, real_model
         assert greedy_ids(exact, p["ids"], n) == p["greedy_ids"][:n], p["text"]
 
     default = smollm2_bundle("int8")
-    ref = FloatReference(load_source(str(real_model)), threads=1)
+    ref = smollm2_reference
     decided_total = 0
     for p in prompts:
         n = min(8, len(p["greedy_ids"]))

@@ -420,6 +420,16 @@ def _is_single_word(text: str, start: int, stop: int) -> bool:
 PostProcessor = Callable[[list[int]], list[int]]
 
 
+def chain(steps: list):
+    """One step that applies `steps` in order (a Sequence post-processor or decoder)."""
+    def run(x):
+        for step in steps:
+            x = step(x)
+        return x
+
+    return run
+
+
 def build_post_processor(spec) -> PostProcessor:
     """What `add_special_tokens=True` adds around one sequence."""
     if spec is None or spec.get("type") == "ByteLevel":  # ByteLevel only trims offsets
@@ -428,14 +438,7 @@ def build_post_processor(spec) -> PostProcessor:
     if kind == "TemplateProcessing":
         return _template(spec)
     if kind == "Sequence":
-        steps = [build_post_processor(s) for s in spec["processors"]]
-
-        def run(ids: list[int]) -> list[int]:
-            for step in steps:
-                ids = step(ids)
-            return ids
-
-        return run
+        return chain([build_post_processor(s) for s in spec["processors"]])
     raise UnsupportedModelError(f"tokenizer post_processor {kind!r} is not supported without `tokenizers`")
 
 
@@ -529,14 +532,7 @@ def build_decoder(spec) -> Decoder:
     if kind == "Strip":
         return strip_decoder(spec["content"], int(spec.get("start", 0)), int(spec.get("stop", 0)))
     if kind == "Sequence":
-        steps = [build_decoder(s) for s in spec["decoders"]]
-
-        def run(tokens: list[str]) -> list[str]:
-            for step in steps:
-                tokens = step(tokens)
-            return tokens
-
-        return run
+        return chain([build_decoder(s) for s in spec["decoders"]])
     raise UnsupportedModelError(f"tokenizer decoder {kind!r} is not supported without `tokenizers`")
 
 
