@@ -18,6 +18,14 @@ OWN_PACKAGES = ("export", "edge_runtime")
 DYNAMIC_PACKAGES = ("edge_runtime.spec", "edge_runtime.backends")
 
 
+def module_name(path: Path, root: Path | None = None) -> str:
+    """Dotted module name of a .py file under `root` (a package's __init__.py names the package)."""
+    parts = list(path.relative_to(root or ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
 def module_file(name: str) -> Path | None:
     base = ROOT.joinpath(*name.split("."))
     for f in (base.with_suffix(".py"), base / "__init__.py"):
@@ -67,8 +75,8 @@ def without_docstrings(tree: ast.AST) -> ast.AST:
 def import_closure(entry: str = ENTRY) -> dict[str, Path]:
     """Module name -> file, for every module of this repository `entry` may import, and their parent packages."""
     seen: dict[str, Path] = {}
-    todo = [entry] + [".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                      for p in DYNAMIC_PACKAGES for f in sorted(ROOT.joinpath(*p.split(".")).rglob("*.py"))]
+    dynamic = [f for p in DYNAMIC_PACKAGES for f in sorted(ROOT.joinpath(*p.split(".")).rglob("*.py"))]
+    todo = [entry] + [module_name(f) for f in dynamic]
     while todo:
         name = todo.pop()
         if name in seen or name.split(".")[0] not in OWN_PACKAGES or (f := module_file(name)) is None:

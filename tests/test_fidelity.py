@@ -7,7 +7,6 @@ import pytest
 
 from edge_runtime.quality.fidelity import (
     FidelityReport,
-    common_prefix_len,
     compare_logits,
     compare_topk,
     kl_divergence,
@@ -19,6 +18,7 @@ from edge_runtime.quality.fidelity import (
     topk_rms_top_prob_diff,
     topk_top1_agreement,
 )
+from edge_runtime.sessions.state import common_prefix
 
 # Two positions over a 3-token vocabulary. Logits are log-probabilities plus an arbitrary per-row constant
 # (softmax must ignore it), including a huge one that would overflow a naive exp.
@@ -78,10 +78,10 @@ def test_topk_kl_is_a_lower_bound():
     assert topk_kl_divergence(ids, np.take_along_axis(lp, ids, -1), q_logits) == pytest.approx(full, rel=1e-9)
 
 
-def test_common_prefix_len():
-    assert common_prefix_len([1, 2, 3, 4], [1, 2, 5]) == 2
-    assert common_prefix_len([7, 8], [7, 8]) == 2
-    assert common_prefix_len([], [1]) == 0
+def test_common_prefix():
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix([7, 8], [7, 8]) == 2
+    assert common_prefix([], [1]) == 0
 
 
 def test_reports():

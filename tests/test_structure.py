@@ -8,26 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from export.version import imported_names
+from export.version import imported_names, module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("edge_runtime", "export", "android_demo")
 EXPORT_ONLY = ("torch", "transformers", "optimum", "onnx", "gguf", "export")
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
 def modules(roots=PACKAGES) -> dict[str, Path]:
     """dotted name -> file, for every .py file under `roots`."""
-    return {module_name(p): p for r in roots for p in sorted((ROOT / r).rglob("*.py"))}
+    return {module_name(p, ROOT): p for r in roots for p in sorted((ROOT / r).rglob("*.py"))}
 
 
-def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+def imports_of(name: str, path: Path) -> set[str]:
     """The names module `name` imports when it runs (export.version.imported_names)."""
     return imported_names(name, ast.parse(path.read_text(encoding="utf-8")), path.name == "__init__.py")
 
@@ -35,7 +28,7 @@ def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 def graph() -> dict[str, set[str]]:
     known = modules()
     # a module's own parent packages are initialised before it runs, so an import of them is never a cycle
-    return {m: {t for t in imports_of(m, p, known) if t in known and t != m and not m.startswith(t + ".")}
+    return {m: {t for t in imports_of(m, p) if t in known and t != m and not m.startswith(t + ".")}
             for m, p in known.items()}
 
 
@@ -69,7 +62,7 @@ def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     (tmp_path / "m.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import csv\n\n\n"
                                    "def f():\n    from .n import g\n    import json\n", encoding="utf-8")
-    assert imports_of("pkg.m", tmp_path / "m.py", {}) == {"typing", "typing.TYPE_CHECKING", "pkg.n", "pkg.n.g",
+    assert imports_of("pkg.m", tmp_path / "m.py") == {"typing", "typing.TYPE_CHECKING", "pkg.n", "pkg.n.g",
                                                           "json"}  # csv only for annotations
 
 
@@ -80,22 +73,19 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_production_code_never_imports_tests_or_bench(package):
-    known = modules()
-    bad = {m: sorted(t for t in imports_of(m, p, known) if t.split(".")[0] in ("tests", "bench"))
+    bad = {m: sorted(t for t in imports_of(m, p) if t.split(".")[0] in ("tests", "bench"))
            for m, p in modules((package,)).items()}
     assert {m: t for m, t in bad.items() if t} == {}
 
 
 def test_tests_never_import_bench():
-    known = modules()
-    bad = {m: sorted(t for t in imports_of(m, p, known) if t.split(".")[0] == "bench")
+    bad = {m: sorted(t for t in imports_of(m, p) if t.split(".")[0] == "bench")
            for m, p in modules(("tests",)).items()}
     assert {m: t for m, t in bad.items() if t} == {}
 
 
 def test_runtime_never_imports_the_exporter_or_its_dependencies():
-    known = modules()
-    bad = {m: sorted(t for t in imports_of(m, p, known) if t.split(".")[0] in EXPORT_ONLY)
+    bad = {m: sorted(t for t in imports_of(m, p) if t.split(".")[0] in EXPORT_ONLY)
            for m, p in modules(("edge_runtime", "android_demo")).items()}
     assert {m: t for m, t in bad.items() if t} == {}
 

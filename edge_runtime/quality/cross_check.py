@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BundleError, EdgeError
 from ..format.bundle import Bundle
-from .fidelity import common_prefix_len
+from ..sessions.state import common_prefix
 from .verify import all_logits, greedy_ids, probe_context, reference_of
 
 TOP1_MIN = 0.99     # probe-window top-1 agreement between the two executors
@@ -44,7 +44,7 @@ def compare(a, b, probe, prompts, steps: int, a_logits=None, a_greedy=None) -> d
     tokens per prompt. a_logits / a_greedy replace a's own runs (e.g. its one-token-at-a-time path)."""
     a_logits = all_logits(a, probe) if a_logits is None else a_logits
     a_greedy = a_greedy or (lambda ids: greedy_ids(a, ids, steps))
-    prefix = [common_prefix_len(a_greedy(p["ids"]), greedy_ids(b, p["ids"], steps)) for p in prompts]
+    prefix = [common_prefix(a_greedy(p["ids"]), greedy_ids(b, p["ids"], steps)) for p in prompts]
     return {**logits_parity(a_logits, all_logits(b, probe)), "greedy_prefix": prefix, "greedy_steps": steps}
 
 

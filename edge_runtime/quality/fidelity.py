@@ -81,16 +81,6 @@ def rms_top_prob_diff(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sqrt(np.mean((p_top - q_top) ** 2)))
 
 
-def common_prefix_len(a_ids: Sequence[int], b_ids: Sequence[int]) -> int:
-    """Number of leading tokens two generations share (how long greedy decoding stays on the reference)."""
-    n = 0
-    for a, b in zip(a_ids, b_ids):
-        if int(a) != int(b):
-            break
-        n += 1
-    return n
-
-
 # -- from the reference's stored top-k -----------------------------------------------------------------------
 #
 # reference.json keeps only the float model's k most likely tokens per position (ids, log-probs). The KL is

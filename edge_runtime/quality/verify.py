@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import BundleError
 from ..format.bundle import Bundle
-from .fidelity import FidelityReport, common_prefix_len, compare_topk
+from ..sessions.state import common_prefix
+from .fidelity import FidelityReport, compare_topk
 
 # metric -> (relative, absolute) slack on the export baseline. Another CPU or backend rounds differently
 # (MatMulNBits' int8 activations, NumPy vs ORT), so a healthy bundle drifts a little; a damaged one does not
@@ -164,7 +165,7 @@ def probe_report(backend, reference: dict) -> FidelityReport:
     report = compare_topk(top_ids, top_lp, q_logits, targets=ids[1:],
                           ref_target_logprobs=probe.get("target_logprobs"))
     prompts = reference.get("prompts", [])
-    report.greedy_prefix = [common_prefix_len(greedy_ids(backend, p["ids"], len(p["greedy_ids"])), p["greedy_ids"])
+    report.greedy_prefix = [common_prefix(greedy_ids(backend, p["ids"], len(p["greedy_ids"])), p["greedy_ids"])
                             for p in prompts]
     report.greedy_tokens = [len(p["greedy_ids"]) for p in prompts]
     return report

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Union
 from ..errors import EdgeError
 from ..generation.generate import prefill
 from ..generation.stream import ResponseStream
-from ..quality.fidelity import common_prefix_len as common_prefix
 from ..tokenizer.chat_template import check_messages
 from . import session_file
+from .state import common_prefix
 
 if TYPE_CHECKING:
     from ..generation.generate import Generation

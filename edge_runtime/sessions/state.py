@@ -17,9 +17,18 @@ conversation would. `reuse_decoded=True` reuses them too (faster turns, answers 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from ..errors import StreamBusyError
-from ..quality.fidelity import common_prefix_len as common_prefix
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class CacheState:

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from edge_runtime.tokenizer.chat_template import render
 from edge_runtime.tokenizer.tokenizer import Tokenizer
+
+from ..sources.source import SourceModel, render_chat
 
 if TYPE_CHECKING:
     from ..options import ExportOptions
-    from ..sources.source import SourceModel
 
 
 def tokenizer_of(source: SourceModel) -> Tokenizer:
@@ -27,8 +27,7 @@ def chat_encoder(source: SourceModel, tok: Tokenizer):
     def encode_chat(text: str) -> list[int]:
         if not meta.get("chat_template"):
             return tok.encode(text)
-        prompt = render(meta["chat_template"], [{"role": "user", "content": text}], meta.get("special_tokens"))
-        return tok.encode(prompt, add_bos=False)
+        return tok.encode(render_chat(meta, text), add_bos=False)
 
     return encode_chat
 

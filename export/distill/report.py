@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from edge_runtime.quality import fidelity
+from edge_runtime.sessions.state import common_prefix
 
 from .data import pack
 from .domains import EVAL_CHAT_PROMPTS, EVAL_DOMAINS
@@ -118,7 +119,7 @@ def chat_eval(teacher, student, tokenizer, meta: dict, new_tokens: int = CHAT_TO
         kld += fidelity.kl_divergence(lt, ls) * len(answer_t)
         top1 += fidelity.top1_agreement(lt, ls) * len(answer_t)
         count += len(answer_t)
-        match += fidelity.common_prefix_len(answer_t, answer_s) / max(len(answer_t), 1)
+        match += common_prefix(answer_t, answer_s) / max(len(answer_t), 1)
         identical += answer_t == answer_s
         silent += bool(answer_s) and answer_s[0] in eos
     n = len(EVAL_CHAT_PROMPTS)
