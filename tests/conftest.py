@@ -1,59 +1,49 @@
-"""Shared fixtures: exported bundles of the real model (SmolLM2-135M) and of tiny random configs.
+"""Shared fixtures: the real model's artefacts (tests/bundle_cache.py) and bundles of tiny random configs.
 
-Real bundles are exported once per version of the exporter code (export.version.exporter_key: the syntax of every
-module edge-export may import) into build/test-bundles/ and reused by every test file and by later runs while that
-code is unchanged; entries of other versions are deleted when the suite starts using the cache.
+When the collected tests need real artefacts, a prefetcher builds them in a second process while the first tests
+run (the suite itself runs on one core most of the time); a fixture that needs an entry first waits on its lock.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import re
-import shutil
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bundle_cache import CACHE, ROOT, export, gemma_tokenizer, locked, model, prune_stale
+from bundle_cache import smollm2_bundle as build
 
 from export.version import exporter_key
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = ROOT / "build/test-bundles"
+# What the prefetcher builds for a fixture the collected tests use, in the order the suite first needs them.
+PREFETCH = {"smollm2_bundle": ["smollm2:int4", "smollm2:fp32", "smollm2:int8"],
+            "gemma_tokenizer_json": ["gemma3:tokenizer"]}
+_prefetcher: subprocess.Popen | None = None
 
 
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on `path` (created if missing): two test runs of one checkout share the bundle cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def pytest_collection_finish(session) -> None:
+    global _prefetcher
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    names = [entry for fixture, entries in PREFETCH.items() if fixture in used for entry in entries]
+    if names and not session.config.option.collectonly:
+        with locked(CACHE / ".prune.lock"):
+            prune_stale(CACHE, exporter_key())
+        _prefetcher = subprocess.Popen([sys.executable, str(ROOT / "tests/bundle_cache.py"), *names], cwd=ROOT,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def export(source: str, out: Path, *args: str) -> Path:
-    with locked(out.parent / f".{out.name}.lock"):
-        if not (out / "manifest.json").is_file():
-            cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-            if p.returncode != 0:
-                raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    return out
-
-
-def prune_stale(cache: Path, key: str) -> list[str]:
-    """Delete the cached bundles and files of other exporter versions (names ending in -KEY or -KEY.json)."""
-    removed = []
-    for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
-        m = re.search(r"-([0-9a-f]{10})(\.json|\.lock)?$", entry.name)
-        if m and m.group(1) != key:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            removed.append(entry.name)
-    return removed
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Stop a prefetcher still building what no remaining test needs (the export cleans up on SIGINT)."""
+    if _prefetcher is None or _prefetcher.poll() is not None:
+        return
+    os.killpg(_prefetcher.pid, signal.SIGINT)
+    try:
+        _prefetcher.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(_prefetcher.pid, signal.SIGKILL)
+        _prefetcher.wait()
 
 
 @pytest.fixture(scope="session")
@@ -66,27 +56,25 @@ def bundle_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def real_model() -> Path:
-    if not MODEL.is_file():
-        from export.sources.fetch import default_model_path
-
-        default_model_path(ROOT / "cache")
-    return MODEL
+    return model()
 
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(real_model, bundle_cache):
-    """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that preset (exported on first use).
+    """smollm2_bundle("int4") -> path of the SmolLM2 bundle of that name (bundle_cache.SMOLLM2), exported on
+    first use.
 
     Without the held-out evaluation (--no-eval): no test reads a real bundle's `fidelity` (tests/test_evaluate.py
     checks the evaluation on tiny models; bench/fidelity.py reports it for the real one). The reference probes
     that verify and cross-check run are kept."""
     key = exporter_key()
+    return lambda name: build(name, key)
 
-    def get(quant: str, *args: str) -> Path:
-        tag = "-".join([quant, *[a.lstrip("-") for a in args]])
-        return export(str(real_model), bundle_cache / f"smollm2-{tag}-{key}", "--quant", quant, "--no-eval", *args)
 
-    return get
+@pytest.fixture(scope="session")
+def gemma_tokenizer_json(bundle_cache) -> str:
+    """tokenizer.json of the real Gemma 3 GGUF (reading the 262k-piece vocabulary is the slow part)."""
+    return gemma_tokenizer(exporter_key()).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from bundle_cache import ROOT
 
 import edge_runtime
 import edge_runtime.format.bundle
@@ -141,7 +141,7 @@ def test_run_refuses_prompt_longer_than_context(tiny_bundle):
 
 def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, smollm2_reference):
     """Acceptance: max |logit diff| <= 1e-3 on a 128-token probe window; same greedy tokens for 32 steps."""
-    bundle = smollm2_bundle("fp32", "--accuracy-level", "0")
+    bundle = smollm2_bundle("fp32")
     reference = reference_of(bundle)
     ids = reference["probe"]["ids"]
     assert len(ids) == 128
@@ -156,18 +156,22 @@ def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, smollm2_
 def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, smollm2_reference):
     """Acceptance: the int8 bundle's first 8 greedy tokens equal the float reference's on 3 prompts.
 
-    Exact for weight-only int8 (accuracy_level 0, fp32 activations). At the default accuracy_level 4 (int8
-    activations) the tokens must match wherever the float model itself is not at a tie (top-2 gap > 0.5
-    logits): the first answer token of prompt 1 is a 0.08-logit tie in float ("The" vs '"'), which activation
-    rounding flips, and the NumPy backend emulating that rounding flips it the same way.
+    Exact for weight-only int8 (the bundle's exact graph: the same weights, accuracy_level 0, fp32 activations).
+    At the default accuracy_level 4 (int8 activations) the tokens must match wherever the float model itself is
+    not at a tie (top-2 gap > 0.5 logits): the first answer token of prompt 1 is a 0.08-logit tie in float ("The"
+    vs '"'), which activation rounding flips, and the NumPy backend emulating that rounding flips it the same way.
     """
-    exact = smollm2_bundle("int8", "--accuracy-level", "0")
-    prompts = reference_of(exact)["prompts"]
-    for p in prompts:
-        n = min(8, len(p["greedy_ids"]))
-        assert greedy_ids(exact, p["ids"], n) == p["greedy_ids"][:n], p["text"]
+    from edge_runtime.backends import make_backend
+    from edge_runtime.format.bundle import Bundle
+    from edge_runtime.quality import verify
 
     default = smollm2_bundle("int8")
+    exact = make_backend("ort", Bundle.open(default), 512, 2, float_activations=True)
+    prompts = reference_of(default)["prompts"]
+    for p in prompts:
+        n = min(8, len(p["greedy_ids"]))
+        assert verify.greedy_ids(exact, p["ids"], n) == p["greedy_ids"][:n], p["text"]
+
     ref = smollm2_reference
     decided_total = 0
     for p in prompts:

@@ -97,25 +97,6 @@ def test_decoder_pieces():
 
 
 @pytest.fixture(scope="module")
-def gemma_tokenizer_json(bundle_cache) -> str:
-    """tokenizer.json of the real Gemma 3 GGUF, built once per exporter version (reading the 262k-piece
-    vocabulary is the slow part) and kept beside the test bundles."""
-    from conftest import locked
-
-    from export.sources.fetch import model_path
-    from export.version import exporter_key
-
-    cached = bundle_cache / f"gemma3-tokenizer-{exporter_key()}.json"
-    with locked(cached.with_suffix(".lock")):
-        if not cached.is_file():
-            spec, _ = tokenizer_from_gguf(gguf.GGUFReader(model_path("gemma3", ROOT / "cache")).fields)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_text(spec, encoding="utf-8")
-            tmp.replace(cached)
-    return cached.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
 def llamacpp_ids() -> dict:
     return json.loads(FIXTURE.read_text(encoding="utf-8"))
 

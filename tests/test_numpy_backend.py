@@ -468,7 +468,7 @@ def test_float16_kv_follows_the_graph(bundles):
 def test_smollm2_fp32_logits_match_ort(smollm2_bundle):
     from edge_runtime.quality.cross_check import cross_check
 
-    res = cross_check(smollm2_bundle("fp32", "--accuracy-level", "0"), threads=2)
+    res = cross_check(smollm2_bundle("fp32"), threads=2)
     assert res.ok, res.lines()
     assert res.figures["max_abs_diff"] <= 1e-3 and res.figures["top1"] == 1.0
 

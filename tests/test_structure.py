@@ -120,7 +120,7 @@ def test_bundle_cache_key_follows_code_not_docstrings(tmp_path, monkeypatch):
 
 
 def test_stale_cache_entries_are_pruned(tmp_path):
-    from conftest import prune_stale
+    from bundle_cache import prune_stale
 
     for name in ("smollm2-int4-aaaaaaaaaa", "smollm2-int4-bbbbbbbbbb", "other"):
         (tmp_path / name).mkdir()

@@ -1,0 +1,110 @@
+"""The cache of real-model test artefacts in build/test-bundles/: SmolLM2 bundles and the Gemma 3 tokenizer.
+
+Entries are built once per version of the exporter code (export.version.exporter_key: the syntax of every module
+edge-export may import) and reused by every test file and by later runs while that code is unchanged; entries of
+other versions are deleted when the suite starts using the cache. Each entry is built under its own file lock, so
+the test process and the prefetcher (`python tests/bundle_cache.py NAME...`, started by conftest.py when the
+collected tests need real bundles) never build one entry twice: whoever comes second finds it done.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = ROOT / "build/test-bundles"
+
+# The SmolLM2 bundles the suite uses, by name: the export flags after the source.
+SMOLLM2 = {
+    "int4": ("--quant", "int4"),
+    "int8": ("--quant", "int8"),
+    "fp32": ("--quant", "fp32", "--accuracy-level", "0"),
+}
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def export(source: str, out: Path, *args: str) -> Path:
+    """`edge-export source --out out args`, unless `out` already holds a bundle."""
+    with locked(out.parent / f".{out.name}.lock"):
+        if not (out / "manifest.json").is_file():
+            cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return out
+
+
+def prune_stale(cache: Path, key: str) -> list[str]:
+    """Delete the cached bundles and files of other exporter versions (names ending in -KEY or -KEY.json)."""
+    removed = []
+    for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
+        m = re.search(r"-([0-9a-f]{10})(\.json|\.lock)?$", entry.name)
+        if m and m.group(1) != key:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+def model() -> Path:
+    """The SmolLM2 GGUF, fetched into cache/ if missing."""
+    if not MODEL.is_file():
+        from export.sources.fetch import default_model_path
+
+        default_model_path(ROOT / "cache")
+    return MODEL
+
+
+def smollm2_bundle(name: str, key: str) -> Path:
+    """The SmolLM2 bundle `name` (a key of SMOLLM2), without the held-out evaluation (--no-eval)."""
+    args = SMOLLM2[name]
+    tag = "-".join([args[1], *[a.lstrip("-") for a in args[2:]]])
+    return export(str(model()), CACHE / f"smollm2-{tag}-{key}", *args, "--no-eval")
+
+
+def gemma_tokenizer(key: str) -> Path:
+    """tokenizer.json built from the real Gemma 3 GGUF's vocabulary (the GGUF is fetched if missing)."""
+    import gguf
+
+    from export.sources.fetch import model_path
+    from export.sources.gguf_tokenizer import tokenizer_from_gguf
+
+    cached = CACHE / f"gemma3-tokenizer-{key}.json"
+    with locked(cached.with_suffix(".lock")):
+        if not cached.is_file():
+            spec, _ = tokenizer_from_gguf(gguf.GGUFReader(model_path("gemma3", ROOT / "cache")).fields)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(spec, encoding="utf-8")
+            tmp.replace(cached)
+    return cached
+
+
+def prefetch(names: list[str]) -> None:
+    """Build the entries `names` ("smollm2:int4", ..., "gemma3:tokenizer") in order."""
+    from export.version import exporter_key
+
+    key = exporter_key()
+    for name in names:
+        family, _, which = name.partition(":")
+        gemma_tokenizer(key) if family == "gemma3" else smollm2_bundle(which, key)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    prefetch(sys.argv[1:])
