@@ -9,9 +9,12 @@ collected tests need real bundles) never build one entry twice: whoever comes se
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +43,20 @@ def locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def on_parent_exit(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent exits (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+
+
 def export(source: str, out: Path, *args: str) -> Path:
-    """`edge-export source --out out args`, unless `out` already holds a bundle."""
+    """`edge-export source --out out args`, unless `out` already holds a bundle. The export is interrupted
+    (and cleans up after itself) if the process that started it dies."""
     with locked(out.parent / f".{out.name}.lock"):
         if not (out / "manifest.json").is_file():
             cmd = [sys.executable, "-m", "export.cli", source, "--out", str(out), "--quiet", *args]
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                               preexec_fn=lambda: on_parent_exit(signal.SIGINT))
             if p.returncode != 0:
                 raise RuntimeError(f"export failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
     return out
@@ -106,5 +117,8 @@ def prefetch(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Second in line for the CPU, and gone with the test run that started it.
+    os.nice(10)
+    on_parent_exit(signal.SIGTERM)
     sys.path.insert(0, str(ROOT))
     prefetch(sys.argv[1:])

@@ -5,8 +5,6 @@ run (the suite itself runs on one core most of the time); a fixture that needs a
 """
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,18 +29,13 @@ def pytest_collection_finish(session) -> None:
         with locked(CACHE / ".prune.lock"):
             prune_stale(CACHE, exporter_key())
         _prefetcher = subprocess.Popen([sys.executable, str(ROOT / "tests/bundle_cache.py"), *names], cwd=ROOT,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Stop a prefetcher still building what no remaining test needs (the export cleans up on SIGINT)."""
-    if _prefetcher is None or _prefetcher.poll() is not None:
-        return
-    os.killpg(_prefetcher.pid, signal.SIGINT)
-    try:
-        _prefetcher.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(_prefetcher.pid, signal.SIGKILL)
+    """Stop a prefetcher still building what no remaining test needs (its export then cleans up after itself)."""
+    if _prefetcher is not None and _prefetcher.poll() is None:
+        _prefetcher.terminate()
         _prefetcher.wait()
 
 
