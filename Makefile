@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU build this machine has on disk (any other request pulls a CUDA build).
-	$(PY) -m pip install -q -e '.[export,test,dev]'
+	# --no-compile: Python compiles the modules a run imports on first use instead of all of torch's at install.
+	$(PY) -m pip install -q --no-compile -e '.[export,test,dev]'
 	rm -f .venv/.installed-* && touch $@
 
 model: $(STAMP)

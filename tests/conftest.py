@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bundle_cache import CACHE, ROOT, export, gemma_tokenizer, locked, model, prune_stale
+from bundle_cache import CACHE, ROOT, gemma_tokenizer, locked, model, prune_stale
 from bundle_cache import smollm2_bundle as build
 
 from export.version import exporter_key
@@ -79,13 +79,26 @@ def smollm2_reference(real_model):
     return FloatReference(load_source(str(real_model)), threads=1)
 
 
+def export_in_process(source: str, out: Path, *args: str) -> Path:
+    """What `edge-export source --out out --quiet args` writes, through the same argument parsing and options."""
+    from export.cli import build_parser, options_of
+    from export.pipeline import export_bundle
+
+    return export_bundle(source, out, options_of(build_parser().parse_args([source, "--out", str(out), "--quiet",
+                                                                             *args])))
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """tiny_bundle("tiny:llama", "int4") -> path of a bundle of a tiny random model (exported once per session)."""
+    """tiny_bundle("tiny:llama", "int4") -> path of a bundle of a tiny random model (exported once per session,
+    in this process: a tiny export is mostly torch's and transformers' imports, paid here once)."""
     root = tmp_path_factory.mktemp("tiny-bundles")
 
     def get(spec: str = "tiny:llama", quant: str = "fp32", *args: str) -> Path:
         tag = "-".join([spec.replace(":", "_"), quant, *[a.lstrip("-") for a in args]])
-        return export(spec, root / tag, "--quant", quant, *args)
+        out = root / tag
+        if not (out / "manifest.json").is_file():
+            export_in_process(spec, out, "--quant", quant, *args)
+        return out
 
     return get

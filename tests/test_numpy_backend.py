@@ -489,16 +489,16 @@ def test_smollm2_bundle_parity_on_its_exact_graph(smollm2_bundle, quant):
 def test_smollm2_default_graph_agrees_as_well_as_ort_with_itself(smollm2_bundle, quant):
     """At the default accuracy_level 4 MatMulNBits rounds every activation to int8, so a one-ulp difference
     anywhere flips some roundings and the flips compound over 30 layers: no executor that is not bit for bit
-    MLAS's kernels agrees with ORT to 99% there. The floor is measured on the bundle, on 512 held-out tokens
-    (bench/parity.py): ORT's one-token kernels against its prefill kernels, and the NumPy backend against
-    itself with RMSNorm's sums in float64. NumPy against ORT must reach that floor, and top-1 may differ only
-    where ORT's own top-2 gap is small. Measured on SmolLM2 (NumPy vs ORT / ORT vs ORT / NumPy vs NumPy):
-    int8 99.0 / 99.2 / 98.4%, int4 97.5 / 95.9 / 97.1%; ORT's top-2 gap where NumPy's top-1 differs <= 0.48."""
+    MLAS's kernels agrees with ORT to 99% there. The floor is measured on the bundle, on 256 held-out tokens:
+    ORT's one-token kernels against its prefill kernels, and the NumPy backend against itself with RMSNorm's
+    sums in float64. NumPy against ORT must reach that floor (less 1.5 points: 4 of 256 positions), and top-1
+    may differ only where ORT's own top-2 gap is small. `bench/parity.py --window 512 --self-check
+    --perturb-check` prints the three figures."""
     from edge_runtime.quality.agreement import parity, perturb_check, self_check
 
     path = str(smollm2_bundle(quant))
-    ours = parity(path, steps=0, window=512)
-    floor = min(check(path, steps=0, window=512)["top1"] for check in (self_check, perturb_check))
-    assert ours["accuracy_level"] == 4 and ours["positions"] == 512
+    ours = parity(path, steps=0, window=256)
+    floor = min(check(path, steps=0, window=256)["top1"] for check in (self_check, perturb_check))
+    assert ours["accuracy_level"] == 4 and ours["positions"] == 256
     assert ours["top1"] >= floor - 0.015, (ours["top1"], floor)
     assert max(ours["gap_at_disagreements"], default=0.0) < 0.75
