@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import export_in_process
 from test_export import run_cli
 
 from export.quant.gptq import gptq_int4, hessian_keys
@@ -84,8 +85,7 @@ def test_hessian_keys_share_inputs_and_skip_a_tied_embedding():
 
 def test_export_int4_gptq_bundle_runs_and_records_the_method(tmp_path):
     out = tmp_path / "gptq"
-    p = run_cli("tiny:llama", "--quant", "int4", "--method", "gptq", "--out", out, "--quiet")
-    assert p.returncode == 0, p.stderr
+    export_in_process("tiny:llama", out, "--quant", "int4", "--method", "gptq")
     manifest = json.loads((out / "manifest.json").read_text())
     methods = {t["method"] for n, t in manifest["quantization"]["tensors"].items() if ".layers." in n}
     assert methods == {"gptq"}
@@ -104,8 +104,7 @@ def test_auto_with_gptq_candidates(tmp_path):
     """--quant auto --method gptq: the int4 candidate of every layer matmul is GPTQ-rounded (the tied
     embedding, which GPTQ cannot round, takes the search), and the plan still meets its target."""
     out = tmp_path / "auto"
-    p = run_cli("tiny:llama", "--quant", "auto", "--method", "gptq", "--target-kld", "0.5", "--out", out, "--quiet")
-    assert p.returncode == 0, p.stderr
+    export_in_process("tiny:llama", out, "--quant", "auto", "--method", "gptq", "--target-kld", "0.5")
     q = json.loads((out / "manifest.json").read_text())["quantization"]
     int4 = {n: t["method"] for n, t in q["tensors"].items() if t["bits"] == 4}
     assert int4 and all(m == "gptq" for n, m in int4.items() if ".layers." in n)
