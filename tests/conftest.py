@@ -21,15 +21,26 @@ PREFETCH = {"smollm2_bundle": ["smollm2:int4", "smollm2:fp32", "smollm2:int8"],
 _prefetcher: subprocess.Popen | None = None
 
 
-def pytest_collection_finish(session) -> None:
+def start_prefetch(names: list[str]) -> None:
     global _prefetcher
-    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    names = [entry for fixture, entries in PREFETCH.items() if fixture in used for entry in entries]
-    if names and not session.config.option.collectonly:
+    if _prefetcher is None and names:
         with locked(CACHE / ".prune.lock"):
             prune_stale(CACHE, exporter_key())
         _prefetcher = subprocess.Popen([sys.executable, str(ROOT / "tests/bundle_cache.py"), *names], cwd=ROOT,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_configure(config) -> None:
+    """The whole suite needs every entry: start before collection (which spends seconds importing torch)."""
+    whole = [Path(a).resolve() for a in config.args] == [ROOT / "tests"]
+    if whole and not (config.option.keyword or config.option.markexpr or config.option.collectonly):
+        start_prefetch([entry for entries in PREFETCH.values() for entry in entries])
+
+
+def pytest_collection_finish(session) -> None:
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    if not session.config.option.collectonly:
+        start_prefetch([entry for fixture, entries in PREFETCH.items() if fixture in used for entry in entries])
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
