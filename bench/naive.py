@@ -151,13 +151,13 @@ def heldout_fidelity(model_dir: Path, gguf: Path, threads: int) -> dict:
     (export.quality.eval_domains), with the metrics of a bundle's manifest `fidelity` (export.quality.evaluate)."""
     from export.bundle.assets import tokenizer_of
     from export.quality.eval_domains import TEXT_DOMAINS
-    from export.quality.evaluate import EvalSet, evaluate_domains, token_windows
+    from export.quality.evaluate import EvalSet, evaluate_domains, token_windows, window_bos
     from export.quality.reference import FloatReference
     from export.sources import load_source
 
     source = load_source(str(gguf))
-    encode = tokenizer_of(source).encode
-    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()))) for d in TEXT_DOMAINS]
+    tok = tokenizer_of(source)
+    sets = [EvalSet(d.name, d.source, token_windows(tok.encode(d.text()), bos=window_bos(tok))) for d in TEXT_DOMAINS]
     loop = PlainLoop(model_dir / MODEL_FILE, threads)
 
     def naive_logits(ids) -> np.ndarray:  # [S, V]: one call over the window, every position's logits

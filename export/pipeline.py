@@ -72,7 +72,8 @@ def calibration_windows(source: SourceModel, k: int = CALIBRATION_WINDOWS) -> li
     from .quality import evaluate
     from .quality.eval_domains import calibration_text
 
-    return evaluate.calibration_windows(tokenizer_of(source).encode(calibration_text()), k)
+    tok = tokenizer_of(source)
+    return evaluate.calibration_windows(tok.encode(calibration_text()), k, bos=evaluate.window_bos(tok))
 
 
 def smoothed_source(source: SourceModel, ref, alpha: float) -> tuple[SourceModel, dict]:
@@ -165,11 +166,12 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
 
 def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) -> dict:
     """The `fidelity` manifest entry of the staged bundle: every evaluation domain against the float model."""
-    from .quality.evaluate import eval_sets, evaluate_bundle
+    from .quality.evaluate import eval_sets, evaluate_bundle, window_bos
 
     tok = tokenizer_of(source)
     sets = eval_sets(tok.encode, chat_encoder(source, tok),
-                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text)
+                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text,
+                     bos=window_bos(tok))
     return evaluate_bundle(staging, ref.logits, sets, threads=opts.threads)
 
 

@@ -62,6 +62,21 @@ def test_windows_are_spread_disjoint_from_calibration_and_cover_short_texts():
         E.token_windows([1], 6, 256)
 
 
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    ids = [2] + list(range(10, 10_010))                      # the text's own BOS at 0
+    plain, with_bos = E.token_windows(ids, 6, 256), E.token_windows(ids, 6, 256, bos=2)
+    assert with_bos[0] == plain[0]                           # already starts with it
+    for w, b in zip(plain[1:], with_bos[1:]):
+        assert len(b) == 256 and b[0] == 2 and b[1:] == w[:-1]
+    assert all(w[0] == 2 for w in E.calibration_windows(ids, 2, bos=2))
+
+    class Tok:
+        bos_token_id, add_bos_token = 2, True
+    assert E.window_bos(Tok) == 2
+    Tok.add_bos_token = False
+    assert E.window_bos(Tok) is None
+
+
 def test_heldout_report_equals_the_pooled_comparison():
     rng = np.random.default_rng(0)
     windows = [list(rng.integers(0, 50, n)) for n in (9, 17, 5)]

@@ -50,29 +50,41 @@ def read_eval_text(path: str) -> str:
 
 
 def eval_sets(encode: Callable[[str], list[int]], encode_chat: Callable[[str], list[int]],
-              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None) -> list[EvalSet]:
+              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None,
+              bos: int | None = None) -> list[EvalSet]:
     """The evaluation domains (export.quality.eval_domains) as token windows, or --eval-text FILE's alone.
 
-    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows."""
+    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows; bos: see
+    token_windows (window_bos of the tokenizer)."""
     from . import eval_domains as D
 
     if eval_text is not None:
-        return [EvalSet(Path(eval_text).name, eval_text, token_windows(encode(read_eval_text(eval_text))))]
-    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()))) for d in D.TEXT_DOMAINS]
+        return [EvalSet(Path(eval_text).name, eval_text, token_windows(encode(read_eval_text(eval_text)), bos=bos))]
+    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()), bos=bos)) for d in D.TEXT_DOMAINS]
     chat = D.chat_windows(encode_chat, greedy)
     prompt_lens = tuple(len(encode_chat(t)) - 1 for t in D.CHAT_PROMPTS)  # score from the last prompt token on
     chat_domain = next(d for d in D.DOMAINS if d.name == "chat")
     return sets + [EvalSet("chat", chat_domain.source, chat, prompt_lens)]
 
 
+def window_bos(tok) -> int | None:
+    """The id every window starts with: the BOS of a tokenizer that adds one, as every prompt in use does."""
+    return tok.bos_token_id if tok.add_bos_token else None
+
+
 def token_windows(ids: Sequence[int], n: int = WINDOWS, window: int = WINDOW_TOKENS,
-                  phase: float = 0.0) -> list[list[int]]:
+                  phase: float = 0.0, bos: int | None = None) -> list[list[int]]:
     """n windows of `window` tokens spread evenly over ids, each starting `phase` of a stride in.
 
     Evaluation takes phase 0 and calibration (calibration_windows) phase 0.5 with the same n, so the two never
     share a token while len(ids) >= 2 * n * window. A text too short for n windows gives consecutive windows
-    of what there is.
+    of what there is. With `bos` each window starts with it (its last token dropped), as llama.cpp's perplexity
+    chunks do: a model that always sees BOS at position 0 (Gemma's attention sink) is not measured without it.
     """
+    return [w if bos is None or w[0] == bos else [int(bos)] + w[:-1] for w in _windows(ids, n, window, phase)]
+
+
+def _windows(ids: Sequence[int], n: int, window: int, phase: float) -> list[list[int]]:
     ids = [int(t) for t in ids]
     if len(ids) < 2:
         raise EdgeError(f"evaluation text is too short ({len(ids)} tokens)")
@@ -84,9 +96,9 @@ def token_windows(ids: Sequence[int], n: int = WINDOWS, window: int = WINDOW_TOK
     return [ids[s:s + window] for s in starts]
 
 
-def calibration_windows(ids: Sequence[int], k: int = 1) -> list[list[int]]:
+def calibration_windows(ids: Sequence[int], k: int = 1, bos: int | None = None) -> list[list[int]]:
     """k windows from the middle of the calibration text's phase-0.5 windows (eval_domains.calibration_text)."""
-    windows = token_windows(ids, WINDOWS, WINDOW_TOKENS, phase=0.5)
+    windows = token_windows(ids, WINDOWS, WINDOW_TOKENS, phase=0.5, bos=bos)
     mid = max(0, len(windows) // 2 - k // 2)
     return windows[mid:mid + k]
 
