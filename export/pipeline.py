@@ -166,12 +166,11 @@ def quantize_step(source: SourceModel, plan: Plan, opts: ExportOptions, ref, log
 
 def evaluate_step(source: SourceModel, staging: Path, opts: ExportOptions, ref) -> dict:
     """The `fidelity` manifest entry of the staged bundle: every evaluation domain against the float model."""
-    from .quality.evaluate import eval_sets, evaluate_bundle, window_bos
+    from .quality.evaluate import eval_sets, evaluate_bundle
 
     tok = tokenizer_of(source)
-    sets = eval_sets(tok.encode, chat_encoder(source, tok),
-                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text,
-                     bos=window_bos(tok))
+    sets = eval_sets(tok, chat_encoder(source, tok),
+                     lambda ids, n: ref.greedy_batch(ids, n, eos_ids=tok.eos_token_ids), opts.eval_text)
     return evaluate_bundle(staging, ref.logits, sets, threads=opts.threads)
 
 

@@ -84,9 +84,7 @@ def model() -> Path:
 
 def smollm2_bundle(name: str, key: str) -> Path:
     """The SmolLM2 bundle `name` (a key of SMOLLM2), without the held-out evaluation (--no-eval)."""
-    args = SMOLLM2[name]
-    tag = "-".join([args[1], *[a.lstrip("-") for a in args[2:]]])
-    return export(str(model()), CACHE / f"smollm2-{tag}-{key}", *args, "--no-eval")
+    return export(str(model()), CACHE / f"smollm2-{name}-{key}", *SMOLLM2[name], "--no-eval")
 
 
 def gemma_tokenizer(key: str) -> Path:

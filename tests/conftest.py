@@ -5,6 +5,7 @@ run (the suite itself runs on one core most of the time); a fixture that needs a
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,18 @@ PREFETCH = {"smollm2_bundle": ["smollm2:int4", "smollm2:fp32", "smollm2:int8"],
 _prefetcher: subprocess.Popen | None = None
 
 
+@functools.cache
+def pruned_cache() -> Path:
+    """build/test-bundles/, pruned of other exporter versions' entries (once per run)."""
+    with locked(CACHE / ".prune.lock"):
+        prune_stale(CACHE, exporter_key())
+    return CACHE
+
+
 def start_prefetch(names: list[str]) -> None:
     global _prefetcher
     if _prefetcher is None and names:
-        with locked(CACHE / ".prune.lock"):
-            prune_stale(CACHE, exporter_key())
+        pruned_cache()
         _prefetcher = subprocess.Popen([sys.executable, str(ROOT / "tests/bundle_cache.py"), *names], cwd=ROOT,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -53,9 +61,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 @pytest.fixture(scope="session")
 def bundle_cache() -> Path:
     """build/test-bundles/, pruned of other exporter versions' entries."""
-    with locked(CACHE / ".prune.lock"):
-        prune_stale(CACHE, exporter_key())
-    return CACHE
+    return pruned_cache()
 
 
 @pytest.fixture(scope="session")
@@ -91,12 +97,11 @@ def smollm2_reference(real_model):
 
 
 def export_in_process(source: str, out: Path, *args: str) -> Path:
-    """What `edge-export source --out out --quiet args` writes, through the same argument parsing and options."""
-    from export.cli import build_parser, options_of
-    from export.pipeline import export_bundle
+    """`edge-export source --out out --quiet args` run by export.cli.export in this process (errors raise)."""
+    from export import cli
 
-    return export_bundle(source, out, options_of(build_parser().parse_args([source, "--out", str(out), "--quiet",
-                                                                             *args])))
+    cli.export([source, "--out", str(out), "--quiet", *args])
+    return out
 
 
 @pytest.fixture(scope="session")

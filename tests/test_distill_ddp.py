@@ -38,7 +38,7 @@ def torchrun(jobs: list[dict]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "distill_ddp_worker.py"), json.dumps(jobs)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-12000:]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -49,18 +49,18 @@ def read_eval_text(path: str) -> str:
         raise EdgeError(f"cannot read --eval-text {path}: {e}") from None
 
 
-def eval_sets(encode: Callable[[str], list[int]], encode_chat: Callable[[str], list[int]],
-              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None,
-              bos: int | None = None) -> list[EvalSet]:
-    """The evaluation domains (export.quality.eval_domains) as token windows, or --eval-text FILE's alone.
+def eval_sets(tok, encode_chat: Callable[[str], list[int]],
+              greedy: Callable[[list[list[int]], int], list[list[int]]], eval_text: str | None = None) -> list[EvalSet]:
+    """The evaluation domains (export.quality.eval_domains) as token windows of tokenizer `tok`, or --eval-text
+    FILE's alone; the windows start with tok's BOS when it adds one (token_windows).
 
-    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows; bos: see
-    token_windows (window_bos of the tokenizer)."""
+    greedy(prompts' ids, n): the float model's greedy replies, which make the chat domain's windows."""
     from . import eval_domains as D
 
+    bos = window_bos(tok)
     if eval_text is not None:
-        return [EvalSet(Path(eval_text).name, eval_text, token_windows(encode(read_eval_text(eval_text)), bos=bos))]
-    sets = [EvalSet(d.name, d.source, token_windows(encode(d.text()), bos=bos)) for d in D.TEXT_DOMAINS]
+        return [EvalSet(Path(eval_text).name, eval_text, token_windows(tok.encode(read_eval_text(eval_text)), bos=bos))]
+    sets = [EvalSet(d.name, d.source, token_windows(tok.encode(d.text()), bos=bos)) for d in D.TEXT_DOMAINS]
     chat = D.chat_windows(encode_chat, greedy)
     prompt_lens = tuple(len(encode_chat(t)) - 1 for t in D.CHAT_PROMPTS)  # score from the last prompt token on
     chat_domain = next(d for d in D.DOMAINS if d.name == "chat")
