@@ -155,3 +155,16 @@ def test_fresh_bundle_of_each_preset_passes(tmp_path, quant):
     for backend in ("ort", "numpy"):
         res = V.verify(out, backend=backend, threads=1)
         assert res.ok, (backend, [c.line() for c in res.checks])
+
+
+def test_forced_choices_give_the_greedy_run_and_stop_agreeing_where_a_token_differs(bundle):
+    """One prefill fed a greedy run's tokens chooses those very tokens; fed a run whose token k was changed, its
+    first k + 1 choices (made before it sees token k) are still the greedy run's."""
+    from edge_runtime.backends.numpy.backend import NumpyBackend
+
+    backend = NumpyBackend(Bundle.open(bundle), 64, threads=1, float_activations=True)
+    prompt = [1, 17, 42, 99, 7]
+    greedy = V.greedy_ids(backend, prompt, 12)
+    assert V.forced_choices(backend, prompt, greedy) == greedy
+    changed = greedy[:5] + [(greedy[5] + 1) % 100] + greedy[6:]
+    assert V.forced_choices(backend, prompt, changed)[:6] == greedy[:6]

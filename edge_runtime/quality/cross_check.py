@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import BundleError, EdgeError
 from ..format.bundle import Bundle
 from ..sessions.state import common_prefix
-from .verify import all_logits, greedy_ids, probe_context, reference_of
+from .verify import all_logits, forced_choices, greedy_ids, probe_context, reference_of
 
 TOP1_MIN = 0.99     # probe-window top-1 agreement between the two executors
 GREEDY_STEPS = 32   # greedy tokens compared per reference prompt (EOS ignored)
@@ -41,10 +41,15 @@ def logits_parity(a: np.ndarray, b: np.ndarray) -> dict:
 
 def compare(a, b, probe, prompts, steps: int, a_logits=None, a_greedy=None) -> dict:
     """Backend a against backend b: logits_parity on the probe window, and the greedy common prefix of `steps`
-    tokens per prompt. a_logits / a_greedy replace a's own runs (e.g. its one-token-at-a-time path)."""
+    tokens per prompt: a decodes them one at a time, b is fed a's tokens (verify.forced_choices: one prefill per
+    prompt, which costs b what a single decode step costs where its weights are dequantized per call).
+    a_logits / a_greedy replace a's own runs (e.g. its one-token-at-a-time path)."""
     a_logits = all_logits(a, probe) if a_logits is None else a_logits
     a_greedy = a_greedy or (lambda ids: greedy_ids(a, ids, steps))
-    prefix = [common_prefix(a_greedy(p["ids"]), greedy_ids(b, p["ids"], steps)) for p in prompts]
+    prefix = []
+    for p in prompts:
+        tokens = a_greedy(p["ids"])
+        prefix.append(common_prefix(tokens, forced_choices(b, p["ids"], tokens)))
     return {**logits_parity(a_logits, all_logits(b, probe)), "greedy_prefix": prefix, "greedy_steps": steps}
 
 

@@ -109,6 +109,16 @@ def greedy_ids(backend, prompt_ids: Sequence[int], n: int) -> list[int]:
     return out
 
 
+def forced_choices(backend, prompt_ids: Sequence[int], tokens: Sequence[int]) -> list[int]:
+    """backend's argmax after prompt_ids + tokens[:i], for every i < len(tokens), in one prefill: where another
+    executor's greedy run produced `tokens`, the common prefix of the two equals that of this backend's own
+    greedy run (up to the first difference both see the same ids), without a decode call per token."""
+    ids = np.asarray([*prompt_ids, *tokens[:-1]], dtype=np.int64)
+    first = len(prompt_ids) - 1
+    logits = backend.forward(ids, 0, np.arange(first, len(ids), dtype=np.int64))  # [len(tokens), vocab]
+    return [int(t) for t in logits.argmax(-1)]
+
+
 def probe_context(reference: dict, greedy_steps: int | None = None) -> int:
     """KV-cache size the probes need (greedy_steps: tokens decoded per prompt; default its reference's)."""
     lengths = [len(reference["probe"]["ids"])]
