@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     plan_file = out_dir / PLAN
     resuming = resume and (out_dir / CHECKPOINT).exists() and plan_file.exists()
     keep = json.loads(plan_file.read_text())["keep"] if resuming else None
+    distmod.barrier(d)  # every rank has read the plan before rank 0 rewrites it below
     calib = [torch.from_numpy(cache.tokens[i:i + batch_size].astype(np.int64))
              for i in range(0, min(CALIBRATION_ROWS, len(cache)), batch_size)]
     student, keep = make_student(teacher, calib, keep, layers, mlp_ratio, iterative)
@@ -199,16 +201,23 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),
             "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "world_size": d.world}
     if d.main:
-        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+        write_plan(plan_file, plan)
     state = training.train(student, cache, cfg, out_dir, resume=resume, progress=progress, dist=d)
     plan.update(steps_done=state["step"], train_seconds=state["elapsed"], prep_seconds=prep,
                 final_loss=state["history"][-1][1:] if state["history"] else None,
                 wall_seconds=time.perf_counter() - start)
     if d.main:
-        plan_file.write_text(json.dumps(plan, indent=1, default=str))
+        write_plan(plan_file, plan)
         save_student(student.to("cpu"), teacher, out_dir, plan)
     distmod.barrier(d)
     return out_dir
+
+
+def write_plan(path: Path, plan: dict) -> None:
+    """distill.json replaced in one rename: a reader (another rank, a resume) never sees it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def student_source(student: torch.nn.Module, teacher: Teacher, plan: dict):
