@@ -19,7 +19,7 @@ from .progress import Steps
 from .quant.recipes import Plan, refuse_idle_untie, resolve
 from .sources import SourceModel, load_source
 
-__all__ = ["ExportOptions", "export_bundle"]
+__all__ = ["ExportOptions", "export_bundle", "export_bundles"]
 
 
 def kv_dtypes_of(opts: ExportOptions) -> tuple[str, ...]:
@@ -195,19 +195,49 @@ def _set_manifest_key(bundle_dir: Path, key: str, value) -> None:
     write_manifest(bundle_dir, manifest)
 
 
-def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> Path:
+@dataclasses.dataclass
+class Shared:
+    """What exports of one source have in common, kept between them (export_bundles): the source as read, its
+    float model and its reference probes, each made on first need. Every recipe reads them and none changes them
+    (smoothing and untying make changed copies)."""
+    source: SourceModel
+    ref: Optional[object] = None         # export.quality.reference.FloatReference
+    probes: Optional[dict] = None         # reference.json, the same for every recipe
+    threads: Optional[int] = None         # what ref and probes were made with
+
+    def float_model(self, threads: Optional[int]):
+        from .quality.reference import FloatReference
+
+        if self.ref is None or threads != self.threads:
+            self.ref, self.probes, self.threads = FloatReference(self.source, threads=threads), None, threads
+        return self.ref
+
+    def reference(self, threads: Optional[int]) -> dict:
+        ref = self.float_model(threads)
+        if self.probes is None:
+            self.probes = reference_probes(self.source, threads, ref)
+        return self.probes
+
+
+def export_bundles(spec: str, jobs: list[tuple[Path, ExportOptions]]) -> list[Path]:
+    """export_bundle for several (out_dir, options) of one source: it is read, its float model built and its
+    reference probes computed once for all of them."""
+    shared = Shared(load_source(spec))
+    return [export_bundle(spec, out, opts, shared) for out, opts in jobs]
+
+
+def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None, shared: Optional[Shared] = None) -> Path:
     """Export `spec` (GGUF path, HF folder or tiny:<arch>) to a bundle folder `out_dir`, atomically.
 
     opts (default ExportOptions()) are validated, then resolved once against the source into a per-tensor plan
     (export.quant.recipes); OptionsError for contradictory or idle options. The bundle is written to a staging folder
     next to out_dir, evaluated against the float model there (its manifest gains `fidelity`), and renamed into
-    place only if it passes the --max-kld gate.
+    place only if it passes the --max-kld gate. shared: what an earlier export of the same source made (Shared).
     """
     from edge_runtime.format.contracts import DECODER as CONTRACT
 
     from .bundle.writer import _replace_dir, check_out_dir, write_bundle
     from .graph import GraphOptions, build_decoder_graph
-    from .quality.reference import FloatReference
 
     opts = (opts or ExportOptions()).validated()
     out_dir = Path(out_dir)
@@ -216,9 +246,10 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
     staging = out_dir.parent / f".{out_dir.name}.staging-{os.getpid()}"
     try:
         steps.start("load source")
-        source = load_source(spec)
+        shared = shared or Shared(load_source(spec))
+        source = shared.source
         refuse_idle_untie(source, opts)
-        if opts.untie_embeddings:
+        if opts.untie_embeddings:  # the same function: the float model and probes of `shared` still hold
             source = untie_embeddings(source)
         steps.done()
         if not supported(source.config.model_type):
@@ -228,7 +259,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
             return export_fallback_bundle(source, out_dir, opts)
         plan = resolve(source, opts)
         steps.start("float model")
-        ref = FloatReference(source, threads=opts.threads) if plan.needs_float else None
+        ref = shared.float_model(opts.threads) if plan.needs_float else None
         steps.done()
         steps.start(f"quantize ({plan.recipe})")
         weights, quantization = quantize_step(source, plan, opts, ref, steps.start)
@@ -245,7 +276,7 @@ def export_bundle(spec: str, out_dir, opts: Optional[ExportOptions] = None) -> P
             source.config, weights, GraphOptions(accuracy_level=0, max_context=max_context, kv_dtype="float32"))
         steps.done()
         steps.start("float reference probes")
-        reference = reference_probes(source, opts.threads, ref) if opts.reference else None
+        reference = shared.reference(opts.threads) if opts.reference else None
         steps.done()
         steps.start("write bundle")
         graph_fields = {"contract": CONTRACT, "accuracy_level": opts.accuracy_level}

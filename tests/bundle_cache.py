@@ -87,6 +87,25 @@ def smollm2_bundle(name: str, key: str) -> Path:
     return export(str(model()), CACHE / f"smollm2-{name}-{key}", *SMOLLM2[name], "--no-eval")
 
 
+def smollm2_bundles_here(names: list[str], key: str) -> None:
+    """smollm2_bundle for each of `names` in turn, exported in this process: one read of the GGUF, one float model
+    and one set of reference probes for all of them (export.pipeline.Shared)."""
+    from export.cli import build_parser, options_of
+    from export.pipeline import Shared, export_bundle
+    from export.sources import load_source
+
+    source, shared = str(model()), None
+    for name in names:
+        out = CACHE / f"smollm2-{name}-{key}"
+        with locked(out.parent / f".{out.name}.lock"):
+            if (out / "manifest.json").is_file():
+                continue
+            opts = options_of(build_parser().parse_args([source, "--out", str(out), "--quiet", *SMOLLM2[name],
+                                                         "--no-eval"]))
+            shared = shared or Shared(load_source(source))
+            export_bundle(source, out, opts, shared)
+
+
 def gemma_tokenizer(key: str) -> Path:
     """tokenizer.json built from the real Gemma 3 GGUF's vocabulary (the GGUF is fetched if missing)."""
     import gguf
@@ -105,18 +124,22 @@ def gemma_tokenizer(key: str) -> Path:
 
 
 def prefetch(names: list[str]) -> None:
-    """Build the entries `names` ("smollm2:int4", ..., "gemma3:tokenizer") in order."""
+    """Build the entries `names` ("smollm2:int4", ..., "gemma3:tokenizer"), the SmolLM2 bundles first."""
     from export.version import exporter_key
 
     key = exporter_key()
-    for name in names:
-        family, _, which = name.partition(":")
-        gemma_tokenizer(key) if family == "gemma3" else smollm2_bundle(which, key)
+    smollm2 = [name.partition(":")[2] for name in names if name.startswith("smollm2:")]
+    if smollm2:
+        smollm2_bundles_here(smollm2, key)
+    if "gemma3:tokenizer" in names:
+        gemma_tokenizer(key)
 
 
 if __name__ == "__main__":
     # Second in line for the CPU, and gone with the test run that started it.
     os.nice(10)
     on_parent_exit(signal.SIGTERM)
+    # SIGTERM (the test run ended or died) raises SystemExit: an export under way removes its staging folder
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.path.insert(0, str(ROOT))
     prefetch(sys.argv[1:])

@@ -98,3 +98,20 @@ def test_api_default_options_export_and_record_the_plan(tmp_path):
     with pytest.raises(OptionsError, match="cannot take --offsets"):
         export_bundle("tiny:llama", tmp_path / "c", ExportOptions(method="gptq", offsets=True))
     assert not (tmp_path / "c").exists()
+
+
+def test_recipes_exported_together_equal_each_exported_alone(tmp_path):
+    """export_bundles shares the source, float model and probes between recipes: the bundles (files and held-out
+    figures) equal separate exports', so no recipe leaves a trace in what the next one reads."""
+    from export.pipeline import export_bundle, export_bundles
+
+    text = tmp_path / "eval.txt"
+    text.write_text("The assignment statement binds names to objects; a loop repeats its body. " * 20)
+    recipes = ["q8", "mixed", "q4"]  # smoothing, sensitivities and calibration all run the float model
+    opts = {r: ExportOptions(recipe=r, threads=1, progress=False, eval_text=str(text), max_context=512).validated()
+            for r in recipes}
+    together = export_bundles("tiny:llama", [(tmp_path / f"together-{r}", opts[r]) for r in recipes])
+    for recipe, out in zip(recipes, together):
+        alone = export_bundle("tiny:llama", tmp_path / f"alone-{recipe}", opts[recipe])
+        a, b = (json.loads((p / "manifest.json").read_text()) for p in (out, alone))
+        assert a["files"] == b["files"] and a["fidelity"] == b["fidelity"], recipe
