@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-fidelity", dest="fidelity", action="store_false",
+                    help="skip the KLD / top-1 comparison with llama-cpp-python on the evaluation domains")
     args = ap.parse_args(argv)
     if args.llama_python is None:
         from peers import env_python  # bench/peers.py: this folder is on sys.path when run as a script
@@ -65,7 +67,28 @@ def main(argv=None) -> int:
         ours, peer = med[("edge-runtime", prompt)], med[("llama-cpp-python", prompt)]
         print(f"prompt {prompt}: decode {ours['decode_tps'] / peer['decode_tps']:.2f}x llama-cpp-python, "
               f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x")
+    if args.fidelity:
+        print_fidelity(args)
     return 0
+
+
+def print_fidelity(args) -> None:
+    """KLD / top-1 against the float model per evaluation domain: the bundle's (its manifest, written by the
+    export) beside llama-cpp-python's on the same windows (bench/peers.py, cached under build/peers)."""
+    from peers import peer_fidelity
+
+    manifest = json.loads((args.bundle / "manifest.json").read_text(encoding="utf-8"))
+    ours = (manifest.get("fidelity") or {}).get("domains")
+    if not ours:
+        print(f"{args.bundle} has no held-out figures (exported with --no-eval): fidelity not compared")
+        return
+    env = Path(args.llama_python).parent.parent
+    theirs = peer_fidelity("llama", args.gguf, {"llama": str(env)}, args.threads)["domains"]
+    print(f"{'domain':<10} {'edge-runtime KLD / top-1':>26} {'llama-cpp-python KLD / top-1':>30}")
+    for name, h in ours.items():
+        t = theirs.get(name)
+        peer = f"{t['kl']:.4f} / {100 * t['top1']:.1f}%" if t else "-"
+        print(f"{name:<10} {h['kl']:>17.4f} / {100 * h['top1']:.1f}% {peer:>30}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def eval_sets_of(gguf: Path, threads: int):
     from export.quality.reference import FloatReference
     from export.sources import load_source
 
-    cache = PEERS / "eval-sets.json"
+    cache = PEERS / f"eval-sets-{gguf.stem}.json"
     source = load_source(str(gguf))
     ref = FloatReference(source, threads=threads)
     if cache.is_file():
@@ -109,10 +109,11 @@ def eval_sets_of(gguf: Path, threads: int):
 
 
 def peer_fidelity(peer: str, gguf: Path, overrides: dict, threads: int) -> dict:
-    """The peer's figures per evaluation domain against the float model (cached in build/peers/<peer>.json)."""
+    """The peer's figures per evaluation domain against the float model (cached in
+    build/peers/fidelity-<peer>-<model>.json)."""
     from export.quality.evaluate import evaluate_domains
 
-    cached = PEERS / f"fidelity-{peer}.json"
+    cached = PEERS / f"fidelity-{peer}-{gguf.stem}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     python = env_python(peer, overrides)
