@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/sessions.py
 	$(MAKE) $(BUNDLES)/gemma3-exact/manifest.json
 	$(PY) bench/gemma_peer.py --bundle $(BUNDLES)/gemma3-exact --runs 3
+	$(PY) bench/memory.py --bundle $(BUNDLES)/gemma3-exact
 
 parity: $(STAMP)
 	$(MAKE) model

@@ -1,8 +1,10 @@
-"""Memory plan against measurement on SmolLM2-135M (int4 and int8 bundles, ONNX Runtime), each in a fresh process.
+"""Memory plan against measurement, each in a fresh process: SmolLM2-135M (int4 and int8 bundles, ONNX Runtime) or
+the bundles given.
 
     .venv/bin/python bench/memory.py                 # plan vs measured, contexts 512 / 2048 / 8192, int4 and int8
     .venv/bin/python bench/memory.py --long 5000     # also 5,000 tokens with overflow="slide" at context 512
     .venv/bin/python bench/memory.py --backend numpy --kv-dtype float16 --contexts 512,2048
+    .venv/bin/python bench/memory.py --bundle bundles/gemma3-exact   # any bundle's plan vs measured
 
 Two workloads per context: "full" fills the context (prompt = context - 16, then 16 new tokens), the worst
 case the plan bounds; "500+128" is the issue's phone scenario. Then the 200 MB budget question, and how long a
@@ -51,14 +53,14 @@ def row(quant, bundle, context, prompt, new, backend, threads, kv_dtype=None) ->
             f"| {m.stages['prefill'] / MB:.1f} | {m.slides} | {tps} |"), ok
 
 
-def plan_vs_measured(quants, backend, threads, contexts=CONTEXTS, kv_dtype=None) -> bool:
+def plan_vs_measured(bundles: dict, backend, threads, contexts=CONTEXTS, kv_dtype=None) -> bool:
+    """bundles: row label -> bundle folder."""
     print("\n## Plan vs measured peak RSS (fresh process per row)\n")
     print("| bundle | context | prompt+new | plan MB | measured MB | vs plan | runtime | tokenizer | load | "
           "prefill peak | slides | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     all_ok = True
-    for quant in quants:
-        bundle = ensure_bundle(quant)
+    for quant, bundle in bundles.items():
         for context in contexts:
             line, ok = row(quant, bundle, context, context - FULL_NEW, FULL_NEW, backend, threads, kv_dtype)
             print(line, flush=True)
@@ -118,9 +120,16 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-dtype", choices=("float32", "float16"), help="default: each bundle's default graph")
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--long", type=int, default=0, metavar="TOKENS", help="also a long slide session")
+    ap.add_argument("--bundle", type=Path, action="append", default=[],
+                    help="plan vs measured for this bundle instead of the SmolLM2 ones (repeatable); the SmolLM2 "
+                         "budget sections are then skipped")
     args = ap.parse_args(argv)
-    ok = plan_vs_measured(args.quants.split(","), args.backend, args.threads,
-                          [int(c) for c in args.contexts.split(",")], args.kv_dtype)
+    bundles = ({b.name: b for b in args.bundle} if args.bundle
+               else {q: ensure_bundle(q) for q in args.quants.split(",")})
+    ok = plan_vs_measured(bundles, args.backend, args.threads, [int(c) for c in args.contexts.split(",")],
+                          args.kv_dtype)
+    if args.bundle:
+        return 0 if ok else 1
     budget_200(args.backend)
     fail_fast()
     if args.long:
