@@ -26,7 +26,7 @@ from edge_runtime.errors import MemoryBudgetError
 from edge_runtime.format.bundle import Bundle
 from edge_runtime.generation.stats import MB
 from edge_runtime.memory import budget
-from edge_runtime.memory.testing import measure_generation
+from edge_runtime.memory.testing import ChildError, measure_generation
 from export.version import ensure_bundle as ensure_exported
 
 MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,7 +85,12 @@ def budget_200(backend) -> None:
                                     budget.PREFILL_CHUNKS[-1])
         print(f"  smallest possible session ({kind}, context {budget.MIN_CONTEXT}): {least.total / MB:.1f} MB = "
               f"{least.summary()}")
-    m = measure_generation(ensure_bundle("int4"), 500, 128, context=2048, backend="auto", memory_budget=200 * MB)
+    try:
+        m = measure_generation(ensure_bundle("int4"), 500, 128, context=2048, backend="auto",
+                               memory_budget=200 * MB)
+    except ChildError as e:  # no backend's plan fits: the load refuses, which is the answer
+        print(f"- load(memory_budget='200MB', context=2048), backend auto: refused: {str(e).split(': ', 1)[-1]}")
+        return
     print(f"- load(memory_budget='200MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
           f"{m.peak / MB:.1f} MB peak (prefill chunk {m.prefill_chunk}, decode {m.decode_tps or 0:.1f} tok/s)")
 

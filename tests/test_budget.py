@@ -2,6 +2,7 @@
 measured peaks of fresh processes against the plan (tiny bundles, and SmolLM2-135M int4)."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -56,7 +57,27 @@ def test_ort_weights_count_prepacked_copies_and_the_in_place_embedding(tiny_mani
     embed = "model.embed_tokens.weight"
     assert in_place >= t[f"{embed}.qweight"]["nbytes"]  # gathered in place, tied: also prepacked for lm_head
     assert packed > sum(m["nbytes"] for n, m in t.items() if n.endswith(".qweight") and not n.startswith(embed))
-    assert transient == max(m["nbytes"] for n, m in t.items() if n.endswith(".qweight"))
+    assert transient == max(m["nbytes"] + t[n.replace(".qweight", ".scales")]["nbytes"]
+                            for n, m in t.items() if n.endswith(".qweight"))
+
+
+def test_ort_plans_the_rotary_rows_a_context_reaches_and_the_gathered_rows_between_releases(tiny_manifest):
+    from edge_runtime.memory.pages import FAULT_AROUND, RELEASE_STEPS
+
+    t = tiny_manifest["weights"]["tensors"]
+    rotary = [m for n, m in t.items() if n.startswith("rotary.") and m["dtype"] == "float32"]
+    rows = rotary[0]["shape"][0]
+    whole, in_place, _ = budget.ort_weight_bytes(tiny_manifest, "float32")
+    part, _, _ = budget.ort_weight_bytes(tiny_manifest, "float32", context=rows // 4)
+    assert whole - part == sum(m["nbytes"] - min(m["nbytes"], m["nbytes"] // 4 + FAULT_AROUND) for m in rotary)
+    # the table bound: (chunk + RELEASE_STEPS) rows' fault-around windows per array, at most the table
+    arrays = sum(f"model.embed_tokens.weight.{a}" in t for a in ("qweight", "scales", "zero_points", "offsets"))
+    _, bounded, _ = budget.ort_weight_bytes(tiny_manifest, "float32", prefill_chunk=16)
+    assert bounded == in_place  # a tiny table: all of it
+    big = copy.deepcopy(tiny_manifest)
+    big["weights"]["tensors"]["model.embed_tokens.weight.qweight"]["nbytes"] = 256 * MB
+    _, bounded, _ = budget.ort_weight_bytes(big, "float32", prefill_chunk=16)
+    assert bounded == (16 + RELEASE_STEPS) * arrays * FAULT_AROUND < 256 * MB
 
 
 def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):

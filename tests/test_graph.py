@@ -285,3 +285,21 @@ def test_bundle_holds_a_graph_per_kv_dtype_over_one_weights_file(tiny_bundle):
     np.testing.assert_allclose(runs["float16"], runs[None], atol=2e-2 * scale, rtol=0)
     with pytest.raises(UnsupportedModelError):
         OrtBackend(Bundle.open(tiny_bundle("tiny:llama", "int4", "--kv-dtype", "float16")), 32, kv_dtype="float32")
+
+
+def test_backend_lets_the_weight_file_pages_go_after_each_chunk_and_every_release_steps(tiny_bundle):
+    """The memory plan's `mapped` bound for ONNX Runtime (budget.ort_weight_bytes) holds because the backend
+    releases the weight file's pages after every multi-token chunk and every RELEASE_STEPS decode steps."""
+    from edge_runtime.backends.ort.llama import OrtBackend
+    from edge_runtime.memory.pages import RELEASE_STEPS
+
+    be = OrtBackend(Bundle.open(tiny_bundle("tiny:llama", "int4")), context=RELEASE_STEPS * 2 + 8, threads=1)
+    assert be.weight_pages.spans  # the file's mappings were found
+    calls = []
+    be.weight_pages.release = lambda: calls.append(1) or 0
+    ids = np.array([3, 5, 7, 9], np.int64)
+    be.forward(ids, 0, np.array([3], np.int64))
+    assert len(calls) == 1
+    for i in range(2 * RELEASE_STEPS):
+        be.forward(ids[:1], 4 + i, np.zeros(1, np.int64))
+    assert len(calls) == 3

@@ -33,6 +33,7 @@ from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity
+from .pages import FAULT_AROUND, RELEASE_STEPS
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
 # higher peak; 128 sits between (bench/memory.py, bench/run_one.py --prefill-chunk N). 16 is for the tightest
@@ -212,35 +213,53 @@ def layer_windows(manifest: dict) -> tuple:
 RING_BACKENDS = ("numpy",)
 
 
-def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32") -> tuple[int, int, int]:
+def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32", context: int | None = None,
+                     prefill_chunk: int | None = None) -> tuple[int, int, int]:
     """(prepacked bytes, bytes read in place, prepack transient) of the weights under ONNX Runtime's CPU EP.
 
     MatMulNBits prepacks each weight for its int8-activation kernel into codes + float scales + float block
-    sums (as large as the scales) at load and frees the original; the largest weight's codes are held twice
-    while it is packed. Float tensors (norms, rotary tables, the Q4_1 offsets' Gemm) are resident from load.
-    The quantized embedding that GatherBlockQuantized reads in place from the memory-mapped weights.bin
-    becomes resident on the first step (measured: all of it, not only the rows gathered).
+    sums (as large as the scales) at load and frees the original; the largest weight's codes and scales are
+    held twice while it is packed. Float tensors (norms, the Q4_1 offsets' Gemm) are resident from load; of a
+    rotary table (read in place) only the rows of the `context` positions a session can reach. The quantized
+    embedding that GatherBlockQuantized reads in place from the memory-mapped weights.bin: the backend lets its
+    pages go after every chunk of `prefill_chunk` tokens and every pages.RELEASE_STEPS decode steps, so at most
+    the fault-around windows of that many gathered rows are resident (one window per array of the table), never
+    more than the table. context / prefill_chunk None: the whole tables.
     """
     tensors, quant = _tensors(manifest), _quantized(manifest)
     tied = bool((manifest.get("config") or {}).get("tie_word_embeddings"))
-    packed, in_place, transient = 0, 0, 0
+    packed, in_place, transient, arrays = 0, 0, 0, 0
     for name, meta in tensors.items():
-        if name.startswith(ROTARY) and meta["dtype"] != kv_dtype:
-            continue  # the rotary tables of the bundle's other KV-dtype graph
-        if name.rpartition(".")[0] not in quant:
+        if name.startswith(ROTARY):
+            if meta["dtype"] == kv_dtype:  # not the rotary tables of the bundle's other KV-dtype graph
+                packed += _rows_reached(meta, context)
+        elif name.rpartition(".")[0] not in quant:
             packed += int(meta["nbytes"])  # float tensor
     for name in quant:
         codes, scales = _qbytes(tensors, name, "qweight"), _qbytes(tensors, name, "scales")
         offsets = _qbytes(tensors, name, "offsets")
         if name == EMBED:
-            in_place += codes + scales + _qbytes(tensors, name, "zero_points") + offsets
+            table = [codes, scales, _qbytes(tensors, name, "zero_points"), offsets]
+            in_place, arrays = sum(table), sum(b > 0 for b in table)
             if not tied:
                 continue  # gathered only, never multiplied
         else:
             packed += offsets
         packed += codes + 2 * scales
-        transient = max(transient, codes)
+        transient = max(transient, codes + scales)
+    if prefill_chunk is not None:
+        in_place = min(in_place, (prefill_chunk + RELEASE_STEPS) * arrays * FAULT_AROUND)
     return packed, in_place, transient
+
+
+def _rows_reached(meta: dict, context: int | None) -> int:
+    """Bytes of a [positions, ...] table a session of `context` positions reads (and the fault-around window
+    past its last row), at most the table."""
+    nbytes = int(meta["nbytes"])
+    if context is None:
+        return nbytes
+    rows = int(meta["shape"][0])
+    return min(nbytes, -(-nbytes * min(context, rows) // rows) + FAULT_AROUND)
 
 
 def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
@@ -287,7 +306,7 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
     runtime = cal.runtime if impl == "tokenizers" else cal.runtime_no_tokenizers
     tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * _file_bytes(manifest, "tokenizer", "tokenizer.json"))
     if family == "ort":
-        weights, mapped, transient = ort_weight_bytes(manifest, kv_dtype)
+        weights, mapped, transient = ort_weight_bytes(manifest, kv_dtype, context, prefill_chunk)
         wnote = "MatMulNBits prepacked at load"
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
@@ -302,7 +321,9 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         Component("tokenizer", tok, f"{impl} implementation"),
         Component("weights", weights + cal.session, wnote + " + backend state"),
         Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype, windows), kv_note),
-        Component("mapped", mapped, "weights.bin pages read in place (at most all of them)"),
+        Component("mapped", mapped, "weights.bin pages read in place: the embedding rows gathered since the "
+                                    "backend last let them go" if family == "ort" else
+                                    "weights.bin pages read in place (all of them)"),
         Component("activations", act, f"prefill chunk {min(prefill_chunk, context)} at the end of the context"),
         Component("logits", logits_bytes(cfg), f"vocab {cfg.vocab_size}"),
     )

@@ -6,12 +6,14 @@ single value the model computes:
 * `reserve(shape, dtype)`: a zeroed array on fresh anonymous pages. The whole size is reserved (the memory
   plan counts all of it), but the kernel maps a page only when it is first written, so a KV cache of 2048
   positions holding 628 costs the pages of 628.
-* `trim_heap()`: hand the C heap's free pages back to the system (glibc malloc_trim). Parsing tokenizer.json
-  frees ~10 MB of short-lived objects right after load; without this they stay counted in RSS for the session.
-* `release_file_pages(path)`: drop this process's clean pages of a memory-mapped file. ONNX Runtime maps
-  weights.bin, reads every weight once to prepack it into its own buffers, and keeps the mapping of what it
-  reads in place (the embedding GatherBlockQuantized gathers from); those pages stay resident although a step
-  reads only a few rows. Dropped clean pages are re-read from the file on the next access, identical.
+* `trim_heap()`: hand the C heap's free pages back to the system (glibc malloc_trim): parsing tokenizer.json
+  frees many short-lived objects, which would otherwise stay counted in RSS for the session.
+* `FilePages(path).release()` / `release_file_pages(path)`: drop this process's clean pages of a memory-mapped
+  file. ONNX Runtime maps weights.bin, reads every weight once to prepack it into its own buffers, and keeps
+  mapped what it reads in place: the embedding table GatherBlockQuantized gathers from, the norms, the rotary
+  tables. A gathered row brings in the kernel's fault-around window of the file around it, so without a release
+  those pages add up with every new token id. Dropped clean pages are re-read from the file on the next access,
+  identical.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 _MADV_RANDOM, _MADV_DONTNEED = 1, 4  # Linux <sys/mman.h>
+# A read fault on a file mapping maps the page-cache pages around it too: Linux's fault_around_bytes default.
+FAULT_AROUND = 64 * 1024
+# Decode steps between two releases of a weight file's pages by a backend that gathers rows in place (ORT).
+RELEASE_STEPS = 64
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s+(.*)$")
 
 
@@ -64,30 +70,65 @@ def _clean_mappings(path: Path) -> list[tuple[int, int]]:
     return spans
 
 
-def release_file_pages(path: Path) -> int:
-    """madvise(MADV_DONTNEED) every clean mapping of `path`; returns the bytes of address space advised.
-
-    Linux only (elsewhere, and on any failure, it does nothing: memory is then as without it). A mapping
-    with a privately changed page is left alone, since dropping it would lose that change.
-    """
+def _madvise():
+    """libc's madvise through ctypes, or None (not Linux, or no libc to call)."""
     if not sys.platform.startswith("linux"):
-        return 0
+        return None
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        spans = _clean_mappings(Path(path))
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
-        return 0
-    done = 0
-    for start, end in spans:
-        # MADV_RANDOM first: a gathered row then faults in its own page, not the 64 KB fault-around window
-        madvise(start, end - start, _MADV_RANDOM)
-        if madvise(start, end - start, _MADV_DONTNEED) == 0:
-            done += end - start
-    return done
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _mappings(path: Path) -> set[tuple[int, int]]:
+    """(start, end) of every mapping of `path` now (/proc/self/maps: cheap, unlike smaps)."""
+    target = str(path.resolve())
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        return {(int(m[1], 16), int(m[2], 16)) for m in map(_MAPS_LINE.match, f) if m and m[4] == target}
+
+
+class FilePages:
+    """This process's clean mappings of one file, found once (smaps); release() drops their pages.
+
+    Linux only (elsewhere, and on any failure, it holds no mapping and does nothing: memory is then as without
+    it). A mapping with a privately changed page is left out, since dropping it would lose that change, and
+    release() skips a span that no longer maps the file (unmapped, its address range may hold other memory).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.madvise = _madvise()
+        try:
+            self.spans = _clean_mappings(self.path) if self.madvise is not None else []
+        except OSError:
+            self.spans = []
+
+    def release(self) -> int:
+        """madvise(MADV_DONTNEED) every span still mapping the file; returns the bytes of address space advised."""
+        if not self.spans:
+            return 0
+        try:
+            live = _mappings(self.path)
+        except OSError:
+            return 0
+        done = 0
+        for start, end in self.spans:
+            if (start, end) not in live:
+                continue
+            # MADV_RANDOM first: no read-ahead around a gathered row when it is read back
+            self.madvise(start, end - start, _MADV_RANDOM)
+            if self.madvise(start, end - start, _MADV_DONTNEED) == 0:
+                done += end - start
+        return done
+
+
+def release_file_pages(path: Path) -> int:
+    """FilePages(path).release(): drop this process's clean pages of `path` as it is mapped now."""
+    return FilePages(path).release()
 
 
 def trim_heap() -> bool:

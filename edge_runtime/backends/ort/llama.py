@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import BundleError, ContextOverflowError, UnsupportedModelError
 from ...format.bundle import Bundle
 from ...format.contracts import DECODER as CONTRACT
-from ...memory.pages import release_file_pages, reserve
+from ...memory.pages import RELEASE_STEPS, FilePages, reserve
 
 # Each setting's effect on speed and peak RSS: `bench/ort_graph.py sweep BUNDLE` (one process per setting, VmHWM;
 # `bench/ort_graph.py run BUNDLE --option NAME=VALUE` for one of them).
@@ -118,9 +118,13 @@ class OrtBackend:
                                          make_session_options(threads, session_options))
         self._ov = ort.OrtValue.ortvalue_from_numpy
         self.binding = self.session.io_binding()
-        # The initializers GatherBlockQuantized reads in place stay mapped, fully read by prepacking: let the
-        # pages go, a decode step faults back in only the embedding rows it gathers.
-        release_file_pages(bundle.path(bundle.manifest["weights"]["file"]))
+        # What ONNX Runtime reads in place (the embedding table, norms, rotary tables) stays mapped, fully read
+        # by prepacking. Its pages go now, after every chunk of several tokens and every RELEASE_STEPS decode
+        # steps: resident are then at most the fault-around windows of the rows read since (the memory plan's
+        # `mapped`), however many distinct tokens a session sees.
+        self.weight_pages = FilePages(bundle.path(bundle.manifest["weights"]["file"]))
+        self.weight_pages.release()
+        self._steps = 0
         # [1, kv_heads, context, head_dim] per layer and per K/V, reserved once for the whole context (the memory
         # plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
         kv_shape = (1, cfg.num_key_value_heads, self.context, cfg.head_dim)
@@ -163,6 +167,8 @@ class OrtBackend:
                    self._ov(logits))
         self._bound_step = False
         self.session.run_with_iobinding(self.binding)
+        self.weight_pages.release()
+        self._steps = 0
         return logits[0]
 
     def _decode_step(self, token: int, index: int) -> np.ndarray:
@@ -172,6 +178,10 @@ class OrtBackend:
             self._bind(*self._step_values)
             self._bound_step = True
         self.session.run_with_iobinding(self.binding)
+        self._steps += 1
+        if self._steps >= RELEASE_STEPS:
+            self.weight_pages.release()
+            self._steps = 0
         return self._step_logits[0].copy()  # the buffer is rewritten by the next step
 
     def kv_arrays(self) -> list[np.ndarray]:
