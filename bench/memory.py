@@ -7,7 +7,7 @@ the bundles given.
     .venv/bin/python bench/memory.py --bundle bundles/gemma3-exact   # any bundle's plan vs measured
 
 Two workloads per context: "full" fills the context (prompt = context - 16, then 16 new tokens), the worst
-case the plan bounds; "500+128" is the issue's phone scenario. Then the 200 MB budget question, and how long a
+case the plan bounds; "500+128" is the issue's phone scenario. Then the 220 MB budget question, and how long a
 load under an impossible budget takes to fail. Peak RSS is VmHWM; memory figures are stable on a shared
 machine, speed figures are not.
 """
@@ -72,12 +72,12 @@ def plan_vs_measured(bundles: dict, backend, threads, contexts=CONTEXTS, kv_dtyp
     return all_ok
 
 
-def budget_200(backend) -> None:
-    print("\n## The 200 MB question (SmolLM2-135M int4, context 2048)\n")
+def budget_220(backend) -> None:
+    print("\n## The 220 MB question (SmolLM2-135M int4, context 2048)\n")
     b = Bundle.open(ensure_bundle("int4"), verify=False)
     for kind, be in ((backend, backend), ("numpy", "numpy")):
         try:
-            p = budget.plan(b, 200 * MB, context=2048, backend=be)
+            p = budget.plan(b, 220 * MB, context=2048, backend=be)
             print(f"- {kind}: fits: {p.summary()}")
         except MemoryBudgetError as e:
             print(f"- {kind}: {e}")
@@ -87,11 +87,11 @@ def budget_200(backend) -> None:
               f"{least.summary()}")
     try:
         m = measure_generation(ensure_bundle("int4"), 500, 128, context=2048, backend="auto",
-                               memory_budget=200 * MB)
+                               memory_budget=220 * MB)
     except ChildError as e:  # no backend's plan fits: the load refuses, which is the answer
-        print(f"- load(memory_budget='200MB', context=2048), backend auto: refused: {str(e).split(': ', 1)[-1]}")
+        print(f"- load(memory_budget='220MB', context=2048), backend auto: refused: {str(e).split(': ', 1)[-1]}")
         return
-    print(f"- load(memory_budget='200MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
+    print(f"- load(memory_budget='220MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
           f"{m.peak / MB:.1f} MB peak (prefill chunk {m.prefill_chunk}, decode {m.decode_tps or 0:.1f} tok/s)")
 
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                           args.kv_dtype)
     if args.bundle:
         return 0 if ok else 1
-    budget_200(args.backend)
+    budget_220(args.backend)
     fail_fast()
     if args.long:
         long_session(args.long, args.backend, args.threads)
