@@ -295,3 +295,18 @@ def test_layer_pruning_works_beyond_llama(arch):
         assert len(getattr(one.config, "layer_types", None) or [0]) == 1
         assert one(input_ids=ids).logits.shape == (1, 24, t.model.config.vocab_size)
     assert t.model.config.num_hidden_layers == 2  # the teacher is untouched
+
+
+def test_a_gemma3_student_keeps_its_layers_kinds(tmp_path):
+    """A student cut from a Gemma 3 teacher (sliding-window layers and a global one) is saved with the kinds of
+    the layers it kept, and loads back as the exporter's source."""
+    from export.distill import load_teacher, save_student
+    from export.sources import load_source
+
+    t = load_teacher("tiny:gemma3")
+    assert t.source.config.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+    student = drop_layers(t.model, [1, 2])
+    save_student(student, t, tmp_path, {"keep": [1, 2]})
+    src = load_source(str(tmp_path))
+    assert src.config.num_hidden_layers == 2
+    assert src.config.layer_types == ("sliding_attention", "full_attention")

@@ -224,8 +224,10 @@ def student_source(student: torch.nn.Module, teacher: Teacher, plan: dict):
     """The trained student as a SourceModel: the teacher's config with fewer layers / a narrower MLP."""
     from ..sources import SourceModel
 
+    kinds = getattr(student.config, "layer_types", None)  # the kept layers' own kinds (prune.drop_layers)
     cfg = dataclasses.replace(teacher.source.config, num_hidden_layers=student.config.num_hidden_layers,
-                              intermediate_size=student.config.intermediate_size)
+                              intermediate_size=student.config.intermediate_size,
+                              layer_types=tuple(kinds) if teacher.source.config.layer_types else None)
     state = student.state_dict()
     tensors = {n: state[n].detach().float().numpy().copy() for n in spec_for(cfg).tensor_names()}
     origin = {"format": "distilled", "teacher": teacher.source.origin, "keep": plan["keep"]}
