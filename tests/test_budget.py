@@ -80,6 +80,18 @@ def test_ort_plans_the_rotary_rows_a_context_reaches_and_the_gathered_rows_betwe
     assert bounded == (16 + RELEASE_STEPS) * arrays * FAULT_AROUND < 256 * MB
 
 
+def test_numpy_plans_its_rotary_tables_for_the_context(tiny_manifest):
+    """NumPy computes cos and sin [context, head_dim] per distinct rope (one for Llama, two for Gemma 3)."""
+    cfg = ModelConfig.from_dict(tiny_manifest["config"])
+    a, b = (budget.plan_session(tiny_manifest, c, "numpy", "float32")["weights"] for c in (256, 512))
+    assert b - a == 2 * 256 * cfg.head_dim * 4
+    gemma = ModelConfig.from_dict({**tiny_manifest["config"], "model_type": "gemma3_text", "sliding_window": 16,
+                                   "layer_types": ["sliding_attention"] * (cfg.num_hidden_layers - 1)
+                                   + ["full_attention"], "rope_local_base_freq": 10000.0,
+                                   "rope_theta": 1e6})
+    assert budget.numpy_rope_bytes(gemma, 256, "float16") == 2 * 2 * 256 * cfg.head_dim * 2
+
+
 def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):
     limit = budget.plan_session(tiny_manifest, 300, "numpy", "float32", 32).total
     p = budget.plan(tiny_manifest, limit, backend="numpy")

@@ -32,7 +32,7 @@ from ..errors import EdgeError, MemoryBudgetError
 from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
-from ..spec import kv_capacity
+from ..spec import kv_capacity, spec_for, supported
 from .pages import FAULT_AROUND, RELEASE_STEPS
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
@@ -86,8 +86,9 @@ CALIBRATION = {
                          attention={"float32": Attention(3.6, None), "float16": Attention(3.8, None)},
                          workspace=2 * MB),
 }
-# Resident bytes of a parsed tokenizer per byte of tokenizer.json (fitted by bench/memory.py on SmolLM2's BPE).
-TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 1.0}
+# Resident bytes of a parsed tokenizer per byte of tokenizer.json: the `tokenizers` wheel fitted on SmolLM2's BPE,
+# the pure-Python one on Gemma 3's 262k-piece vocabulary, which costs the most per byte of the two models.
+TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 2.5}
 TOKENIZER_BASE = 3 * MB  # the tokenizer module, its special-token tables and its word cache
 
 
@@ -273,6 +274,14 @@ def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
     return int(resident_bytes) + tables, mapped
 
 
+def numpy_rope_bytes(cfg: ModelConfig, context: int, kv_dtype: str) -> int:
+    """The NumPy backend's rotary tables: cos and sin [context, head_dim] per distinct rope, in the KV dtype."""
+    if not supported(cfg.model_type):
+        return 0
+    ropes = len(spec_for(cfg).ropes)
+    return ropes * 2 * int(context) * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype]
+
+
 def activation_bytes(cfg: ModelConfig, chunk: int, context: int, cal: Calibration, kv_dtype: str) -> int:
     """The peak of a prefill chunk at the end of a full context, over what is resident before it."""
     s = min(chunk, context)
@@ -310,7 +319,9 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         wnote = "MatMulNBits prepacked at load"
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
-        wnote = f"zero-point tables + float32 resident copies ({resident_bytes / MB:.0f} MB asked)"
+        weights += numpy_rope_bytes(cfg, context, kv_dtype)
+        wnote = (f"rotary tables + zero-point tables + float32 resident copies ({resident_bytes / MB:.0f} MB "
+                 "asked)")
     act = activation_bytes(cfg, prefill_chunk, context, cal, kv_dtype) + cal.workspace * threads
     windows = layer_windows(manifest) if family in RING_BACKENDS else None
     rings = sum(w is not None for w in windows or ())
