@@ -92,6 +92,23 @@ def test_numpy_plans_its_rotary_tables_for_the_context(tiny_manifest):
     assert budget.numpy_rope_bytes(gemma, 256, "float16") == 2 * 2 * 256 * cfg.head_dim * 2
 
 
+def test_numpy_plans_the_offsets_it_copies_for_int8_activations(tiny_bundle):
+    """At accuracy level 4 the NumPy backend keeps a contiguous copy of every per-block offsets table
+    (kernels.QuantMatmul.off_chunks); with float activations it reads them in place."""
+    from edge_runtime.backends.numpy.backend import NumpyBackend
+
+    path = tiny_bundle("tiny:llama", "int4", "--offsets")
+    manifest = json.loads((path / "manifest.json").read_text())
+    offsets = sum(m["nbytes"] for n, m in manifest["weights"]["tensors"].items() if n.endswith(".offsets"))
+    assert offsets > 0 and manifest["graph"]["accuracy_level"] == 4
+    exact = copy.deepcopy(manifest)
+    exact["graph"]["accuracy_level"] = 0
+    w4, w0 = (budget.plan_session(m, 64, "numpy", "float32")["weights"] for m in (manifest, exact))
+    assert w4 - w0 == offsets
+    backend = NumpyBackend(Bundle.open(path), 64, threads=1)
+    assert backend.weights.resident_nbytes == offsets  # what it holds besides the mmapped file
+
+
 def test_no_context_given_picks_the_largest_that_fits(tiny_manifest):
     limit = budget.plan_session(tiny_manifest, 300, "numpy", "float32", 32).total
     p = budget.plan(tiny_manifest, limit, backend="numpy")

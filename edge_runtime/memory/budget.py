@@ -265,12 +265,15 @@ def _rows_reached(meta: dict, context: int | None) -> int:
 
 def numpy_weight_bytes(manifest: dict, resident_bytes: int) -> tuple[int, int]:
     """(RAM besides the file: dequantized float32 copies made at load, plus the float32 -zp*scale table
-    [N, blocks] of every quantized matrix that stores zero points; the mmapped weights.bin, read whole from
-    the first step)."""
+    [N, blocks] of every quantized matrix that stores zero points and, at accuracy level 4, a copy of its
+    per-block offsets; the mmapped weights.bin, read whole from the first step)."""
     tensors = _tensors(manifest)
     mapped = sum(int(m["nbytes"]) for name, m in tensors.items() if not name.startswith(ROTARY))
     tables = sum(_qbytes(tensors, name, "scales") for name in _quantized(manifest)
                  if f"{name}.zero_points" in tensors)  # float32 like the scales, same shape
+    if (manifest.get("graph") or {}).get("accuracy_level") == 4:
+        # with int8 activations the per-block offsets are copied transposed, contiguous per row chunk
+        tables += sum(_qbytes(tensors, name, "offsets") for name in _quantized(manifest))
     return int(resident_bytes) + tables, mapped
 
 
