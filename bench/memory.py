@@ -34,6 +34,7 @@ BUNDLES = ROOT / "bundles"
 CONTEXTS = (512, 2048, 8192)
 FULL_NEW = 16
 TOLERANCE = 0.10
+BUDGET_MB = 220  # the phone question: SmolLM2 int4 at context 2048 within this budget (as `make budget`)
 
 
 def ensure_bundle(quant: str) -> Path:
@@ -72,12 +73,12 @@ def plan_vs_measured(bundles: dict, backend, threads, contexts=CONTEXTS, kv_dtyp
     return all_ok
 
 
-def budget_220(backend) -> None:
-    print("\n## The 220 MB question (SmolLM2-135M int4, context 2048)\n")
+def budget_question(backend) -> None:
+    print(f"\n## The {BUDGET_MB} MB question (SmolLM2-135M int4, context 2048)\n")
     b = Bundle.open(ensure_bundle("int4"), verify=False)
     for kind, be in ((backend, backend), ("numpy", "numpy")):
         try:
-            p = budget.plan(b, 220 * MB, context=2048, backend=be)
+            p = budget.plan(b, BUDGET_MB * MB, context=2048, backend=be)
             print(f"- {kind}: fits: {p.summary()}")
         except MemoryBudgetError as e:
             print(f"- {kind}: {e}")
@@ -87,11 +88,12 @@ def budget_220(backend) -> None:
               f"{least.summary()}")
     try:
         m = measure_generation(ensure_bundle("int4"), 500, 128, context=2048, backend="auto",
-                               memory_budget=220 * MB)
+                               memory_budget=BUDGET_MB * MB)
     except ChildError as e:  # no backend's plan fits: the load refuses, which is the answer
-        print(f"- load(memory_budget='220MB', context=2048), backend auto: refused: {str(e).split(': ', 1)[-1]}")
+        reason = str(e).split(": ", 1)[-1]
+        print(f"- load(memory_budget='{BUDGET_MB}MB', context=2048), backend auto: refused: {reason}")
         return
-    print(f"- load(memory_budget='220MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
+    print(f"- load(memory_budget='{BUDGET_MB}MB', context=2048), backend auto -> {m.backend}: 500+128 tokens measured "
           f"{m.peak / MB:.1f} MB peak (prefill chunk {m.prefill_chunk}, decode {m.decode_tps or 0:.1f} tok/s)")
 
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
                           args.kv_dtype)
     if args.bundle:
         return 0 if ok else 1
-    budget_220(args.backend)
+    budget_question(args.backend)
     fail_fast()
     if args.long:
         long_session(args.long, args.backend, args.threads)

@@ -53,13 +53,11 @@ def untie_embeddings(source: SourceModel) -> SourceModel:
     return dataclasses.replace(source, tensors=tensors, gguf_blocks=blocks, config=config)
 
 
-def reference_probes(source: SourceModel, threads: int, ref=None) -> dict:
-    """reference.json of `source` (ref: an export.quality.reference.FloatReference to reuse)."""
+def reference_probes(source: SourceModel, ref) -> dict:
+    """reference.json of `source`, from its float model `ref` (export.quality.reference.FloatReference)."""
     from .quality.probes import build_reference
-    from .quality.reference import FloatReference
 
     tok = tokenizer_of(source)
-    ref = ref or FloatReference(source, threads=threads)
     return build_reference(ref, chat_encoder(source, tok), tok.encode, tok.eos_token_ids)
 
 
@@ -215,7 +213,7 @@ class Shared:
     def reference(self, threads: Optional[int]) -> dict:
         ref = self.float_model(threads)
         if self.probes is None:
-            self.probes = reference_probes(self.source, threads, ref)
+            self.probes = reference_probes(self.source, ref)
         return self.probes
 
 

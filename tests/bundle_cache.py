@@ -82,9 +82,16 @@ def model() -> Path:
     return MODEL
 
 
+def smollm2_entry(name: str, key: str) -> tuple[Path, list[str]]:
+    """Where the SmolLM2 bundle `name` (a key of SMOLLM2) is cached, and its export flags after the source:
+    without the held-out evaluation (--no-eval)."""
+    return CACHE / f"smollm2-{name}-{key}", [*SMOLLM2[name], "--no-eval"]
+
+
 def smollm2_bundle(name: str, key: str) -> Path:
-    """The SmolLM2 bundle `name` (a key of SMOLLM2), without the held-out evaluation (--no-eval)."""
-    return export(str(model()), CACHE / f"smollm2-{name}-{key}", *SMOLLM2[name], "--no-eval")
+    """The SmolLM2 bundle `name`, exported (in a subprocess) unless cached."""
+    out, flags = smollm2_entry(name, key)
+    return export(str(model()), out, *flags)
 
 
 def smollm2_bundles_here(names: list[str], key: str) -> None:
@@ -96,12 +103,11 @@ def smollm2_bundles_here(names: list[str], key: str) -> None:
 
     source, shared = str(model()), None
     for name in names:
-        out = CACHE / f"smollm2-{name}-{key}"
+        out, flags = smollm2_entry(name, key)
         with locked(out.parent / f".{out.name}.lock"):
             if (out / "manifest.json").is_file():
                 continue
-            opts = options_of(build_parser().parse_args([source, "--out", str(out), "--quiet", *SMOLLM2[name],
-                                                         "--no-eval"]))
+            opts = options_of(build_parser().parse_args([source, "--out", str(out), "--quiet", *flags]))
             shared = shared or Shared(load_source(source))
             export_bundle(source, out, opts, shared)
 

@@ -47,17 +47,17 @@ def test_reserve_of_nothing():
 
 
 @linux
-def test_release_file_pages_drops_residency_and_keeps_the_data(tmp_path):
+def test_file_pages_release_drops_residency_and_keeps_the_data(tmp_path):
     path = tmp_path / "weights.bin"
     data = np.random.default_rng(0).integers(0, 255, size=16 * MB, dtype=np.uint8)
     data.tofile(path)
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read once
     assert _mapping_rss(path) > 12 * MB
-    assert pages.release_file_pages(path) >= 16 * MB
+    assert pages.FilePages(path).release() >= 16 * MB
     assert _mapping_rss(path) < 1 * MB
     assert np.array_equal(mapped[::4096], data[::4096])  # pages come back from the file, identical
-    assert pages.release_file_pages(tmp_path / "not-mapped.bin") == 0
+    assert pages.FilePages(tmp_path / "not-mapped.bin").release() == 0
 
 
 @linux
@@ -88,7 +88,7 @@ def test_a_mapping_with_private_changes_is_left_alone(tmp_path):
     np.zeros(MB, np.uint8).tofile(path)
     cow = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: changes live only in this process
     cow[:4096] = 7
-    pages.release_file_pages(path)
+    pages.FilePages(path).release()
     assert cow[0] == 7
 
 

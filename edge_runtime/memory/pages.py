@@ -8,7 +8,7 @@ single value the model computes:
   positions holding 628 costs the pages of 628.
 * `trim_heap()`: hand the C heap's free pages back to the system (glibc malloc_trim): parsing tokenizer.json
   frees many short-lived objects, which would otherwise stay counted in RSS for the session.
-* `FilePages(path).release()` / `release_file_pages(path)`: drop this process's clean pages of a memory-mapped
+* `FilePages(path).release()`: drop this process's clean pages of a memory-mapped
   file. ONNX Runtime maps weights.bin, reads every weight once to prepack it into its own buffers, and keeps
   mapped what it reads in place: the embedding table GatherBlockQuantized gathers from, the norms, the rotary
   tables. A gathered row brings in the kernel's fault-around window of the file around it, so without a release
@@ -124,11 +124,6 @@ class FilePages:
             if self.madvise(start, end - start, _MADV_DONTNEED) == 0:
                 done += end - start
         return done
-
-
-def release_file_pages(path: Path) -> int:
-    """FilePages(path).release(): drop this process's clean pages of `path` as it is mapped now."""
-    return FilePages(path).release()
 
 
 def trim_heap() -> bool:
