@@ -67,6 +67,54 @@ def test_session_replies_equal_reprefilling_and_reuse_the_cache(bundle, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_past_a_sliding_window_gives_the_fresh_prefill_logits(tiny_bundle, backend):
+    """tiny:gemma3's window layers keep 8 keys (a ring on NumPy): once a turn has written more positions, a
+    prompt that shares only part of it is prefilled from 0 there, and every reply equals re-prefilling."""
+    model = load(tiny_bundle("tiny:gemma3", "fp32"), backend)
+    assert model.backend.kv_ring == (8 if backend == "numpy" else None)
+    seen = []
+
+    def capture(ids, logits):
+        seen.append(logits.copy())
+        return logits
+
+    prompt = "the cat sat on the mat and the dog sat on the log"
+    first = model.generate(prompt, max_new_tokens=6)
+    assert first.stats.prompt_tokens > 8
+    out = model.generate(prompt + " and then", max_new_tokens=1, logits_processors=[capture])
+    assert out.stats.cached_tokens == (0 if backend == "numpy" else first.stats.prompt_tokens)
+    fresh = model.logits(model.encode_prompt(prompt + " and then"))[-1]
+    np.testing.assert_allclose(seen[0], fresh, rtol=0, atol=1e-4 * np.abs(fresh).max())
+
+    session, ref = model.session(), load(tiny_bundle("tiny:gemma3", "fp32"), backend)
+    messages = []
+    for q in QUESTIONS[:3]:
+        got = session.generate(q, max_new_tokens=6)
+        messages.append({"role": "user", "content": q})
+        ref.clear_cache()
+        want = ref.generate(messages, max_new_tokens=6)
+        messages.append({"role": "assistant", "content": want.text})
+        assert got.token_ids == want.token_ids
+
+
+def test_a_failed_pass_empties_a_ring_cache_and_keeps_a_full_one():
+    from edge_runtime.sessions.state import CacheState
+
+    for ring, kept in ((None, 5), (8, 0)):
+        cache = CacheState(ring=ring)
+        cache.append(list(range(20)), 0)
+        cache.exact = 20
+        cache.failed(5)
+        assert len(cache.ids) == kept
+    cache = CacheState(ring=8)
+    cache.append(list(range(20)), 0)
+    assert [cache.resume_at(n) for n in (0, 5, 18, 19, 20)] == [0, 0, 0, 19, 20]
+    cache.truncate(0)
+    cache.append(list(range(6)), 0)
+    assert cache.resume_at(3) == 3  # a pass from 0 wrote 6 positions: the ring holds them all
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_logprobs_equal_scoring_the_same_tokens(bundle, backend):
     model = load(bundle, backend)
     prompt = model.tokenizer.encode("a dog and a cat")

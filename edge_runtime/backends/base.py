@@ -13,6 +13,11 @@ import numpy as np
 class Backend(Protocol):
     name: str      # "ort" | "numpy"
     context: int   # KV-cache capacity in tokens, fixed at construction (never grows)
+    # The fewest positions a sliding-window layer's cache keeps (a ring), or None when every layer keeps the
+    # whole context. Once more positions than that are written, a ring has overwritten the keys a forward at an
+    # earlier past_len would need: only past_len 0, the end, or one before it resume exactly
+    # (sessions.state.CacheState.resume_at).
+    kv_ring: int | None
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
         """Run `ids` ([S] int64) at positions past_len .. past_len+S-1.

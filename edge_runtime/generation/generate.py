@@ -69,7 +69,11 @@ def forward(backend, cache: CacheState, ids: Sequence[int], past_len: int, logit
     """backend.forward, keeping `cache.ids` true: positions >= past_len are dropped before the pass (a failed
     pass leaves them half-written) and the new ids recorded after it."""
     cache.truncate(past_len)
-    logits = backend.forward(np.asarray(ids, dtype=np.int64), past_len, logits_index)
+    try:
+        logits = backend.forward(np.asarray(ids, dtype=np.int64), past_len, logits_index)
+    except BaseException:
+        cache.failed(past_len)
+        raise
     cache.append(ids, past_len)
     return logits
 
@@ -79,11 +83,12 @@ def prefill(backend, cache: CacheState, ids: Sequence[int], chunk: int = PREFILL
     """Bring the cache to hold `ids` and return the logits [V] after the last one.
 
     The longest common prefix with what the cache holds and may reuse (CacheState.reusable) is kept (at least
-    the last id is run, for its logits); the rest runs in chunks. Every chunk asks for the logits of its last
+    the last id is run, for its logits; nothing when a ring no longer holds its keys: CacheState.resume_at);
+    the rest runs in chunks. Every chunk asks for the logits of its last
     position only: earlier chunks' logits are unused, but an empty logits_index would hand some kernels a
     zero-row matmul.
     """
-    start = min(cache.reusable(ids), len(ids) - 1)
+    start = cache.resume_at(min(cache.reusable(ids), len(ids) - 1))
     for s in range(start, len(ids), chunk):
         part = ids[s:s + chunk]  # [S]
         logits = forward(backend, cache, part, s, np.array([len(part) - 1], dtype=np.int64))  # [1, V]

@@ -13,6 +13,11 @@ time (an answer being decoded) take another kernel path whose rounding differs s
 with int8 activations that can flip a near-tie later; run again in the next prefill, they make a reused
 prompt's logits those of prefilling it from scratch, so a session answers exactly what re-prefilling the
 conversation would. `reuse_decoded=True` reuses them too (faster turns, answers equal to rounding).
+
+A backend whose sliding-window layers keep a ring (Backend.kv_ring) overwrites the oldest keys once more
+positions than the ring holds are written: a pass may then start only at position 0, at the end, or one before
+it (`resume_at`); a shorter shared prefix is prefilled again from 0. A failed pass may have overwritten ring
+slots of positions before it, so it empties such a cache (`failed`).
 """
 from __future__ import annotations
 
@@ -34,8 +39,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CacheState:
     """The ids held by the KV cache, and the lock that serializes every use of the backend."""
 
-    def __init__(self, reuse_decoded: bool = False):
+    def __init__(self, reuse_decoded: bool = False, ring: int | None = None):
         self.ids: list[int] = []
+        self.ring = ring  # Backend.kv_ring
         self.exact = 0  # leading ids whose keys/values came from prefill passes (see the module docstring)
         self.reuse_decoded = reuse_decoded
         self._lock = threading.Lock()
@@ -65,6 +71,16 @@ class CacheState:
         self.ids.extend(int(i) for i in ids)
         if len(ids) > 1 and self.exact == past_len:
             self.exact += len(ids)
+
+    def failed(self, past_len: int) -> None:
+        """A pass at past_len raised: its positions are half-written, and with a ring so may be earlier ones."""
+        self.truncate(0 if self.ring is not None else past_len)
+
+    def resume_at(self, n: int) -> int:
+        """Where a pass meant to start at position n (<= len(ids)) may start and still see the keys of every
+        position before it: n, or 0 when a ring no longer holds them."""
+        end = len(self.ids)
+        return n if self.ring is None or end <= self.ring or n >= end - 1 else 0
 
     def reusable(self, ids) -> int:
         """How many leading `ids` the cache holds and may reuse."""

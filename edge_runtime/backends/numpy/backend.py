@@ -231,6 +231,7 @@ class NumpyBackend:
                               f"{cfg.model_type} of this config {spec.windows}")
         self.model = DecoderForward(cfg, self.weights, self.context, kv_dtype, spec)
         self.vocab_size = cfg.vocab_size
+        self.kv_ring = self.model.cache.ring
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
         """Run ids [S] at positions past_len..past_len+S-1 -> logits [len(logits_index), vocab]."""

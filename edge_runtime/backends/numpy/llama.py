@@ -177,7 +177,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, context: int, dtype: str = "float32",
                  windows: Optional[Sequence] = None):
         windows = windows if windows is not None else spec_for(cfg).windows
-        self.windows = tuple(windows)
+        self.windows, self.context = tuple(windows), int(context)
         self.keys, self.values = [], []
         for w in self.windows:
             shape = (cfg.num_key_value_heads, kv_capacity(w, context), cfg.head_dim)
@@ -187,6 +187,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return int(sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)))
+
+    @property
+    def ring(self) -> Optional[int]:
+        """The smallest ring (positions a window layer keeps below the context), None without one."""
+        rings = [k.shape[1] for k in self.keys if k.shape[1] < self.context]
+        return min(rings, default=None)
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray, past_len: int):
         """Write k, v [KVH, S, D] for positions past_len.. and return (keys, values, key_start): the views

@@ -94,6 +94,7 @@ def inference_session(bundle: Bundle, name: str, options):
 
 class OrtBackend:
     name = "ort"
+    kv_ring = None  # every layer's buffer holds the whole context
 
     def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
                  session_options: Mapping[str, Any] | None = None, float_activations: bool = False):

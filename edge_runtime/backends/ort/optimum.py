@@ -15,6 +15,7 @@ from .llama import inference_session
 
 class OptimumOrtBackend:
     name = "ort-optimum"
+    kv_ring = None  # the past grows with the sequence: every position is kept
 
     def __init__(self, bundle, context: int, threads: int = 2):
         import onnxruntime as ort
