@@ -136,3 +136,26 @@ def test_quantized_presets_verify_and_cross_check(tiny_bundle, quant):
         assert res.ok, (backend, res.failed)
     res = cross_check(path, threads=1)
     assert res.ok, res.lines()
+
+
+def test_ort_window_buffers_shift_within_their_plan(tiny_bundle, source):
+    """Under ONNX Runtime the window layers' buffers hold W - 1 + W // 2 = 11 positions; the memory plan counts
+    exactly those, a rewind the buffers still hold equals a fresh prefill, and one they no longer hold is
+    refused."""
+    from edge_runtime.backends import make_backend
+    from edge_runtime.errors import EdgeError
+    from edge_runtime.memory import budget
+
+    bundle = Bundle.open(tiny_bundle("tiny:gemma3", "fp32"))
+    b = make_backend("ort", bundle, CONTEXT, 1)
+    assert [a.shape[2] for a in b.kv_arrays()] == [11] * 4 + [CONTEXT] * 2
+    plan = budget.plan_session(bundle, CONTEXT, "ort")
+    windows = budget.layer_windows(bundle.manifest)
+    assert plan["kv_cache"] == b.kv_nbytes() + budget.window_rotary_bytes(
+        bundle.config, CONTEXT, "float32", windows)
+    ids = np.random.default_rng(3).integers(0, source.config.vocab_size, N)
+    b.forward(ids, 0, np.array([N - 1]))
+    fresh = make_backend("ort", bundle, CONTEXT, 1).forward(ids, 0, np.arange(N))
+    np.testing.assert_allclose(b.forward(ids[N - 2:], N - 2, np.arange(2)), fresh[N - 2:], atol=1e-5, rtol=0)
+    with pytest.raises(EdgeError, match="prefill from 0"):
+        b.forward(ids[20:], 20, np.array([0]))

@@ -34,6 +34,12 @@ class Backend(Protocol):
         layer, key then value): session files save and restore these, cut to the positions in use."""
         ...
 
+    def kv_held(self, n: int, base: int | None = None) -> tuple[int, list[np.ndarray]]:
+        """(position of the first slot of a shifting window buffer, 0 for other caches; views of kv_arrays cut to
+        the slots holding positions < n): what a session file saves. `base` (from a session file) sets where
+        shifting buffers start before the views are taken, for loading."""
+        ...
+
     def kv_nbytes(self) -> int:
         """Bytes held by the KV cache (for the stats line and the memory planner)."""
         ...

@@ -32,7 +32,7 @@ from ..errors import EdgeError, MemoryBudgetError
 from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
-from ..spec import kv_capacity, spec_for, supported
+from ..spec import kv_capacity, shift_capacity, spec_for, supported
 from .pages import FAULT_AROUND, RELEASE_STEPS
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
@@ -197,12 +197,27 @@ def import_runtime_libraries(backend: str) -> None:
 
 # -- components ------------------------------------------------------------------------------------------------
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None) -> int:
+def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None, capacity=kv_capacity) -> int:
     """kv_heads x head_dim x dtype x 2 (keys and values) x the positions of every layer: the context, or a
-    sliding-window layer's ring of min(window, context) when `windows` (per layer, None: full) is given."""
+    sliding-window layer's capacity(window, context) when `windows` (per layer, None: full) is given: the NumPy
+    backend's ring (spec.kv_capacity), ONNX Runtime's shifting buffer (spec.shift_capacity)."""
     windows = windows if windows is not None else (None,) * cfg.num_hidden_layers
-    positions = sum(kv_capacity(w, context) for w in windows)
+    positions = sum(capacity(w, context) for w in windows)
     return positions * cfg.num_key_value_heads * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] * 2
+
+
+def kv_windows(manifest: dict, family: str) -> tuple | None:
+    """The layer windows a backend family keeps window-sized, None when it keeps the whole context everywhere:
+    the NumPy backend always; ONNX Runtime when the graph takes the window buffers' inputs."""
+    if family == "numpy" or WINDOW_INPUT in (manifest.get("graph") or {}).get("inputs", ()):
+        return layer_windows(manifest)
+    return None
+
+
+def window_rotary_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows) -> int:
+    """ONNX Runtime's rotary rows of the shifting window buffers: cos and sin [capacity, head_dim/2]."""
+    sizes = [shift_capacity(w, context) for w in windows or () if w is not None]
+    return 2 * max(sizes, default=0) * (cfg.head_dim // 2) * KV_DTYPE_BYTES[kv_dtype]
 
 
 def layer_windows(manifest: dict) -> tuple:
@@ -210,8 +225,7 @@ def layer_windows(manifest: dict) -> tuple:
     return tuple(layer.get("window") for layer in (manifest.get("decoder") or {}).get("layers", ()))
 
 
-# Backends whose sliding-window layers keep a window-sized ring (the others keep the whole context).
-RING_BACKENDS = ("numpy",)
+WINDOW_INPUT = "seqlens_k.window"  # a graph input of ONNX Runtime's shifting window buffers
 
 
 def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32", context: int | None = None,
@@ -326,15 +340,20 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         wnote = (f"rotary tables + zero-point tables + float32 resident copies ({resident_bytes / MB:.0f} MB "
                  "asked)")
     act = activation_bytes(cfg, prefill_chunk, context, cal, kv_dtype) + cal.workspace * threads
-    windows = layer_windows(manifest) if family in RING_BACKENDS else None
+    windows = kv_windows(manifest, family)
     rings = sum(w is not None for w in windows or ())
-    kv_note = f"{kv_dtype}, {context} positions" + (f", {rings} window layers as rings" if rings else "")
+    kind = "rings" if family == "numpy" else "shifting buffers"
+    kv_note = f"{kv_dtype}, {context} positions" + (f", {rings} window layers as {kind}" if rings else "")
+    capacity = kv_capacity if family == "numpy" else shift_capacity
+    kv = kv_cache_bytes(cfg, context, kv_dtype, windows, capacity)
+    if family == "ort":
+        kv += window_rotary_bytes(cfg, context, kv_dtype, windows)
     components = (
         Component("runtime", runtime, f"Python, NumPy, edge_runtime, {'onnxruntime, ' if family == 'ort' else ''}"
                                       f"{'tokenizers' if impl == 'tokenizers' else 'no tokenizers'}"),
         Component("tokenizer", tok, f"{impl} implementation"),
         Component("weights", weights + cal.session, wnote + " + backend state"),
-        Component("kv_cache", kv_cache_bytes(cfg, context, kv_dtype, windows), kv_note),
+        Component("kv_cache", kv, kv_note),
         Component("mapped", mapped, "weights.bin pages read in place: the embedding rows gathered since the "
                                     "backend last let them go" if family == "ort" else
                                     "weights.bin pages read in place (all of them)"),

@@ -5,8 +5,9 @@
 The checksum covers everything after it. The header holds the bundle's identity (its manifest's checksum),
 the KV dtype, the token ids whose keys/values are saved, the conversation, and the shape and dtype of each
 array, and how many leading ids came from prefill passes (state.CacheState.exact); the payload is those
-arrays' raw bytes, in the order the backend reports them (Backend.kv_arrays), cut to the saved positions
-along the position axis (-2). Nothing is ever unpickled or evaluated.
+arrays' raw bytes, in the order the backend reports them (Backend.kv_held: each array cut to the slots of the
+saved positions along the position axis -2), and `kv_base`, the position in the first slot of a shifting
+sliding-window buffer (ONNX Runtime's; 0 for every other cache). Nothing is ever unpickled or evaluated.
 """
 from __future__ import annotations
 
@@ -42,18 +43,19 @@ def bundle_identity(bundle) -> str:
     return str(bundle.manifest[CHECKSUM_KEY])
 
 
-def kv_arrays(model) -> list[np.ndarray]:
-    arrays = getattr(model.backend, "kv_arrays", None)
-    if arrays is None:
+def kv_held(model, n: int, base: int | None = None) -> tuple[int, list[np.ndarray]]:
+    held = getattr(model.backend, "kv_held", None)
+    if held is None:
         raise SessionFileError(f"the {model.backend.name} backend cannot save or load sessions")
-    return arrays()
+    return held(n, base)
 
 
 def save(path, model, ids: list[int], system: str | None, messages: list[dict]) -> Path:
     """Write the file atomically (a temporary beside it, then renamed). The cache must hold `ids`."""
-    arrays = [a[..., :min(len(ids), a.shape[-2]), :] for a in kv_arrays(model)]
+    base, arrays = kv_held(model, len(ids))
     header = {"format": FORMAT, "bundle": bundle_identity(model.bundle), "kv_dtype": str(arrays[0].dtype),
-              "ids": [int(i) for i in ids], "exact": min(model._cache.exact, len(ids)), "system": system,
+              "kv_base": base, "ids": [int(i) for i in ids], "exact": min(model._cache.exact, len(ids)),
+              "system": system,
               "messages": messages,
               "arrays": [{"shape": list(a.shape), "dtype": str(a.dtype)} for a in arrays]}
     head = json.dumps(header, ensure_ascii=False).encode("utf-8")
@@ -90,13 +92,13 @@ def _read_header(path: Path, f, size: int, digest) -> dict:
         raise SessionFileError(f"session file {path} is damaged (header)") from None
 
 
-def _check_header(path: Path, header, model) -> list[np.ndarray]:
-    """The backend's KV arrays, after checking the header is this bundle's, this KV dtype's and well formed."""
+def _check_header(path: Path, header, model) -> None:
+    """Check the header is this bundle's, this KV dtype's and well formed."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise SessionFileError(f"session file {path} is damaged or of an unknown format")
     if header.get("bundle") != bundle_identity(model.bundle):
         raise SessionFileError(f"session file {path} was saved from another bundle than {model.bundle.root}")
-    targets = kv_arrays(model)
+    targets = kv_held(model, 0)[1]
     if header.get("kv_dtype") != str(targets[0].dtype):
         raise SessionFileError(f"session file {path} holds a {header.get('kv_dtype')} KV cache, this model runs "
                                f"{targets[0].dtype} (load the model with kv_dtype={header.get('kv_dtype')})")
@@ -112,7 +114,6 @@ def _check_header(path: Path, header, model) -> list[np.ndarray]:
                                f"of {model.context}")
     if not isinstance(specs, list) or len(specs) != len(targets):
         raise SessionFileError(f"session file {path} does not match this backend's KV layout")
-    return targets
 
 
 def _conversation(path: Path, header: dict) -> tuple[str | None, list[dict]]:
@@ -136,10 +137,12 @@ def load(path, model) -> Saved:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             header = _read_header(path, f, size, digest)
-            targets = _check_header(path, header, model)
+            _check_header(path, header, model)
             system, messages = _conversation(path, header)
-            n = len(header["ids"])
-            parts = [dst[..., :min(n, dst.shape[-2]), :] for dst in targets]
+            n, base = len(header["ids"]), header.get("kv_base", 0)
+            if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= n:
+                raise SessionFileError(f"session file {path} is damaged (kv_base)")
+            parts = kv_held(model, n, base)[1]
             for spec, part in zip(header["arrays"], parts):
                 if not isinstance(spec, dict) or spec.get("shape") != list(part.shape) \
                         or spec.get("dtype") != str(part.dtype):

@@ -166,6 +166,12 @@ class DecoderSpec:
     def windows(self) -> tuple:
         return tuple(layer.window for layer in self.layers)
 
+    def shared_window(self) -> Optional[tuple[int, Rope]]:
+        """(window, rope) of every sliding-window layer when they share one window and one rope (their KV
+        buffers then shift together, shift_capacity), None when there are none or they differ."""
+        kinds = {(ly.window, ly.rope) for ly in self.layers if ly.window is not None}
+        return next(iter(kinds)) if len(kinds) == 1 else None
+
     @property
     def ropes(self) -> tuple:
         """The distinct rope settings, the first layer's first (one rotary table each in the graph)."""
@@ -258,6 +264,18 @@ class DecoderSpec:
 def kv_capacity(window: Optional[int], context: int) -> int:
     """Positions a layer's KV cache holds: the whole context, or a ring of `window` for a sliding-window layer."""
     return context if window is None else min(int(window), context)
+
+
+def shift_stride(window: int) -> int:
+    """Most new positions one pass writes into a shifting window buffer (see shift_capacity)."""
+    return max(1, int(window) // 2)
+
+
+def shift_capacity(window: Optional[int], context: int) -> int:
+    """Positions a layer's KV buffer holds under ONNX Runtime: the whole context, or for a sliding-window layer
+    window - 1 + shift_stride(window): before a pass that would not fit, the last window - 1 keys move to the
+    front (GroupQueryAttention writes positions in order, it cannot wrap like a ring)."""
+    return context if window is None else min(int(window) - 1 + shift_stride(window), context)
 
 
 def rope_factor(scaling) -> float:

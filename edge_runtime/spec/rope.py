@@ -11,17 +11,19 @@ import numpy as np
 from . import Rope
 
 
-def rope_angles(n_positions: int, head_dim: int, rope: Rope) -> np.ndarray:
-    """float32 [n_positions, head_dim/2]: position * inv_freq."""
+def rope_angles(n_positions: int, head_dim: int, rope: Rope, start: int = 0) -> np.ndarray:
+    """float32 [n_positions, head_dim/2]: position * inv_freq for positions start, start + 1, ..."""
     inv_freq = (1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
     if rope.factor != 1.0:
         inv_freq = (inv_freq / np.float32(rope.factor)).astype(np.float32)
-    return np.outer(np.arange(n_positions, dtype=np.float32), inv_freq).astype(np.float32)  # [P, D/2]
+    positions = np.arange(start, start + n_positions, dtype=np.float32)
+    return np.outer(positions, inv_freq).astype(np.float32)                                    # [P, D/2]
 
 
-def half_tables(n_positions: int, head_dim: int, rope: Rope) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [n_positions, head_dim/2] float32: the layout of GroupQueryAttention's cos/sin caches."""
-    angles = rope_angles(n_positions, head_dim, rope).astype(np.float64)
+def half_tables(n_positions: int, head_dim: int, rope: Rope, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [n_positions, head_dim/2] float32 of positions start..: the layout of GroupQueryAttention's
+    cos/sin caches (rows of a longer table equal it exactly: every entry is computed on its own)."""
+    angles = rope_angles(n_positions, head_dim, rope, start).astype(np.float64)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 

@@ -39,6 +39,9 @@ class GraphOptions:
     fuse_qkv: bool = True            # one matmul for q/k/v, packed into GroupQueryAttention
     fuse_gate_up: bool = True        # one matmul for gate/up
     kv_dtype: str = "float32"        # KV cache (and attention) precision: "float32" or "float16" (half the memory)
+    # sliding-window layers get KV buffers of spec.shift_capacity positions, with their own seqlens and rotary
+    # rows as inputs (the runtime shifts them: docs/bundle-format.md); off: every layer's buffer is the context
+    shift_windows: bool = True
 
     def context(self, cfg: ModelConfig) -> int:
         return int(self.max_context or cfg.max_position_embeddings)
@@ -72,6 +75,9 @@ class DecoderGraph:
         if self.opt.kv_dtype not in KV_DTYPES:
             raise UnsupportedModelError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {self.opt.kv_dtype!r}")
         self.kv_dtype = np.dtype(self.opt.kv_dtype)
+        self.shared = self.spec.shared_window() if self.opt.shift_windows else None
+        if self.shared:
+            self.window_inputs = self.shifted_window_inputs()
         self.rotary = self.rotary_caches()
 
         h = self.embedding(ids)                                                       # [S, H]
@@ -96,14 +102,28 @@ class DecoderGraph:
         """Rope -> (cos, sin) initializers [max_context, D/2]: one pair per distinct rope of the spec, in the
         KV dtype. Named per dtype: a bundle's float32- and float16-KV graphs share one weights.bin."""
         suffix = "" if self.kv_dtype == np.float32 else f".{self.kv_dtype.name}"
+        used = {ly.rope for ly in self.spec.layers if not self.shifted(ly)}
         out = {}
         for k, rope in enumerate(self.spec.ropes):
+            if rope not in used:
+                continue
             prefix = "rotary." if k == 0 else f"rotary.{k}."
             cos, sin = (t.astype(self.kv_dtype) for t in half_tables(self.opt.context(self.cfg), self.cfg.head_dim,
                                                                        rope))
             out[rope] = (self.g.weight(f"{prefix}cos_cache{suffix}", cos), self.g.weight(f"{prefix}sin_cache{suffix}",
                                                                                           sin))
         return out
+
+    def shifted_window_inputs(self) -> tuple[str, str, str, str]:
+        """(seqlens_k, total_sequence_length, cos, sin) of the sliding-window layers' shifting buffers: counted
+        from the buffer's first slot, and the rotary rows of the positions from that slot on [rows, D/2]."""
+        g, half = self.g, self.cfg.head_dim // 2
+        return (g.input("seqlens_k.window", np.int32, [1]), g.input("total_sequence_length.window", np.int32, []),
+                g.input("rotary.window.cos_cache", self.kv_dtype, ["window_rows", half]),
+                g.input("rotary.window.sin_cache", self.kv_dtype, ["window_rows", half]))
+
+    def shifted(self, ly: Layer) -> bool:
+        return bool(self.shared) and ly.window is not None
 
     # -- blocks -----------------------------------------------------------------------------------------------
 
@@ -163,11 +183,14 @@ class DecoderGraph:
         qkv = ops.reshape(g, qkv, [1, -1, sum(sizes)], f"{path}/qkv")                  # [1, S, Dq + 2 Dkv]
         if self.kv_dtype != np.float32:  # attention runs in the cache's precision
             qkv = ops.cast(g, qkv, self.kv_dtype, f"{path}/qkv")
-        past = self._kv_input(i)
-        cos, sin = self.rotary[ly.rope]
+        past = self._kv_input(ly)
+        if self.shifted(ly):
+            seqlens, total, cos, sin = self.window_inputs
+        else:
+            (cos, sin), seqlens, total = self.rotary[ly.rope], self.seqlens_k, self.total_len
         scale = self.spec.attn_scale()
         attn = ops.group_query_attention(
-            g, qkv, past[0], past[1], self.seqlens_k, self.total_len, cos, sin,
+            g, qkv, past[0], past[1], seqlens, total, cos, sin,
             cfg.num_attention_heads, cfg.num_key_value_heads, (f"present.{i}.key", f"present.{i}.value"), path,
             scale=None if math.isclose(scale, cfg.head_dim ** -0.5, rel_tol=1e-12) else scale,
             window=ly.window, softcap=self.spec.attn_softcap())
@@ -270,8 +293,10 @@ class DecoderGraph:
                      *parts[3 + (parts[3] == "self_attn"):]]
         return "/" + "/".join(parts)
 
-    def _kv_input(self, i: int) -> tuple[str, str]:
-        shape = [1, self.cfg.num_key_value_heads, "context", self.cfg.head_dim]
+    def _kv_input(self, ly: Layer) -> tuple[str, str]:
+        i = ly.index
+        shape = [1, self.cfg.num_key_value_heads, "window_capacity" if self.shifted(ly) else "context",
+                 self.cfg.head_dim]
         out = tuple(self.g.input(f"past_key_values.{i}.{kv}", self.kv_dtype, shape) for kv in ("key", "value"))
         for kv in ("key", "value"):
             self.g.output(f"present.{i}.{kv}", self.kv_dtype, shape)

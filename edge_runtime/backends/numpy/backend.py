@@ -254,6 +254,12 @@ class NumpyBackend:
         c = self.model.cache
         return [a[None] for k, v in zip(c.keys, c.values) for a in (k, v)]
 
+    def kv_held(self, n: int, base: int | None = None) -> tuple[int, list[np.ndarray]]:
+        """(0, views of the slots holding positions < n): a ring's slots are a function of the position."""
+        if base:
+            raise EdgeError("the NumPy backend's caches start at position 0")
+        return 0, [a[..., :min(n, a.shape[-2]), :] for a in self.kv_arrays()]
+
     def kv_nbytes(self) -> int:
         return self.model.cache.nbytes
 

@@ -16,6 +16,9 @@ from ...errors import BundleError, ContextOverflowError, UnsupportedModelError
 from ...format.bundle import Bundle
 from ...format.contracts import DECODER as CONTRACT
 from ...memory.pages import RELEASE_STEPS, FilePages, reserve
+from ...spec import spec_for
+from .window import INPUTS as WINDOW_INPUTS
+from .window import ShiftingWindows
 
 # Each setting's effect on speed and peak RSS: `bench/ort_graph.py sweep BUNDLE` (one process per setting, VmHWM;
 # `bench/ort_graph.py run BUNDLE --option NAME=VALUE` for one of them).
@@ -94,7 +97,7 @@ def inference_session(bundle: Bundle, name: str, options):
 
 class OrtBackend:
     name = "ort"
-    kv_ring = None  # every layer's buffer holds the whole context
+    kv_ring = None  # the whole context, or (graphs with window inputs) a window that shifts: see window.py
 
     def __init__(self, bundle: Bundle, context: int, threads: int = 2, kv_dtype: str | None = None,
                  session_options: Mapping[str, Any] | None = None, float_activations: bool = False):
@@ -126,27 +129,46 @@ class OrtBackend:
         self.weight_pages = FilePages(bundle.path(bundle.manifest["weights"]["file"]))
         self.weight_pages.release()
         self._steps = 0
-        # [1, kv_heads, context, head_dim] per layer and per K/V, reserved once for the whole context (the memory
-        # plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
-        kv_shape = (1, cfg.num_key_value_heads, self.context, cfg.head_dim)
+        self.windows = self._shifting_windows(bundle)
+        # [1, kv_heads, context (or the window's capacity), head_dim] per layer and per K/V, reserved once (the
+        # memory plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
         self.kv = []
-        for i in range(cfg.num_hidden_layers):
+        for ly in spec_for(cfg).layers:
+            shifts = self.windows is not None and ly.window is not None
+            kv_shape = (1, cfg.num_key_value_heads, self.windows.capacity if shifts else self.context, cfg.head_dim)
             for kv in ("key", "value"):
                 buf = reserve(kv_shape, kv_dtype)
                 value = self._ov(buf)
-                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", value)
-                self.binding.bind_ortvalue_output(f"present.{i}.{kv}", value)
+                self.binding.bind_ortvalue_input(f"past_key_values.{ly.index}.{kv}", value)
+                self.binding.bind_ortvalue_output(f"present.{ly.index}.{kv}", value)
                 self.kv.append((buf, value))
+                if shifts:
+                    self.windows.buffers.append(buf)
         self._seqlens = np.zeros(1, np.int32)     # [1]  past_len + S - 1
         self._total = np.zeros((), np.int32)      # []   past_len + S
         self.binding.bind_ortvalue_input("seqlens_k", self._ov(self._seqlens))
         self.binding.bind_ortvalue_input("total_sequence_length", self._ov(self._total))
+        for name, array in (self.windows.inputs().items() if self.windows else ()):
+            self.binding.bind_ortvalue_input(name, self._ov(array))
         # The decode step's own arrays: one token in, logits of that token out.
         self._step_ids = np.zeros((1, 1), np.int64)
         self._step_index = np.zeros(1, np.int64)
         self._step_logits = np.empty((1, 1, self.vocab), np.float32)
         self._step_values = tuple(self._ov(a) for a in (self._step_ids, self._step_index, self._step_logits))
         self._bound_step = False
+
+    def _shifting_windows(self, bundle: Bundle) -> ShiftingWindows | None:
+        """The window layers' shifting buffers when the graph takes their inputs (export.graph.decoder)."""
+        names = {i.name for i in self.session.get_inputs()}
+        if not names & set(WINDOW_INPUTS):
+            return None
+        shared = spec_for(bundle.config).shared_window()
+        if shared is None or not names >= set(WINDOW_INPUTS):
+            raise BundleError(f"bundle {bundle.root}: the graph's sliding-window inputs do not match its config")
+        windows = ShiftingWindows(shared[0], shared[1], self.context, bundle.config.head_dim, self.kv_dtype)
+        if windows.capacity < self.context:
+            self.kv_ring = windows.window
+        return windows
 
     def _bind(self, ids, index, logits) -> None:
         self.binding.bind_ortvalue_input("input_ids", ids)
@@ -158,6 +180,23 @@ class OrtBackend:
         s = len(ids)
         if s == 0 or past_len < 0 or past_len + s > self.context:
             raise ContextOverflowError(f"{past_len} cached + {s} new tokens do not fit the context of {self.context}")
+        if self.windows is None or s <= self.windows.stride:
+            return self._pass(ids, past_len, logits_index)
+        # Shifting window buffers take at most `stride` new positions a pass.
+        index = np.asarray(logits_index, dtype=np.int64) % s                       # [L]
+        out = np.empty((len(index), self.vocab), np.float32)                       # [L, V]
+        for a in range(0, s, self.windows.stride):
+            part = ids[a:a + self.windows.stride]
+            picked = np.flatnonzero((index >= a) & (index < a + len(part)))
+            rows = index[picked] - a if len(picked) else np.array([len(part) - 1])
+            logits = self._pass(part, past_len + a, rows)
+            out[picked] = logits[:len(picked)]
+        return out
+
+    def _pass(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
+        s = len(ids)
+        if self.windows is not None:
+            self.windows.prepare(past_len, s)
         self._seqlens[0] = past_len + s - 1
         self._total[()] = past_len + s
         if s == 1 and len(logits_index) == 1:
@@ -186,8 +225,19 @@ class OrtBackend:
         return self._step_logits[0].copy()  # the buffer is rewritten by the next step
 
     def kv_arrays(self) -> list[np.ndarray]:
-        """The bound buffers [1, kv_heads, context, head_dim], per layer key then value (written in place)."""
+        """The bound buffers [1, kv_heads, context or window capacity, head_dim], per layer key then value."""
         return [buf for buf, _ in self.kv]
+
+    def kv_held(self, n: int, base: int | None = None) -> tuple[int, list[np.ndarray]]:
+        """(position in the first slot of the window buffers, views of the slots holding positions < n);
+        `base` (from a session file) first sets where the window buffers start."""
+        if self.windows is None:
+            return 0, [buf[..., :n, :] for buf, _ in self.kv]
+        if base is not None:
+            self.windows.set_base(base)
+        shifted = {id(b) for b in self.windows.buffers}
+        return self.windows.base, [self.windows.held(n, buf) if id(buf) in shifted else buf[..., :n, :]
+                                   for buf, _ in self.kv]
 
     def kv_nbytes(self) -> int:
         return sum(buf.nbytes for buf, _ in self.kv)
