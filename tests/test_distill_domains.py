@@ -75,3 +75,28 @@ def test_report_scores_every_domain_and_chat(tiny):
     assert c["top1"] == 1.0 and c["kld"] == pytest.approx(0.0, abs=1e-9)
     assert c["greedy_match"] == 1.0 and c["identical"] == c["prompts"] == len(domains.EVAL_CHAT_PROMPTS)
     assert "| licenses |" in format_report(r) and np.isfinite(c["answer_tokens"])
+
+
+def test_nucleus_keeps_what_top_p_over_the_whole_vocabulary_keeps():
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from export.distill.data import nucleus_processor
+
+    scores = torch.randn(6, 5000) * torch.tensor([[0.5], [2.0], [4.0], [6.0], [8.0], [12.0]])  # flat .. peaked
+    ids = torch.zeros((6, 1), dtype=torch.long)
+    want = TopPLogitsWarper(0.95)(ids, scores.clone())
+    got = nucleus_processor(0.95, k=5000)(ids, scores.clone())
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.equal(got[torch.isfinite(got)], scores[torch.isfinite(got)])
+    capped = torch.isfinite(nucleus_processor(0.95, k=64)(ids, scores.clone())).sum(-1)
+    assert capped.max() <= 64 and torch.equal(capped[3:], torch.isfinite(want).sum(-1)[3:])
+
+
+def test_teacher_text_past_its_deadline_stops_and_continues_to_the_same_texts(tiny):
+    meta = tiny.source.tokenizer_meta
+    kw = dict(seed=3, batch=2, pad_id=meta["pad_token_id"], eos_ids=meta["eos_token_ids"])
+    whole = synthesize(tiny.model, tiny.tokenizer, 6, 8, **kw)
+    first = synthesize(tiny.model, tiny.tokenizer, 6, 8, deadline=0.0, **kw)  # one batch, then out of time
+    assert first == whole[:2]
+    assert synthesize(tiny.model, tiny.tokenizer, 6, 8, done=first, **kw) == whole

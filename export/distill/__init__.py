@@ -37,6 +37,9 @@ from .prune import drop_layers, prune_mlp, select_layers
 from .train import CHECKPOINT, TrainConfig
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache" / "distill"
+# Of a `minutes` budget, the teacher may spend up to this share writing training text (then training starts
+# with what it wrote; a later run continues the text).
+TEXT_SHARE = 0.4
 PLAN = "distill.json"
 CALIBRATION_ROWS = 16  # training rows whose hidden states rank the layers (16 x 256 tokens for the demo)
 DataItem = Union[str, Path]  # "synthetic" (teacher-written) or a UTF-8 text file
@@ -74,7 +77,7 @@ def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, s
     texts: list[str] = []
     for item in data:
         if item == "synthetic":
-            texts += synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
+            texts += written_texts(text_path(teacher, synthetic_samples, synthetic_tokens, seed, cache_root))
         else:
             texts += read_texts([Path(item)])
     rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
@@ -82,19 +85,39 @@ def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, s
     return rows[~overlapping_rows(rows, pack(heldout, teacher.tokenizer, 1, teacher.eos_id).ravel())]
 
 
-def synthetic_texts(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path) -> list[str]:
-    """Teacher-written texts, generated once and kept as JSON next to the top-k caches."""
-    path = Path(cache_root) / f"teacher-text-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
+def text_path(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path) -> Path:
+    return Path(cache_root) / f"teacher-text-{teacher.fingerprint}-{n}x{new_tokens}-s{seed}.json"
+
+
+def written_texts(path: Path) -> list[str]:
+    """The teacher's texts at `path`, or those of the interrupted run beside it (synthetic_texts)."""
+    for p in (path, path.with_suffix(".partial.json")):
+        if p.exists():
+            return json.loads(p.read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"no teacher-written text at {path}")
+
+
+def synthetic_texts(teacher: Teacher, n: int, new_tokens: int, seed: int, cache_root: Path,
+                    deadline: float | None = None) -> list[str]:
+    """Teacher-written texts, generated once and kept as JSON next to the top-k caches. Past `deadline` (a
+    time.perf_counter()) generation stops between batches: the texts so far are kept as `<key>.partial.json`
+    and used, and a later call continues them."""
+    path = text_path(teacher, n, new_tokens, seed, cache_root)
     if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
+        return written_texts(path)
+    partial = path.with_suffix(".partial.json")
+    done = written_texts(path) if partial.exists() else []
     meta = teacher.source.tokenizer_meta
     texts = synthesize(teacher.model, teacher.tokenizer, n, new_tokens, seed=seed,
                        pad_id=meta.get("pad_token_id") or 0, eos_ids=meta.get("eos_token_ids") or (),
-                       chat=chat_renderer(meta))
+                       chat=chat_renderer(meta), done=done, deadline=deadline)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    target = path if len(texts) >= n else partial
+    tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(texts), encoding="utf-8")
-    tmp.replace(path)
+    tmp.replace(target)
+    if target == path:
+        partial.unlink(missing_ok=True)
     return texts
 
 
@@ -172,7 +195,8 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     teacher = load_teacher(teacher_source)
     teacher.model.to(d.device)
     if d.main and "synthetic" in items:  # the teacher writes its texts once; the other ranks read them
-        synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root)
+        deadline = None if minutes is None else start + TEXT_SHARE * minutes * 60.0
+        synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root, deadline)
     distmod.barrier(d)
     rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
                          synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)

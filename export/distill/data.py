@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,23 +58,53 @@ def synthetic_prompts(n: int, seed: int, chat: Callable[[str], str] | None = Non
     return [p for pair in zip(starts, chats) for p in pair] + starts[len(chats):]
 
 
+NUCLEUS_CANDIDATES = 256  # top-p picks among this many most likely tokens (not a sort of the whole vocabulary)
+
+
+def nucleus_processor(top_p: float, k: int = NUCLEUS_CANDIDATES):
+    """A transformers LogitsProcessor: top-p over the k most likely tokens, with their probabilities under the
+    whole softmax (a 262k vocabulary is never sorted); scores [B, V] -> scores with the rest at -inf."""
+    from transformers import LogitsProcessor
+
+    class Nucleus(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            top, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)                      # [B, k], descending
+            probs = (top - scores.logsumexp(-1, keepdim=True)).exp()                      # [B, k]
+            before = probs.cumsum(-1) - probs                                             # mass above each
+            top = top.masked_fill(before >= top_p, float("-inf"))                        # the first always stays
+            return torch.full_like(scores, float("-inf")).scatter(-1, idx, top)
+
+    return Nucleus()
+
+
 @torch.no_grad()
 def synthesize(model, tokenizer, n: int, new_tokens: int, *, seed: int = 0, batch: int = 16,
                temperature: float = 0.8, top_p: float = 0.95, pad_id: int = 0, eos_ids: Sequence[int] = (),
-               chat: Callable[[str], str] | None = None) -> list[str]:
+               chat: Callable[[str], str] | None = None, done: Sequence[str] = (),
+               deadline: float | None = None) -> list[str]:
     """n texts written by the teacher: each prompt of synthetic_prompts() and up to `new_tokens` sampled tokens.
 
     A text ends before the teacher's first end-of-sequence token (pack() puts one back); special tokens of the
     chat template stay in the text, so the student learns the teacher's answers in their chat format.
+    `done`: texts of an interrupted call, continued from there (each batch samples from its own seed, so the
+    texts do not depend on where a call stopped). deadline: a time.perf_counter() after which no further batch
+    starts (the texts so far are returned, at least one batch's).
     """
+    from transformers import LogitsProcessorList
+
     prompts = synthetic_prompts(n, seed, chat)
-    torch.manual_seed(seed)
-    texts = []
+    texts = list(done)
     stop = set(eos_ids)
-    for start in tqdm(range(0, n, batch), desc="teacher-written text", unit="batch"):
+    nucleus = LogitsProcessorList([nucleus_processor(top_p)])
+    bar = tqdm(range(len(texts), n, batch), desc="teacher-written text", unit="batch")
+    for start in bar:
+        if deadline is not None and len(texts) > 0 and time.perf_counter() > deadline:
+            bar.close()
+            break
+        torch.manual_seed(seed * 1_000_003 + start)
         ids, mask = _left_pad([tokenizer.encode(p).ids for p in prompts[start:start + batch]], pad_id)
-        out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
-                             top_k=0, max_new_tokens=new_tokens, pad_token_id=pad_id,
+        out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=1.0,
+                             top_k=0, logits_processor=nucleus, max_new_tokens=new_tokens, pad_token_id=pad_id,
                              eos_token_id=list(stop) or None)
         for row, row_mask in zip(out.tolist(), mask):
             prompt, new = row[int((row_mask == 0).sum()):ids.shape[1]], row[ids.shape[1]:]
