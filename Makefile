@@ -63,7 +63,7 @@ fidelity: $(STAMP)
 	$(PY) bench/fidelity.py
 
 budget: $(BUNDLES)/smollm2-q4/manifest.json
-	.venv/bin/edge-run budget $(BUNDLES)/smollm2-q4 --budget 220MB --context 2048
+	.venv/bin/edge-run budget $(BUNDLES)/smollm2-q4 --budget 240MB --context 2048
 
 distill-demo: $(STAMP)
 	$(MAKE) model

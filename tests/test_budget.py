@@ -45,6 +45,24 @@ def test_plan_is_the_sum_of_its_components_and_grows_with_context(tiny_manifest)
     assert small["mapped"] == sum(t["nbytes"] for n, t in tensors.items() if not n.startswith("rotary."))
 
 
+def test_load_peak_pages_out_the_file_and_the_tokenizer_parse_is_a_moment_of_its_own(tiny_manifest, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(budget, "can_page_out", lambda: False)
+    held = budget.plan_session(tiny_manifest, 64, "ort")
+    monkeypatch.setattr(budget, "can_page_out", lambda: True)
+    paged = budget.plan_session(tiny_manifest, 64, "ort")
+    assert paged.load_transient == min(held.load_transient, budget.PAGEOUT_LAG)
+    assert held.load_peak - paged.load_peak == held["mapped"] + held.load_transient - paged.load_transient
+    assert paged.run_peak == held.run_peak
+    huge = copy.deepcopy(tiny_manifest)
+    name = (huge.get("tokenizer") or {}).get("file", "tokenizer.json")
+    huge["files"][name]["bytes"] = 100 * MB  # a tokenizer.json far larger than the weights
+    plan = budget.plan_session(huge, 64, "ort")
+    assert plan.total == plan.parse_peak == plan["runtime"] + plan.parse_bytes > plan.run_peak
+    assert "tokenizer.json being parsed" in plan.table()
+
+
 def test_resident_dequantized_matrices_are_planned(tiny_manifest):
     base = budget.plan_session(tiny_manifest, 64, "numpy")
     more = budget.plan_session(tiny_manifest, 64, "numpy", resident_bytes=3 * MB)

@@ -42,6 +42,24 @@ def test_reserve_is_zeroed_writable_and_resident_only_where_written():
     assert (buf[0] == 1).all() and not buf[1].any()
 
 
+@linux
+def test_paging_out_reclaims_a_mapped_file_while_its_block_runs_and_keeps_the_data(tmp_path):
+    import time
+
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(1).integers(0, 255, size=16 * MB, dtype=np.uint8)
+    data.tofile(path)
+    other = pages.reserve((8 * MB,), np.uint8)
+    other[::4096] = 7  # private pages beside it: left as they are
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with pages.paging_out(path, interval=0.001):
+        assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # read while the pager runs
+        time.sleep(0.05)
+        during = _mapping_rss(path)
+    assert pages.can_page_out() == (during < 4 * MB)  # reclaimed where the kernel takes MADV_PAGEOUT
+    assert np.array_equal(mapped, data) and (other[::4096] == 7).all()
+
+
 def test_reserve_of_nothing():
     assert pages.reserve((0, 4), np.float32).shape == (0, 4)
 

@@ -1,9 +1,13 @@
 """The memory planner: the peak resident memory of a generation session, from a bundle's manifest alone.
 
-The peak is the larger of two moments:
+The peak is the largest of three moments:
 
-    load:  runtime + weights + mapped + load transient             (ONNX Runtime prepacking a weight; the
-                                                                   tokenizer is read after the backend)
+    parse: runtime + the tokenizer.json being parsed              (read first, while little else is resident)
+    load:  runtime + tokenizer + weights + load transient         (ONNX Runtime prepacking the weights: the file's
+                                                                   pages it has read are paged out as it goes,
+                                                                   memory.pages.paging_out, so what remains is
+                                                                   the pager's lag; without it, + mapped + the
+                                                                   largest weight held twice)
     run:   runtime + tokenizer + weights + KV cache + mapped + activations + logits
 
 * runtime      the interpreter with NumPy, edge_runtime and the backend's library imported (measured);
@@ -33,7 +37,7 @@ from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity, shift_capacity, spec_for, supported
-from .pages import FAULT_AROUND, RELEASE_STEPS
+from .pages import FAULT_AROUND, RELEASE_STEPS, can_page_out
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
 # higher peak; 128 sits between (bench/memory.py, bench/run_one.py --prefill-chunk N). 16 is for the tightest
@@ -74,14 +78,14 @@ class Calibration:
 # ORT's float32 GroupQueryAttention scores keys in windows (flat past 2048); its float16 path scores all keys at
 # once and keeps float32 copies.
 CALIBRATION = {
-    "ort": Calibration(runtime=68 * MB, runtime_no_tokenizers=64 * MB, session=19 * MB, prefill_base=0,
+    "ort": Calibration(runtime=55 * MB, runtime_no_tokenizers=52 * MB, session=19 * MB, prefill_base=0,
                        activation_slack=0.5,
                        attention={"float32": Attention(1.15, 2048), "float16": Attention(1.5, None, 7 * MB)},
                        workspace=0),
     # NumPy's attention computes the scores in place in float64 (twice a float32 score's bytes) and reads the
     # cache in blocks of 512 positions (llama_numpy.attention); the rest of the slack is the causal mask and
     # the softmax's row temporaries
-    "numpy": Calibration(runtime=41 * MB, runtime_no_tokenizers=37 * MB, session=1 * MB, prefill_base=8 * MB,
+    "numpy": Calibration(runtime=37 * MB, runtime_no_tokenizers=34 * MB, session=1 * MB, prefill_base=8 * MB,
                          activation_slack=1.0,
                          attention={"float32": Attention(3.6, None), "float16": Attention(3.8, None)},
                          workspace=2 * MB),
@@ -89,6 +93,11 @@ CALIBRATION = {
 # Resident bytes of a parsed tokenizer per byte of tokenizer.json: the `tokenizers` wheel fitted on SmolLM2's BPE,
 # the pure-Python one on Gemma 3's 262k-piece vocabulary, which costs the most per byte of the two models.
 TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 2.5}
+# Peak bytes while parsing, per byte of tokenizer.json (the pure-Python one parses the whole JSON tree first).
+TOKENIZER_PARSE_RATIO = {"tokenizers": 23.5, "python": 11.5}
+# ONNX Runtime's load transient while paging_out runs: file pages read since the pager's last pass (measured
+# 13-24 MB on SmolLM2 and Gemma 3 bundles), at most the largest weight held twice.
+PAGEOUT_LAG = 32 * MB
 TOKENIZER_BASE = 3 * MB  # the tokenizer module, its special-token tables and its word cache
 
 
@@ -109,6 +118,8 @@ class MemoryPlan:
     prefill_chunk: int
     components: tuple[Component, ...]   # the run phase, summed
     load_transient: int = 0             # extra bytes held only while the backend is being built
+    parse_bytes: int = 0                # bytes held while tokenizer.json is parsed (before the backend is built)
+    mapped_at_load: bool = True         # False: the weight file's pages are paged out while the backend loads
     budget: int | None = None
     resident_bytes: int = 0             # NumPy backend: dequantized matrices kept as float32
     notes: tuple[str, ...] = field(default=())
@@ -122,12 +133,17 @@ class MemoryPlan:
 
     @property
     def load_peak(self) -> int:
-        fixed = sum(c.nbytes for c in self.components if c.name in ("runtime", "weights", "mapped"))
+        held = ("runtime", "tokenizer", "weights") + (("mapped",) if self.mapped_at_load else ())
+        fixed = sum(c.nbytes for c in self.components if c.name in held)
         return fixed + self.load_transient
 
     @property
+    def parse_peak(self) -> int:
+        return sum(c.nbytes for c in self.components if c.name == "runtime") + self.parse_bytes
+
+    @property
     def total(self) -> int:
-        return max(self.run_peak, self.load_peak)
+        return max(self.run_peak, self.load_peak, self.parse_peak)
 
     def fits(self) -> bool:
         return self.budget is None or self.total <= self.budget
@@ -145,6 +161,8 @@ class MemoryPlan:
         if self.load_transient:
             rows.append(f"  {'(load peak)':<12}{self.load_peak / MB:8.1f} MB  "
                         f"weights being prepacked: +{self.load_transient / MB:.1f} MB while loading")
+        if self.parse_peak > max(self.load_peak, self.run_peak):
+            rows.append(f"  {'(parse peak)':<12}{self.parse_peak / MB:8.1f} MB  tokenizer.json being parsed")
         rows.append(f"  {'peak':<12}{self.total / MB:8.1f} MB"
                     + (f"  budget {format_size(self.budget)}" if self.budget is not None else ""))
         return "\n".join(rows)
@@ -330,9 +348,14 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {kv_dtype!r}")
     impl = tokenizer_impl()
     runtime = cal.runtime if impl == "tokenizers" else cal.runtime_no_tokenizers
-    tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * _file_bytes(manifest, "tokenizer", "tokenizer.json"))
+    tok_file = _file_bytes(manifest, "tokenizer", "tokenizer.json")
+    tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * tok_file)
+    parse = TOKENIZER_BASE + int(TOKENIZER_PARSE_RATIO[impl] * tok_file)
+    paged_out = family == "ort" and can_page_out()
     if family == "ort":
         weights, mapped, transient = ort_weight_bytes(manifest, kv_dtype, context, prefill_chunk)
+        if paged_out:
+            transient = min(transient, PAGEOUT_LAG)
         wnote = "MatMulNBits prepacked at load"
     else:
         (weights, mapped), transient = numpy_weight_bytes(manifest, resident_bytes), 0
@@ -360,8 +383,8 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
         Component("activations", act, f"prefill chunk {min(prefill_chunk, context)} at the end of the context"),
         Component("logits", logits_bytes(cfg), f"vocab {cfg.vocab_size}"),
     )
-    return MemoryPlan(backend, int(context), kv_dtype, int(prefill_chunk), components, transient, budget,
-                      int(resident_bytes))
+    return MemoryPlan(backend, int(context), kv_dtype, int(prefill_chunk), components, transient, parse,
+                      not paged_out, budget, int(resident_bytes))
 
 
 def kv_dtype_choices(bundle, backend: str) -> tuple[str, ...]:

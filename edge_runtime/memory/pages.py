@@ -8,6 +8,11 @@ single value the model computes:
   positions holding 628 costs the pages of 628.
 * `trim_heap()`: hand the C heap's free pages back to the system (glibc malloc_trim): parsing tokenizer.json
   frees many short-lived objects, which would otherwise stay counted in RSS for the session.
+* `paging_out(path)`: while ONNX Runtime builds a session (and prepacks every weight from the mapped file
+  into its own buffers), a thread asks the kernel to reclaim the file's pages it has read (MADV_PAGEOUT), so
+  the file and the packed copies are not both resident at the load peak. Reclaiming never changes a value:
+  clean file pages are read again on access, and memory that is not the file's (an address range the loader
+  unmapped and reused meanwhile) is at most swapped out, so the thread needs no coordination with the loader.
 * `FilePages(path).release()`: drop this process's clean pages of a memory-mapped
   file. ONNX Runtime maps weights.bin, reads every weight once to prepack it into its own buffers, and keeps
   mapped what it reads in place: the embedding table GatherBlockQuantized gathers from, the norms, the rotary
@@ -17,15 +22,20 @@ single value the model computes:
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import mmap
 import re
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-_MADV_RANDOM, _MADV_DONTNEED = 1, 4  # Linux <sys/mman.h>
+_MADV_RANDOM, _MADV_DONTNEED, _MADV_PAGEOUT = 1, 4, 21  # Linux <sys/mman.h> (PAGEOUT: Linux 5.4+)
+PAGEOUT_INTERVAL = 0.001  # seconds between two passes of paging_out's thread
 # A read fault on a file mapping maps the page-cache pages around it too: Linux's fault_around_bytes default.
 FAULT_AROUND = 64 * 1024
 # Decode steps between two releases of a weight file's pages by a backend that gathers rows in place (ORT).
@@ -124,6 +134,51 @@ class FilePages:
             if self.madvise(start, end - start, _MADV_DONTNEED) == 0:
                 done += end - start
         return done
+
+
+@functools.cache
+def can_page_out() -> bool:
+    """Whether this kernel takes MADV_PAGEOUT (tried on a page of this process's own)."""
+    madvise = _madvise()
+    if madvise is None:
+        return False
+    import ctypes
+
+    buf = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+    try:
+        buf[0] = 1
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # the view is gone after this line
+        return madvise(address, mmap.PAGESIZE, _MADV_PAGEOUT) == 0
+    finally:
+        buf.close()
+
+
+@contextlib.contextmanager
+def paging_out(path: Path, interval: float = PAGEOUT_INTERVAL) -> Iterator[None]:
+    """Within the block, a thread pages out every mapping of `path` each `interval` seconds (module docstring);
+    where madvise cannot be called (not Linux) or the kernel has no MADV_PAGEOUT, the block runs as without."""
+    madvise = _madvise()
+    if madvise is None or not can_page_out():
+        yield
+        return
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(interval):
+            try:
+                spans = _mappings(path)
+            except OSError:
+                return
+            for start, end in spans:
+                madvise(start, end - start, _MADV_PAGEOUT)
+
+    thread = threading.Thread(target=run, name="edge-runtime-pageout", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def trim_heap() -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..generation.stats import MB, parse_size
 
-STAGES = ("runtime", "backend", "tokenizer", "prefill", "decode")  # in the order the child measures them
+STAGES = ("runtime", "tokenizer", "backend", "prefill", "decode")  # in the order the child measures them
 CHILD_TIMEOUT_S = 1800
 
 
@@ -164,9 +164,8 @@ def _child(spec: dict) -> dict:
     real_make = backends.make_backend
 
     def backend_then_mark(*a, **k):
-        engine = real_make(*a, **k)
-        mark()  # backend (load() builds it before the tokenizer)
-        return engine
+        mark()  # tokenizer (load() builds it before the backend)
+        return real_make(*a, **k)
 
     backends.make_backend = backend_then_mark
     t0 = time.perf_counter()
@@ -177,7 +176,7 @@ def _child(spec: dict) -> dict:
     finally:
         backends.make_backend = real_make
     load_s = time.perf_counter() - t0
-    mark()  # tokenizer (and everything else load() does after the backend)
+    mark()  # backend (and everything else load() does after the tokenizer)
 
     meta = model.bundle.manifest.get("tokenizer") or {}
     special = {int(t) for t in meta.get("eos_token_ids") or ()}
@@ -221,7 +220,8 @@ def _stage_sizes(marks: list[tuple[int, int]]) -> dict[str, int]:
     for i, name in enumerate(STAGES):
         (_, rss0), (hwm1, rss1) = marks[i], marks[i + 1]
         out[name] = hwm1 - rss0 if name == "prefill" else rss1 - rss0
-    out["load_transient"] = max(0, marks[2][0] - marks[2][1])
+    backend = marks[STAGES.index("backend") + 1]
+    out["load_transient"] = max(0, backend[0] - backend[1])
     return out
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ class BpeModel:
 
     def _merge_table(self, vocab: dict[str, int], merges, size: int) -> MergeTable:
         cut = len(self.prefix or "")
-        merges = list(merges)
+        merges = merges if isinstance(merges, list) else list(merges)
         table = MergeTable(max(1, size - 1).bit_length(), len(merges))
         for rank, merge in enumerate(merges):
             parts = merge.split(" ") if isinstance(merge, str) else list(merge)
@@ -543,10 +543,12 @@ class PurePythonTokenizer:
     """tokenizer.json without the Rust wheel: `encode`/`decode` give the ids and text `tokenizers` gives."""
 
     def __init__(self, spec: dict):
+        """spec: the parsed tokenizer.json; its merges list is consumed (emptied once the merge table holds it)."""
         for key in ("truncation", "padding"):
             if spec.get(key) is not None:
                 raise UnsupportedModelError(f"tokenizer.json sets {key}; the runtime expects it null")
         self.model = BpeModel.from_spec(spec["model"])
+        spec["model"]["merges"] = []  # half a million strings for a 262k vocabulary: not kept past the table
         vocab = spec["model"]["vocab"]  # the parsed dict: used while building, then dropped with `spec`
         self.normalize = build_normalizer(spec.get("normalizer"))
         self.pre_tokenize = build_pre_tokenizer(spec.get("pre_tokenizer"))

@@ -15,7 +15,7 @@ import numpy as np
 from ...errors import BundleError, ContextOverflowError, UnsupportedModelError
 from ...format.bundle import Bundle
 from ...format.contracts import DECODER as CONTRACT
-from ...memory.pages import RELEASE_STEPS, FilePages, reserve
+from ...memory.pages import RELEASE_STEPS, FilePages, paging_out, reserve
 from ...spec import spec_for
 from .window import INPUTS as WINDOW_INPUTS
 from .window import ShiftingWindows
@@ -118,15 +118,17 @@ class OrtBackend:
         self.options = dict(DEFAULT_OPTIONS, **(session_options or {}))
         cfg = bundle.config
         self.vocab = cfg.vocab_size
-        self.session = inference_session(bundle, graph_file or bundle.graph_file(kv_dtype),
-                                         make_session_options(threads, session_options))
+        weights_file = bundle.path(bundle.manifest["weights"]["file"])
+        with paging_out(weights_file):  # the file's pages go as the weights are prepacked (memory.pages)
+            self.session = inference_session(bundle, graph_file or bundle.graph_file(kv_dtype),
+                                             make_session_options(threads, session_options))
         self._ov = ort.OrtValue.ortvalue_from_numpy
         self.binding = self.session.io_binding()
         # What ONNX Runtime reads in place (the embedding table, norms, rotary tables) stays mapped, fully read
         # by prepacking. Its pages go now, after every chunk of several tokens and every RELEASE_STEPS decode
         # steps: resident are then at most the fault-around windows of the rows read since (the memory plan's
         # `mapped`), however many distinct tokens a session sees.
-        self.weight_pages = FilePages(bundle.path(bundle.manifest["weights"]["file"]))
+        self.weight_pages = FilePages(weights_file)
         self.weight_pages.release()
         self._steps = 0
         self.windows = self._shifting_windows(bundle)
