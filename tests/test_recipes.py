@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import pytest
 
 from export.options import ExportOptions, OptionsError
@@ -51,6 +52,13 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
     exact = plan_of(tiny_gguf, recipe="exact").specs
     assert exact[Q].method == "transcode" and exact[Q].bits == 4 and exact[Q].offsets
     assert (exact[EMBED].bits, exact[EMBED].method, exact[EMBED].block_size) == (8, "transcode", 32)
+    finer = plan_of(tiny_gguf, recipe="exact", block_size=16).specs  # the Q8_0 table split, its Q4_1 kept
+    assert finer[EMBED] == exact[EMBED].__class__(8, 16, "transcode") and finer[Q] == exact[Q]
+    from export.quant.quantize import quantize_tensor
+
+    whole, split = (quantize_tensor(EMBED, tiny_gguf.tensors[EMBED], s[EMBED], tiny_gguf.gguf_blocks)
+                    for s in (exact, finer))
+    assert np.array_equal(whole.dequantize(), split.dequantize())  # the same values, finer activation blocks
     q4 = plan_of(tiny_gguf)
     assert q4.specs[Q] == exact[Q] and q4.specs[EMBED].method == "sym" and not q4.act_aware
     assert q4.requantized() == [EMBED]

@@ -422,11 +422,13 @@ def _transcode_spec(blocks, preset: str, block_size: int) -> QuantSpec:
     """The exact transcode of GGUF blocks: the narrowest width holding their codes (8 for 5- to 8-bit codes,
     whatever the preset), 8 under int8.
 
-    int8 splits the GGUF blocks into the preset's smaller blocks when asked (still exact): MatMulNBits
-    rounds its int8 activations per weight block, so smaller blocks mean finer activations."""
+    int8, and exact for the codes it holds at 8 bits, split the GGUF blocks into the preset's smaller blocks
+    when asked (still exact): MatMulNBits rounds its int8 activations per weight block, so smaller blocks mean
+    finer activations."""
     sub = blocks.q.shape[-1]
     bits = 8 if preset == "int8" else transcode_bits(blocks)
-    bs = block_size if preset == "int8" and block_size < sub and sub % block_size == 0 else sub
+    splits = preset == "int8" or (preset == "exact" and bits == 8)
+    bs = block_size if splits and block_size < sub and sub % block_size == 0 else sub
     return QuantSpec(bits, bs, "transcode", offsets=blocks.m is not None)
 
 

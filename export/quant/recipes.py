@@ -55,11 +55,12 @@ def vocab_spec(source: SourceModel, name: str, block: int) -> Optional[QuantSpec
     return None if bs is None else QuantSpec(8, bs, "sym")
 
 
-def exact_specs(source: SourceModel) -> dict:
-    """Every tensor with GGUF blocks transcoded at its codes' width; other linear weights at int8."""
+def exact_specs(source: SourceModel, block_size: int | None = None) -> dict:
+    """Every tensor with GGUF blocks transcoded at its codes' width; other linear weights at int8.
+    block_size 16: the 8-bit transcodes split into blocks of 16 (the same values; finer int8 activations)."""
     if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
-    return preset_specs(source.config, "exact", source.gguf_blocks, block_size=32)
+    return preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
 
 
 def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
@@ -86,7 +87,7 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
     if opts.recipe == "fp32":
         specs = preset_specs(cfg, "fp32")
     elif opts.recipe == "exact":
-        specs = exact_specs(source)
+        specs = exact_specs(source, opts.block_size)
     elif opts.recipe == "q8":
         specs = preset_specs(cfg, "int8", blocks, transcode=opts.transcode and not opts.smoothing,
                              block_size=opts.weight_block, int8_method="asym" if opts.smoothing else "sym")
@@ -126,7 +127,8 @@ def refuse_idle_options(plan: Plan, opts: ExportOptions) -> None:
         raise OptionsError(f"--offsets does nothing for this source{hint}")
     if opts.method == "gptq" and not plan.gptq:
         raise OptionsError("--method gptq does nothing: no int4 matmul of this plan can be GPTQ-rounded")
-    if opts.block_size is not None and not plan.requantized() and plan.recipe != "mixed":
+    split = plan.recipe == "exact" and opts.block_size == 16  # splits the 8-bit transcodes (exact_specs)
+    if opts.block_size is not None and not plan.requantized() and plan.recipe != "mixed" and not split:
         raise OptionsError("--block-size does nothing: every tensor is transcoded from GGUF blocks or fp32")
     if not opts.act_aware and plan.recipe != "mixed" and not any(s.method == "search" for s in int4):
         raise OptionsError("--no-act-aware does nothing: no int4 tensor is found by the block search")
