@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from ..errors import EdgeError, MemoryBudgetError
 from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
+from ..format.contracts import WINDOW_INPUTS
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity, shift_capacity, spec_for, supported
 from .pages import FAULT_AROUND, RELEASE_STEPS, can_page_out
@@ -227,7 +228,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None, 
 def kv_windows(manifest: dict, family: str) -> tuple | None:
     """The layer windows a backend family keeps window-sized, None when it keeps the whole context everywhere:
     the NumPy backend always; ONNX Runtime when the graph takes the window buffers' inputs."""
-    if family == "numpy" or WINDOW_INPUT in (manifest.get("graph") or {}).get("inputs", ()):
+    if family == "numpy" or WINDOW_INPUTS[0] in (manifest.get("graph") or {}).get("inputs", ()):
         return layer_windows(manifest)
     return None
 
@@ -243,7 +244,6 @@ def layer_windows(manifest: dict) -> tuple:
     return tuple(layer.get("window") for layer in (manifest.get("decoder") or {}).get("layers", ()))
 
 
-WINDOW_INPUT = "seqlens_k.window"  # a graph input of ONNX Runtime's shifting window buffers
 
 
 def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32", context: int | None = None,

@@ -21,6 +21,7 @@ import onnx
 
 from edge_runtime.errors import UnsupportedModelError
 from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.contracts import WINDOW_INPUTS
 from edge_runtime.format.quant import BlockQuant
 from edge_runtime.spec import EMBED, FINAL_NORM, Layer, spec_for
 from edge_runtime.spec.rope import half_tables
@@ -118,9 +119,9 @@ class DecoderGraph:
         """(seqlens_k, total_sequence_length, cos, sin) of the sliding-window layers' shifting buffers: counted
         from the buffer's first slot, and the rotary rows of the positions from that slot on [rows, D/2]."""
         g, half = self.g, self.cfg.head_dim // 2
-        return (g.input("seqlens_k.window", np.int32, [1]), g.input("total_sequence_length.window", np.int32, []),
-                g.input("rotary.window.cos_cache", self.kv_dtype, ["window_rows", half]),
-                g.input("rotary.window.sin_cache", self.kv_dtype, ["window_rows", half]))
+        seqlens, total, cos, sin = WINDOW_INPUTS
+        return (g.input(seqlens, np.int32, [1]), g.input(total, np.int32, []),
+                g.input(cos, self.kv_dtype, ["window_rows", half]), g.input(sin, self.kv_dtype, ["window_rows", half]))
 
     def shifted(self, ly: Layer) -> bool:
         return bool(self.shared) and ly.window is not None

@@ -15,9 +15,9 @@ import numpy as np
 from ...errors import BundleError, ContextOverflowError, UnsupportedModelError
 from ...format.bundle import Bundle
 from ...format.contracts import DECODER as CONTRACT
+from ...format.contracts import WINDOW_INPUTS
 from ...memory.pages import RELEASE_STEPS, FilePages, paging_out, reserve
 from ...spec import spec_for
-from .window import INPUTS as WINDOW_INPUTS
 from .window import ShiftingWindows
 
 # Each setting's effect on speed and peak RSS: `bench/ort_graph.py sweep BUNDLE` (one process per setting, VmHWM;
@@ -132,6 +132,8 @@ class OrtBackend:
         self.weight_pages.release()
         self._steps = 0
         self.windows = self._shifting_windows(bundle)
+        if self.windows is not None and self.windows.capacity < self.context:
+            self.kv_ring = self.windows.window
         # [1, kv_heads, context (or the window's capacity), head_dim] per layer and per K/V, reserved once (the
         # memory plan counts all of it, so RSS never grows past the plan) and resident as positions are written.
         self.kv = []
@@ -143,7 +145,7 @@ class OrtBackend:
                 value = self._ov(buf)
                 self.binding.bind_ortvalue_input(f"past_key_values.{ly.index}.{kv}", value)
                 self.binding.bind_ortvalue_output(f"present.{ly.index}.{kv}", value)
-                self.kv.append((buf, value))
+                self.kv.append((buf, value, shifts))
                 if shifts:
                     self.windows.buffers.append(buf)
         self._seqlens = np.zeros(1, np.int32)     # [1]  past_len + S - 1
@@ -167,10 +169,7 @@ class OrtBackend:
         shared = spec_for(bundle.config).shared_window()
         if shared is None or not names >= set(WINDOW_INPUTS):
             raise BundleError(f"bundle {bundle.root}: the graph's sliding-window inputs do not match its config")
-        windows = ShiftingWindows(shared[0], shared[1], self.context, bundle.config.head_dim, self.kv_dtype)
-        if windows.capacity < self.context:
-            self.kv_ring = windows.window
-        return windows
+        return ShiftingWindows(shared[0], shared[1], self.context, bundle.config.head_dim, self.kv_dtype)
 
     def _bind(self, ids, index, logits) -> None:
         self.binding.bind_ortvalue_input("input_ids", ids)
@@ -228,21 +227,18 @@ class OrtBackend:
 
     def kv_arrays(self) -> list[np.ndarray]:
         """The bound buffers [1, kv_heads, context or window capacity, head_dim], per layer key then value."""
-        return [buf for buf, _ in self.kv]
+        return [buf for buf, _, _ in self.kv]
 
     def kv_held(self, n: int, base: int | None = None) -> tuple[int, list[np.ndarray]]:
         """(position in the first slot of the window buffers, views of the slots holding positions < n);
         `base` (from a session file) first sets where the window buffers start."""
-        if self.windows is None:
-            return 0, [buf[..., :n, :] for buf, _ in self.kv]
-        if base is not None:
+        if base is not None and self.windows is not None:
             self.windows.set_base(base)
-        shifted = {id(b) for b in self.windows.buffers}
-        return self.windows.base, [self.windows.held(n, buf) if id(buf) in shifted else buf[..., :n, :]
-                                   for buf, _ in self.kv]
+        first = self.windows.base if self.windows is not None else 0
+        return first, [buf[..., :max(0, n - first) if shifts else n, :] for buf, _, shifts in self.kv]
 
     def kv_nbytes(self) -> int:
-        return sum(buf.nbytes for buf, _ in self.kv)
+        return sum(buf.nbytes for buf, _, _ in self.kv)
 
     def describe(self) -> str:
         exact = " activations=float32 (exact graph)" if self.float_activations else ""

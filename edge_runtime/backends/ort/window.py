@@ -15,10 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import EdgeError
+from ...format.contracts import WINDOW_INPUTS
 from ...spec import Rope, shift_capacity, shift_stride
 from ...spec.rope import half_tables
-
-INPUTS = ("seqlens_k.window", "total_sequence_length.window", "rotary.window.cos_cache", "rotary.window.sin_cache")
 
 
 class ShiftingWindows:
@@ -37,7 +36,7 @@ class ShiftingWindows:
         self._rows()
 
     def inputs(self) -> dict[str, np.ndarray]:
-        return dict(zip(INPUTS, (self.seqlens, self.total, self.cos, self.sin)))
+        return dict(zip(WINDOW_INPUTS, (self.seqlens, self.total, self.cos, self.sin)))
 
     def prepare(self, past_len: int, s: int) -> None:
         """Make room for s (<= stride) new positions at past_len and set the graph's window inputs."""
@@ -63,7 +62,3 @@ class ShiftingWindows:
     def _rows(self) -> None:
         cos, sin = half_tables(self.capacity, self.head_dim, self.rope, start=self.base)
         self.cos[...], self.sin[...] = cos, sin
-
-    def held(self, n: int, buf: np.ndarray) -> np.ndarray:
-        """The slots of `buf` holding positions base..n-1."""
-        return buf[..., :max(0, n - self.base), :]
