@@ -32,6 +32,7 @@ PRESETS = {
     "int8-requant": ["--quant", "int8", "--no-transcode"],
     "int8-requant-acc0": ["--quant", "int8", "--no-transcode", "--accuracy-level", "0"],
     "int4": ["--quant", "int4"],
+    "int4-vocab64": ["--quant", "int4", "--vocab-block", "64"],  # q4's int8 lm_head in blocks of 64, not 32
     "int4-acc0": ["--quant", "int4", "--accuracy-level", "0"],
     # the re-quantized Q8_0 embedding (lm_head) at block 16 with float offsets; Q4_1 layers still transcoded
     "int4-embed-offs16": ["--quant", "int4", "--block-size", "16", "--offsets"],
@@ -55,10 +56,12 @@ PRESETS = {
     "auto-0.02-requant-offsets": ["--quant", "auto", "--no-transcode", "--offsets", "--max-kld", "0.02"],
 }
 # Gemma 3 270M (base): every GGUF block kept (exact; its 8-bit blocks split in two for finer int8 activations:
-# exact-b16; with float activations: exact-acc0), int8 everywhere (q8), the default int4 (q4)
+# exact-b16; with float activations: exact-acc0), int8 everywhere (q8; in blocks of 16: q8-b16), the default int4
+# (q4)
 GEMMA_PRESETS = {"exact": ["--recipe", "exact"], "exact-b16": ["--recipe", "exact", "--block-size", "16"],
                  "exact-acc0": ["--recipe", "exact", "--accuracy-level", "0"],
-                 "q8": ["--recipe", "q8"], "q4": ["--recipe", "q4"]}
+                 "q8": ["--recipe", "q8"], "q8-b16": ["--recipe", "q8", "--block-size", "16"],
+                 "q4": ["--recipe", "q4"]}
 MODELS = {"smollm2": (MODEL, PRESETS), "gemma3": (GEMMA, GEMMA_PRESETS)}
 SPEED_PROMPT = "In two sentences, why do small language models run well on phones?"
 SPEED_CODE = """
@@ -130,7 +133,7 @@ def every_domain(r: dict, max_kl: float, min_top1: float = 0.0) -> bool:
 def gemma_acceptance(rows: dict) -> list[str]:
     lines = []
     for name, kl, top1 in (("exact", 0.005, 0.97), ("exact-b16", 0.005, 0.97), ("exact-acc0", 0.005, 0.97),
-                           ("q8", 0.003, 0.0)):
+                           ("q8", 0.003, 0.0), ("q8-b16", 0.003, 0.0)):
         if name in rows:
             r = rows[name]
             worst = max([r, *r["domains"].values()], key=lambda f: f["kl"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from export.options import ExportOptions, OptionsError
-from export.quant.recipes import VOCAB_INT8_BLOCK, resolve
+from export.quant.recipes import Q4_VOCAB_BLOCK, resolve
 from export.sources import load_source
 
 EMBED = "model.embed_tokens.weight"
@@ -38,7 +38,7 @@ def plan_of(source, **kw):
 def test_recipes_resolve_to_per_tensor_specs(tiny):
     q4 = plan_of(tiny).specs
     assert q4[Q].bits == 4 and q4[Q].method == "search"
-    assert (q4[EMBED].bits, q4[EMBED].block_size, q4[EMBED].method) == (8, VOCAB_INT8_BLOCK, "sym")
+    assert (q4[EMBED].bits, q4[EMBED].block_size, q4[EMBED].method) == (8, Q4_VOCAB_BLOCK, "sym")
     assert all(s is None for n, s in q4.items() if n.endswith("norm.weight"))
     q8 = plan_of(tiny, recipe="q8").specs
     assert {s.bits for s in q8.values() if s is not None} == {8} and q8[Q].block_size == 16  # smoothed: blocks of 16
@@ -60,8 +60,11 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
                     for s in (exact, finer))
     assert np.array_equal(whole.dequantize(), split.dequantize())  # the same values, finer activation blocks
     q4 = plan_of(tiny_gguf)
-    assert q4.specs[Q] == exact[Q] and q4.specs[EMBED].method == "sym" and not q4.act_aware
-    assert q4.requantized() == [EMBED]
+    assert q4.specs[Q] == exact[Q] and q4.specs[EMBED] == exact[EMBED] and not q4.act_aware  # Q8_0 as it is
+    assert q4.requantized() == []
+    coarse = plan_of(tiny_gguf, vocab_block=64)  # the int8 table re-quantized in blocks of 64
+    assert coarse.specs[EMBED].method == "sym" and coarse.specs[EMBED].block_size == 64
+    assert coarse.requantized() == [EMBED]
     assert plan_of(tiny_gguf, transcode=False, method="gptq").specs[Q].method == "gptq"
 
 
