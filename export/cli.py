@@ -39,8 +39,9 @@ def build_parser() -> ArgumentParser:
                     help="store a tied lm_head apart from the embedding table: the lm_head quantized by the preset "
                          "(GPTQ-rounded under --method gptq), the table at 8 bits (more bytes on disk, none per token)")
     ap.add_argument("--vocab-block", type=int, default=None, choices=(16, 32, 64),
-                    help="q4 / mixed: block size of the int8 embedding / lm_head (default 32 / 64; smaller blocks give "
-                         "the lm_head finer int8 inputs: lower KLD, more scales to read)")
+                    help="q4 / mixed / exact: block size of the int8 embedding / lm_head (default 32 / 64 / "
+                         "--block-size's; smaller blocks give the lm_head finer int8 inputs: lower KLD, more "
+                         "scales to read)")
     ap.add_argument("--no-transcode", action="store_true",
                     help="re-quantize GGUF blocks instead of transcoding them exactly")
     ap.add_argument("--kv-dtype", default=None, choices=("float32", "float16"),

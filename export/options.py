@@ -110,8 +110,11 @@ def _check_combinations(o: ExportOptions) -> None:
     if o.target_kld is not None and o.recipe != "mixed":
         raise OptionsError(f"--target-kld sets the mixed recipe's goal; recipe {o.recipe} has none "
                            "(--max-kld is the quality gate)")
-    if o.vocab_block is not None and o.recipe not in ("q4", "mixed"):
-        raise OptionsError(f"--vocab-block sets the int8 embedding / lm_head of q4 and mixed, not {o.recipe}")
+    if o.vocab_block is not None and o.recipe not in ("q4", "mixed", "exact"):
+        raise OptionsError(f"--vocab-block sets the int8 embedding / lm_head of q4, mixed and exact, not {o.recipe}")
+    if o.recipe == "exact" and o.vocab_block not in (None, 16, 32):
+        raise OptionsError("recipe exact keeps GGUF blocks of 32: --vocab-block 32 keeps the embedding / lm_head's, "
+                           "16 splits them")
     if (o.smooth is not None or o.smooth_alpha is not None) and o.recipe != "q8":
         raise OptionsError(f"smoothing applies to the q8 recipe only, not {o.recipe}")
     if o.recipe in ("fp32", "exact", "q8") and (o.method is not None or o.offsets):

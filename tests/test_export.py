@@ -112,7 +112,7 @@ def test_export_failure_leaves_previous_bundle_untouched(tiny_bundle, tmp_path):
 def test_export_refuses_vocab_block_outside_q4_and_mixed(tmp_path):
     p = run_cli("tiny:llama", "--quant", "int8", "--vocab-block", "16", "--out", tmp_path / "x", "--quiet")
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "--vocab-block sets the int8 embedding / lm_head of q4 and mixed, not q8" in p.stderr
+    assert "--vocab-block sets the int8 embedding / lm_head of q4, mixed and exact, not q8" in p.stderr
     assert not (tmp_path / "x").exists()
 
 

@@ -59,6 +59,9 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
     whole, split = (quantize_tensor(EMBED, tiny_gguf.tensors[EMBED], s[EMBED], tiny_gguf.gguf_blocks)
                     for s in (exact, finer))
     assert np.array_equal(whole.dequantize(), split.dequantize())  # the same values, finer activation blocks
+    layers_only = plan_of(tiny_gguf, recipe="exact", block_size=16, vocab_block=32).specs
+    assert layers_only[EMBED] == exact[EMBED] and layers_only[Q] == finer[Q]
+    assert plan_of(tiny_gguf, recipe="exact", vocab_block=16).specs[EMBED] == finer[EMBED]
     q4 = plan_of(tiny_gguf)
     assert q4.specs[Q] == exact[Q] and q4.specs[EMBED] == exact[EMBED] and not q4.act_aware  # Q8_0 as it is
     assert q4.requantized() == []
@@ -72,6 +75,7 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
     ({"method": "gptq"}, "--method does nothing for this source (every int4 tensor is transcoded"),
     ({"offsets": True}, "--offsets does nothing for this source"),
     ({"recipe": "exact", "block_size": 64}, "--block-size does nothing: every tensor is transcoded"),
+    ({"recipe": "exact", "vocab_block": 32}, "--vocab-block 32 does nothing: the embedding / lm_head already"),
 ])
 def test_options_that_change_nothing_for_this_source_are_refused(tiny_gguf, kw, message):
     with pytest.raises(OptionsError, match=message.replace("(", r"\(")):
@@ -81,7 +85,8 @@ def test_options_that_change_nothing_for_this_source_are_refused(tiny_gguf, kw, 
 @pytest.mark.parametrize("kw, message", [
     ({"method": "gptq", "offsets": True}, "--method gptq rounds onto integer zero points"),
     ({"target_kld": 0.01}, "--target-kld sets the mixed recipe's goal"),
-    ({"recipe": "q8", "vocab_block": 16}, "--vocab-block sets the int8 embedding / lm_head of q4 and mixed"),
+    ({"recipe": "q8", "vocab_block": 16}, "--vocab-block sets the int8 embedding / lm_head of q4, mixed and exact"),
+    ({"recipe": "exact", "vocab_block": 64}, "recipe exact keeps GGUF blocks of 32"),
     ({"smooth_alpha": 0.3}, "smoothing applies to the q8 recipe only"),
     ({"recipe": "fp32", "method": "rtn"}, "recipe fp32 rounds nothing to int4"),
     ({"max_kld": 0.0}, "--max-kld must be positive"),

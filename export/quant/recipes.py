@@ -58,12 +58,18 @@ def vocab_spec(source: SourceModel, name: str, block: int) -> Optional[QuantSpec
     return None if bs is None else QuantSpec(8, bs, "sym")
 
 
-def exact_specs(source: SourceModel, block_size: int | None = None) -> dict:
+def exact_specs(source: SourceModel, block_size: int | None = None, vocab_block: int | None = None) -> dict:
     """Every tensor with GGUF blocks transcoded at its codes' width; other linear weights at int8.
-    block_size 16: the 8-bit transcodes split into blocks of 16 (the same values; finer int8 activations)."""
+    block_size 16: the 8-bit transcodes split into blocks of 16 (the same values; finer int8 activations);
+    vocab_block: the same choice for the embedding / lm_head alone (the largest matmul of a big-vocabulary
+    model, so its scales cost the most bytes per token)."""
     if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
-    return preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
+    specs = preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
+    for name in VOCAB_NAMES if vocab_block else ():
+        if specs.get(name) is not None and name in source.gguf_blocks:
+            specs[name] = _transcode_spec(source.gguf_blocks[name], "exact", vocab_block)
+    return specs
 
 
 def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
@@ -91,7 +97,10 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
     if opts.recipe == "fp32":
         specs = preset_specs(cfg, "fp32")
     elif opts.recipe == "exact":
-        specs = exact_specs(source, opts.block_size)
+        specs = exact_specs(source, opts.block_size, opts.vocab_block)
+        if opts.vocab_block is not None and specs == exact_specs(source, opts.block_size):
+            raise OptionsError(f"--vocab-block {opts.vocab_block} does nothing: the embedding / lm_head already "
+                               f"has blocks of {opts.vocab_block} (or no 8-bit GGUF blocks to split)")
     elif opts.recipe == "q8":
         specs = preset_specs(cfg, "int8", blocks, transcode=opts.transcode and not opts.smoothing,
                              block_size=opts.weight_block, int8_method="asym" if opts.smoothing else "sym")
