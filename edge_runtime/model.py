@@ -69,7 +69,8 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     if not isinstance(backend, str):
         raise EdgeError(f"backend must be a name such as 'auto', got {backend!r:.40}")
     threads = check_threads(threads)
-    bundle = Bundle.open(bundle_path, verify=verify)
+    # checksums in a thread: the weights are hashed while the tokenizer parses (Bundle.path awaits each file's)
+    bundle = Bundle.open(bundle_path, verify=verify, background=True)
     limit = parse_size(memory_budget) if memory_budget is not None else None
     name = budget.resolve_backend(bundle, backend, limit, context, kv_dtype)  # "auto" under a budget: what fits
     # Planned before anything large (tokenizer, weights, KV cache) is allocated.
@@ -81,6 +82,7 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     pages.trim_heap()
     engine = backends.make_backend(name, bundle, context, threads, **opts)
     pages.trim_heap()  # the prepacking buffers ONNX Runtime freed
+    bundle.wait_verified()  # every file, the ones this load did not read included
     return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
                  prefill_chunk=chunk)
 

@@ -26,6 +26,7 @@ from edge_runtime.tokenizer import pretokenize
 from edge_runtime.tokenizer.bpe import (
     K_BARRIER_EXTRA,
     NFC_BARRIER,
+    MergeTable,
     PurePythonTokenizer,
     is_word_char,
     unicode_form,
@@ -329,3 +330,20 @@ def test_unsupported_parts_fail_at_load(specs, patch):
     spec = dict(json.loads(specs["byte_fallback"]), **patch)
     with pytest.raises(UnsupportedModelError):
         PurePythonTokenizer(spec)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_merge_table_built_at_once_equals_inserting_in_order(seed):
+    # dense ids so home slots collide, and repeated pairs (the last rank wins, as `put` in order)
+    rng = random.Random(seed)
+    shift, n = 9, 3000
+    merges = [(rng.randrange(40), rng.randrange(40), rng.randrange(1 << shift)) for _ in range(n)]
+    one_by_one = MergeTable(shift, n)
+    for rank, (a, b, m) in enumerate(merges):
+        one_by_one.put(a, b, rank, m)
+    at_once = MergeTable.from_arrays(shift, *zip(*merges))
+    assert len(at_once.keys) == len(one_by_one.keys)
+    for a in range(45):
+        for b in range(45):
+            assert at_once.get(a, b) == one_by_one.get(a, b)
+    assert MergeTable.from_arrays(shift, [], [], []).get(1, 2) is None

@@ -17,7 +17,7 @@ import pytest
 import edge_runtime
 from edge_runtime import backends
 from edge_runtime.errors import BundleError, ContextOverflowError, EdgeError, UnsupportedModelError
-from edge_runtime.format.bundle import FORMAT_VERSION, write_manifest
+from edge_runtime.format.bundle import FORMAT_VERSION, Bundle, write_manifest
 from edge_runtime.generation.generate import fit_prompt, held_back, split_stop
 from edge_runtime.generation.stats import GenerationStats, parse_size, peak_rss_bytes
 from edge_runtime.threads import default_threads
@@ -192,6 +192,22 @@ def test_load_rejects_tampered_and_missing_bundles(tmp_path):
     tok.write_text(tok.read_text().replace('"the"', '"teh"'))
     with pytest.raises(EdgeError, match="tokenizer"):  # each implementation words it its own way
         edge_runtime.load(tmp_path / "bundle", backend="fake", verify=False)
+
+
+def test_background_verification_gates_each_file(tmp_path):
+    # load() checksums in a thread: a file is handed out only once its checksum matched, and load waits for all
+    root = write_bundle(tmp_path / "bundle", ids_of("the cat"))
+    weights = root / "weights.bin"
+    weights.write_bytes(b"\x01" + weights.read_bytes()[1:])
+    bundle = Bundle.open(root, background=True)  # sizes match: the open itself succeeds
+    assert bundle.path("tokenizer.json") == root / "tokenizer.json"
+    with pytest.raises(BundleError, match="checksum mismatch for weights.bin"):
+        bundle.path("weights.bin")
+    with pytest.raises(BundleError, match="checksum mismatch for weights.bin"):
+        bundle.wait_verified()
+    with pytest.raises(BundleError, match="checksum mismatch for weights.bin"):
+        Bundle.open(root)  # the default: every checksum before open returns
+    Bundle.open(root, verify=False, background=True).path("weights.bin")  # nothing to wait for
 
 
 def test_backend_resolution(monkeypatch):

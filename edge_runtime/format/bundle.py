@@ -1,7 +1,6 @@
 """Reading a bundle: manifest, checksums, and memory-mapped views of weights.bin (see docs/bundle-format.md)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,22 +13,13 @@ from ..errors import BundleError, ContextOverflowError, EdgeError, UnsupportedMo
 from .config import ModelConfig
 from .manifest_checks import check_manifest, seal
 from .onnx_refs import ProtobufError, external_data_locations
+from .verification import Verification, mismatch, sha256_file
 
 FORMAT = "edge-bundle"
 FORMAT_VERSION = 3  # the manifest carries its own checksum (manifest_checks.CHECKSUM_KEY) and a `decoder` entry
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # the weight index of a model far larger than any this runtime targets
 ALIGN = 4096  # every tensor in weights.bin starts on a page boundary so it can be mmapped in place
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def kv_graphs(manifest: dict) -> dict[str, str]:
@@ -65,11 +55,13 @@ class Bundle:
     root: Path
     manifest: dict
     _mmap: Optional[np.memmap] = field(default=None, repr=False)
+    _verification: Optional[Verification] = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, path, verify: bool = True) -> "Bundle":
+    def open(cls, path, verify: bool = True, background: bool = False) -> "Bundle":
         """Read the manifest (its checksum and bounds checked) and check every file's size and (by default)
-        sha256 before anything uses it."""
+        sha256 before anything uses it. background: the checksums are computed by a thread (verification.py)
+        and each file's is awaited by `path(name)`; `wait_verified()` awaits them all."""
         if not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"a bundle path must be a string or a path, got {type(path).__name__}")
         root = Path(path)
@@ -95,8 +87,16 @@ class Bundle:
             )
         check_manifest(manifest, f"bundle {root}")
         bundle = cls(root, manifest)
-        bundle.check_files(hashes=verify)
+        bundle.check_files(hashes=verify and not background)
+        if verify and background:
+            files = {name: (bundle.path(name), meta["sha256"]) for name, meta in manifest["files"].items()}
+            bundle._verification = Verification(root, files)
         return bundle
+
+    def wait_verified(self) -> None:
+        """Return once every file's checksum matched (at once unless opened with background=True)."""
+        if self._verification is not None:
+            self._verification.wait_all()
 
     def check_files(self, hashes: bool = True) -> None:
         for name, meta in self.manifest["files"].items():
@@ -109,7 +109,7 @@ class Bundle:
                     f"bundle {self.root}: {name} is {size} bytes, manifest says {meta['bytes']} (truncated or altered)"
                 )
             if hashes and sha256_file(p) != meta["sha256"]:
-                raise BundleError(f"bundle {self.root}: checksum mismatch for {name} (file altered or corrupted)")
+                raise BundleError(mismatch(self.root, name))
 
     def path(self, name: str) -> Path:
         """The path of a file the manifest lists. Names come from the manifest: anything unlisted, or whose
@@ -122,6 +122,8 @@ class Bundle:
         root = self.root.resolve()
         if not p.resolve().is_relative_to(root) or p.resolve() == root:
             raise BundleError(f"bundle {self.root}: {name} leads outside the bundle (symbolic link)")
+        if self._verification is not None:
+            self._verification.wait(name)  # nothing reads a file before its checksum matched
         return p
 
     def graph_path(self, name: str) -> Path:

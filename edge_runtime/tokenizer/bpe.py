@@ -82,6 +82,36 @@ class MergeTable:
         self.keys[i] = key
         self.values[i] = rank << self.shift | merged
 
+    @classmethod
+    def from_arrays(cls, shift: int, left, right, merged) -> MergeTable:
+        """The table of merges ranked by position (a repeated pair keeps its last rank, as `put` in order would),
+        built with NumPy: keys are placed in rounds, each pending key taking its probe slot when free (the
+        lowest-ranked claimant wins a slot) or moving one slot on. A key only ever passes occupied slots, so
+        `_slot`'s linear probe from its home finds it, as after inserting one by one."""
+        import numpy as np
+
+        table = cls(shift, len(left))
+        keys = np.asarray(left, np.int64) << shift | np.asarray(right, np.int64)                 # [n]
+        values = np.arange(len(keys), dtype=np.int64) << shift | np.asarray(merged, np.int64)     # [n]
+        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]                      # last rank per pair
+        keys, values = keys[last], values[last]
+        slots_k = np.full(table.mask + 1, cls.EMPTY, np.int64)
+        slots_v = np.zeros(table.mask + 1, np.int64)
+        # _slot's hash: bits 17.. of key * C, which the product modulo 2**64 keeps as they are
+        pos = ((keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)).astype(np.int64)
+        pos &= table.mask
+        pending = np.arange(len(keys))
+        while len(pending):
+            p = pos[pending]
+            free = slots_k[p] == cls.EMPTY
+            taken, first = np.unique(p[free], return_index=True)
+            winners = pending[free][first]
+            slots_k[taken], slots_v[taken] = keys[winners], values[winners]
+            pending = np.setdiff1d(pending, winners, assume_unique=True)
+            pos[pending] = (pos[pending] + 1) & table.mask
+        table.keys, table.values = array.array("q", slots_k.tobytes()), array.array("q", slots_v.tobytes())
+        return table
+
     def get(self, left: int, right: int) -> tuple[int, int] | None:
         key = left << self.shift | right
         i = self._slot(key)
@@ -142,19 +172,21 @@ class BpeModel:
     def _merge_table(self, vocab: dict[str, int], merges, size: int) -> MergeTable:
         cut = len(self.prefix or "")
         merges = merges if isinstance(merges, list) else list(merges)
-        table = MergeTable(max(1, size - 1).bit_length(), len(merges))
-        for rank, merge in enumerate(merges):
-            parts = merge.split(" ") if isinstance(merge, str) else list(merge)
-            if len(parts) != 2:
-                raise UnsupportedModelError(f"tokenizer merge #{rank + 1} {merge!r} is not a pair")
-            left, right = parts
-            merged = left + right[cut:]
-            for token in (left, right, merged):
-                if token not in vocab:
-                    raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
-            # A repeated pair keeps its last rank, as the Rust HashMap collect does.
-            table.put(vocab[left], vocab[right], rank, vocab[merged])
-        return table
+        pairs = [merge.split(" ") if isinstance(merge, str) else list(merge) for merge in merges]
+        if any(len(parts) != 2 for parts in pairs):
+            rank = next(r for r, parts in enumerate(pairs) if len(parts) != 2)
+            raise UnsupportedModelError(f"tokenizer merge #{rank + 1} {merges[rank]!r} is not a pair")
+        get = vocab.get
+        left = [get(a) for a, _ in pairs]
+        right = [get(b) for _, b in pairs]
+        merged = [get(a + b[cut:]) for a, b in pairs]
+        if None in left or None in right or None in merged:
+            for merge, (a, b) in zip(merges, pairs):
+                for token in (a, b, a + b[cut:]):
+                    if token not in vocab:
+                        raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
+        # A repeated pair keeps its last rank, as the Rust HashMap collect does.
+        return MergeTable.from_arrays(max(1, size - 1).bit_length(), left, right, merged)
 
     def token_id(self, token: str) -> int | None:
         return self.vocab.get(token)

@@ -17,9 +17,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from edge_runtime.errors import EdgeError
-from edge_runtime.format.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
+from edge_runtime.format.bundle import ALIGN, FORMAT, FORMAT_VERSION, MANIFEST, write_manifest
 from edge_runtime.format.config import ModelConfig
 from edge_runtime.format.contracts import DECODER
+from edge_runtime.format.verification import sha256_file
 from edge_runtime.spec import spec_for, supported
 
 from ..graph.builder import WEIGHT_LAYOUT_KEY, fused_initializers

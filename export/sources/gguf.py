@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import UnsupportedModelError
-from edge_runtime.format.bundle import sha256_file
 from edge_runtime.format.config import ModelConfig
+from edge_runtime.format.verification import sha256_file
 from edge_runtime.spec import spec_for
 from edge_runtime.spec.base import GGUF_GLOBAL, GGUF_LLAMA_BLOCK
 
