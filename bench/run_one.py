@@ -1,16 +1,20 @@
 """One benchmark measurement of a bundle in this (fresh) process: load, prefill N tokens, decode M greedy tokens.
 
-Prints one JSON line: load_s, prefill_tps, decode_tps, peak_rss_mb (VmHWM of this process), bundle_mb.
+Prints one JSON line: load_s (from the process's first line: imports included, as the peers' bench/peer_run.py
+counts them), prefill_tps, decode_tps, peak_rss_mb (VmHWM of this process), bundle_mb.
 The decode loop is the runtime's own (edge_runtime.generation.generate.generate_tokens: forward + sampler), with EOS
 ignored so every run decodes exactly M tokens.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 
 def bundle_mb(path: Path) -> float:
@@ -37,10 +41,9 @@ def main(argv=None) -> int:
     from edge_runtime.memory.testing import text_prompt_ids
     from edge_runtime.sessions.state import CacheState
 
-    t0 = time.perf_counter()
     model = edge_runtime.load(args.bundle, backend=args.backend, threads=args.threads, context=args.context,
                               kv_dtype=args.kv_dtype)
-    load_s = time.perf_counter() - t0
+    load_s = time.perf_counter() - T0
     ids = text_prompt_ids(model.tokenizer, args.prompt_tokens)
     tokens = generate_tokens(model.backend, CacheState(), ids, make_sampler(0.0), max_new_tokens=args.new_tokens,
                              prefill_chunk=args.prefill_chunk or model.prefill_chunk)
