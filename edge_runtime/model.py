@@ -131,7 +131,7 @@ class Model:
         self.chat_template: str | None = meta.get("chat_template")
         self.eos_token_ids = frozenset(int(t) for t in meta.get("eos_token_ids") or ())
         self._special_tokens = self._template_tokens(meta)
-        self._cache = CacheState(ring=getattr(backend, "kv_ring", None))
+        self._cache = CacheState(ring=getattr(backend, "kv_ring", None), floor=getattr(backend, "resume_floor", None))
 
     @property
     def context(self) -> int:

@@ -16,13 +16,14 @@ conversation would. `reuse_decoded=True` reuses them too (faster turns, answers 
 
 A backend whose sliding-window layers keep a ring (Backend.kv_ring) overwrites the oldest keys once more
 positions than the ring holds are written: a pass may then start only at position 0, at the end, or one before
-it (`resume_at`); a shorter shared prefix is prefilled again from 0. A failed pass may have overwritten ring
+it (`resume_at`), or where the backend's `resume_floor()` says its window still holds every key needed; a
+shorter shared prefix is prefilled again from 0. A failed pass may have overwritten ring
 slots of positions before it, so it empties such a cache (`failed`).
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import StreamBusyError
 
@@ -39,9 +40,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CacheState:
     """The ids held by the KV cache, and the lock that serializes every use of the backend."""
 
-    def __init__(self, reuse_decoded: bool = False, ring: int | None = None):
+    def __init__(self, reuse_decoded: bool = False, ring: int | None = None,
+                 floor: Callable[[], int] | None = None):
         self.ids: list[int] = []
         self.ring = ring  # Backend.kv_ring
+        self.floor = floor  # Backend.resume_floor, where the backend has one
         self.exact = 0  # leading ids whose keys/values came from prefill passes (see the module docstring)
         self.reuse_decoded = reuse_decoded
         self._lock = threading.Lock()
@@ -80,7 +83,9 @@ class CacheState:
         """Where a pass meant to start at position n (<= len(ids)) may start and still see the keys of every
         position before it: n, or 0 when a ring no longer holds them."""
         end = len(self.ids)
-        return n if self.ring is None or end <= self.ring or n >= end - 1 else 0
+        if self.ring is None or end <= self.ring or n >= end - 1:
+            return n
+        return n if self.floor is not None and n >= self.floor() else 0
 
     def reusable(self, ids) -> int:
         """How many leading `ids` the cache holds and may reuse."""

@@ -225,6 +225,10 @@ class OrtBackend:
             self._steps = 0
         return self._step_logits[0].copy()  # the buffer is rewritten by the next step
 
+    def resume_floor(self) -> int:
+        """The first position a pass may start at (a shifting window buffer may have dropped earlier keys)."""
+        return 0 if self.windows is None else self.windows.floor()
+
     def kv_arrays(self) -> list[np.ndarray]:
         """The bound buffers [1, kv_heads, context or window capacity, head_dim], per layer key then value."""
         return [buf for buf, _, _ in self.kv]

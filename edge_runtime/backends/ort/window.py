@@ -8,7 +8,11 @@ total length counted from slot 0 (`seqlens_k.window`, `total_sequence_length.win
 positions base.. (`rotary.window.cos_cache` / `sin_cache`): GroupQueryAttention rotates a key by its slot, and
 the stored keys are already rotated, so moving them is exact. Passes longer than the stride are split by the
 backend. Resuming at a position whose window has moved out is refused (sessions.state.CacheState.resume_at
-never asks for it).
+never asks for it: `floor` is the first position a pass may start at).
+
+A decode step right after a multi-token pass (the prompt's) first shifts if fewer than `stride` slots are
+free: a reply of up to `stride` tokens then leaves the prompt's window in place, and a session's next turn
+resumes at the end of the prompt instead of prefilling the conversation again.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class ShiftingWindows:
         self.total = np.zeros((), np.int32)   # []   slots in use after the pass
         self.cos = np.zeros((self.capacity, head_dim // 2), dtype)  # [capacity, D/2] rows of positions base..
         self.sin = np.zeros_like(self.cos)
+        self._last_pass = 0
         self._rows()
 
     def inputs(self) -> dict[str, np.ndarray]:
@@ -45,14 +50,24 @@ class ShiftingWindows:
         elif past_len - self.base < min(past_len, self.window - 1):
             raise EdgeError(f"the sliding-window cache starts at position {self.base}: a pass at {past_len} "
                             f"needs the keys from {max(0, past_len - self.window + 1)} (prefill from 0)")
-        if past_len - self.base + s > self.capacity:
-            keep = self.window - 1  # the keys the first new query still sees
-            first = past_len - keep - self.base
-            for buf in self.buffers:
-                buf[:, :, :keep] = buf[:, :, first:first + keep]   # overlapping: NumPy copies through a buffer
-            self.set_base(past_len - keep)
+        reply_room = s == 1 and self._last_pass > 1 and past_len >= self.window - 1
+        if past_len - self.base + (self.stride if reply_room else s) > self.capacity:
+            self._shift(past_len)
+        self._last_pass = s
         self.seqlens[0] = past_len - self.base + s - 1
         self.total[()] = past_len - self.base + s
+
+    def _shift(self, past_len: int) -> None:
+        """Keep the window - 1 keys before past_len (all a query at past_len still sees) in the first slots."""
+        keep = self.window - 1
+        first = past_len - keep - self.base
+        for buf in self.buffers:
+            buf[:, :, :keep] = buf[:, :, first:first + keep]   # overlapping: NumPy copies through a buffer
+        self.set_base(past_len - keep)
+
+    def floor(self) -> int:
+        """The first position a pass may start at: every key its window needs is still held."""
+        return 0 if self.base == 0 else self.base + self.window - 1
 
     def set_base(self, base: int) -> None:
         if base != self.base:
