@@ -71,9 +71,20 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     threads = check_threads(threads)
     # checksums in a thread: the weights are hashed while the tokenizer parses (Bundle.path awaits each file's)
     bundle = Bundle.open(bundle_path, verify=verify, background=True)
+    try:
+        tokenizer, engine, chunk = _assemble(bundle, backend, threads, context, memory_budget, kv_dtype)
+        bundle.wait_verified()  # every file, the ones this load did not read included
+    except BaseException:
+        bundle.abandon()
+        raise
+    return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
+                 prefill_chunk=chunk)
+
+
+def _assemble(bundle: Bundle, backend: str, threads: int, context, memory_budget, kv_dtype):
+    """(tokenizer, backend engine, prefill chunk) of an opened bundle, planned before anything large exists."""
     limit = parse_size(memory_budget) if memory_budget is not None else None
     name = budget.resolve_backend(bundle, backend, limit, context, kv_dtype)  # "auto" under a budget: what fits
-    # Planned before anything large (tokenizer, weights, KV cache) is allocated.
     context, kv_dtype, chunk = _choose_context(bundle, context, memory_budget, name, kv_dtype)
     opts = {"kv_dtype": kv_dtype} if kv_dtype is not None else {}
     # The tokenizer first: parsing tokenizer.json peaks at several times the file (a 262k vocabulary: ~150 MB)
@@ -82,9 +93,7 @@ def load(bundle_path, backend: str = "auto", threads: int | None = None, context
     pages.trim_heap()
     engine = backends.make_backend(name, bundle, context, threads, **opts)
     pages.trim_heap()  # the prepacking buffers ONNX Runtime freed
-    bundle.wait_verified()  # every file, the ones this load did not read included
-    return Model(bundle, tokenizer, engine, overflow=overflow, load_s=time.perf_counter() - t0,
-                 prefill_chunk=chunk)
+    return tokenizer, engine, chunk
 
 
 def check_text(text: str) -> str:

@@ -98,6 +98,11 @@ class Bundle:
         if self._verification is not None:
             self._verification.wait_all()
 
+    def abandon(self) -> None:
+        """A load that failed: the checksum thread stops after its current file."""
+        if self._verification is not None:
+            self._verification.cancel()
+
     def check_files(self, hashes: bool = True) -> None:
         for name, meta in self.manifest["files"].items():
             p = self.path(name)

@@ -46,20 +46,36 @@ class Verification:
         self._files = dict(files)
         self._done = {name: threading.Event() for name in self._files}
         self._errors: dict[str, str] = {}
+        self._verified: set[str] = set()
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-runtime-verify", daemon=True)
         self._thread.start()
 
+    def _size(self, name: str) -> int:
+        try:
+            return self._files[name][0].stat().st_size
+        except OSError:
+            return 0
+
     def _run(self) -> None:
-        order = sorted(self._files, key=lambda n: self._files[n][0].stat().st_size)
-        for name in order:
+        # every event is set whatever happens, and only a matching hash counts as verified (wait)
+        for name in sorted(self._files, key=self._size):
             path, expected = self._files[name]
             try:
-                if sha256_file(path) != expected:
+                if self._cancelled.is_set():
+                    self._errors[name] = f"bundle {self.root}: {name} was not checked (the load was abandoned)"
+                elif sha256_file(path) == expected:
+                    self._verified.add(name)
+                else:
                     self._errors[name] = mismatch(self.root, name)
-            except OSError as e:
-                self._errors[name] = f"bundle {self.root}: cannot read {name} ({e.strerror or e})"
+            except Exception as e:  # noqa: BLE001 - reported by wait(), never lost with the thread
+                self._errors[name] = f"bundle {self.root}: cannot read {name} ({getattr(e, 'strerror', None) or e})"
             finally:
                 self._done[name].set()
+
+    def cancel(self) -> None:
+        """Stop after the file being hashed (a load that failed): no work left behind in the process."""
+        self._cancelled.set()
 
     def wait(self, name: str) -> None:
         """Return once `name` is verified; BundleError if its checksum did not match. Unlisted names pass."""
@@ -67,8 +83,8 @@ class Verification:
         if event is None:
             return
         event.wait()
-        if name in self._errors:
-            raise BundleError(self._errors[name])
+        if name not in self._verified:
+            raise BundleError(self._errors.get(name, f"bundle {self.root}: could not check {name}'s checksum"))
 
     def wait_all(self) -> None:
         for name in self._files:
