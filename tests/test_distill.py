@@ -181,6 +181,19 @@ def test_cache_holds_teacher_topk_and_is_reused(teacher, rows, tmp_path, monkeyp
     np.testing.assert_array_equal(done.top_ids, cache.top_ids)
 
 
+def test_ranks_filling_one_after_another_cover_every_row(teacher, rows, tmp_path):
+    # a rank that starts late deals from the same rows as one that already marked some done (the rows are
+    # read before any rank fills): every row is filled once, whatever the ranks' timing
+    fp = teacher.fingerprint
+    path = tmp_path / ddata.cache_key(fp, rows[:10], 8)
+    ddata._create(path, rows[:10], 8, fp)
+    index = json.loads((path / "index.json").read_text())
+    todo = np.flatnonzero(np.load(path / "done.npy") == 0)
+    for rank in (0, 1):  # rank 0 finishes its share before rank 1 starts
+        ddata._fill(teacher.model, path, index, todo, 2, ddata.Dist(rank=rank, world=2))
+    assert np.load(path / "done.npy").all()
+
+
 def test_batches_cover_each_epoch_once():
     seen = np.concatenate([batch_rows(10, 4, s, seed=3) for s in range(5)])  # 20 rows = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))

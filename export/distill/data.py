@@ -179,7 +179,10 @@ def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, b
     distmod.barrier(d)
     index = json.loads(index_file.read_text())
     if index["filled"] < index["rows"]:
-        _fill(teacher, path, index, batch, d)
+        # every rank deals from the same unfinished rows: read before any rank marks one done
+        todo = np.flatnonzero(np.load(path / "done.npy", allow_pickle=False) == 0)
+        distmod.barrier(d)
+        _fill(teacher, path, index, todo, batch, d)
         distmod.barrier(d)
         if d.main:
             index["filled"] = int(np.load(path / "done.npy", allow_pickle=False).sum())
@@ -201,13 +204,13 @@ def _create(path: Path, tokens: np.ndarray, k: int, teacher_fp: str) -> None:
 
 
 @torch.no_grad()
-def _fill(teacher, path: Path, index: dict, batch: int, d: Dist) -> None:
-    """This rank's share of the unfinished rows: batches of `batch` rows, dealt round-robin over the ranks."""
+def _fill(teacher, path: Path, index: dict, todo: np.ndarray, batch: int, d: Dist) -> None:
+    """This rank's share of the unfinished rows `todo` (the same on every rank): batches of `batch` rows, dealt
+    round-robin over the ranks."""
     tokens = np.load(path / "tokens.npy", allow_pickle=False)
     top_ids = np.load(path / "top_ids.npy", mmap_mode="r+", allow_pickle=False)
     top_logp = np.load(path / "top_logp.npy", mmap_mode="r+", allow_pickle=False)
     done = np.load(path / "done.npy", mmap_mode="r+", allow_pickle=False)
-    todo = np.flatnonzero(done == 0)
     mine = [todo[i:i + batch] for i in range(0, len(todo), batch)][d.rank::d.world]
     device = next(teacher.parameters()).device
     bar = tqdm(total=sum(map(len, mine)) * tokens.shape[1], desc="teacher top-k", unit="tok", unit_scale=True,
