@@ -26,6 +26,7 @@ from edge_runtime.tokenizer import pretokenize
 from edge_runtime.tokenizer.bpe import (
     K_BARRIER_EXTRA,
     NFC_BARRIER,
+    BpeModel,
     MergeTable,
     PurePythonTokenizer,
     is_word_char,
@@ -347,3 +348,14 @@ def test_merge_table_built_at_once_equals_inserting_in_order(seed):
         for b in range(45):
             assert at_once.get(a, b) == one_by_one.get(a, b)
     assert MergeTable.from_arrays(shift, [], [], []).get(1, 2) is None
+
+
+def test_merges_that_are_not_pairs_are_refused():
+    vocab = {"a": 0, "b": 1, "ab": 2, "c": 3}
+    assert BpeModel(vocab, ["a b"]).merges.get(0, 1) == (0, 2)
+    assert BpeModel(vocab, [["a", "b"]]).merges.get(0, 1) == (0, 2)
+    for merges in (["ab"], ["a b c"], ["a  b"], [["a", "b", "c"]], ["a b", ["a"]]):
+        with pytest.raises(UnsupportedModelError, match="is not a pair"):
+            BpeModel(vocab, merges)
+    with pytest.raises(UnsupportedModelError, match="uses 'x', not in the vocab"):
+        BpeModel(vocab, ["a x"])
