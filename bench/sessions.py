@@ -55,8 +55,6 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = 
         reuse_decoded: bool = False) -> dict:
     """The whole comparison for one backend in this process; a JSON-ready dict."""
     import edge_runtime
-    from edge_runtime.generation.stats import MB, peak_rss_bytes
-    from edge_runtime.memory import budget
 
     model = load_exact(bundle, backend, threads) if exact else edge_runtime.load(bundle, backend=backend,
                                                                                   threads=threads)
@@ -82,21 +80,14 @@ def one(bundle: str, backend: str, threads: int, new_tokens: int, exact: bool = 
             row.update(reprefill_ttft=g.stats.prefill_s, reprefill_ids=g.token_ids)
         restored = model.load_session(saved)
         again = restored.generate(TURNS[-1], max_new_tokens=new_tokens)
-    plan = budget.plan_session(model.bundle, model.context, backend=model.backend.name,
-                               kv_dtype=model.backend.kv_dtype, prefill_chunk=model.prefill_chunk,
-                               threads=threads)
     label = backend + (" exact graph" if exact else "") + (", decoded keys/values reused" if reuse_decoded else "")
     return {"backend": label, "context": model.context, "rows": rows,
             "restored_same": again.token_ids == rows[-1]["session_ids"],
-            "restored_cached": again.stats.cached_tokens,
-            "peak_mb": peak_rss_bytes() / MB, "plan_mb": plan.total / MB}
+            "restored_cached": again.stats.cached_tokens, **peak_and_plan(model, threads)}
 
 
 def raw_text(model, backend: str, threads: int, new_tokens: int) -> dict:
     """one() for a bundle without a chat template: the conversation as one growing raw text."""
-    from edge_runtime.generation.stats import MB, peak_rss_bytes
-    from edge_runtime.memory import budget
-
     rows, prompts, text = [], [], SYSTEM
     for q in TURNS:
         text += "\n\n" + q + "\n"
@@ -109,11 +100,19 @@ def raw_text(model, backend: str, threads: int, new_tokens: int) -> dict:
         model.clear_cache()
         g = model.generate(prompt, max_new_tokens=new_tokens)
         row.update(reprefill_ttft=g.stats.prefill_s, reprefill_ids=g.token_ids)
+    return {"backend": backend + ", raw text (no chat template)", "context": model.context, "rows": rows,
+            "restored_same": None, "restored_cached": 0, **peak_and_plan(model, threads)}
+
+
+def peak_and_plan(model, threads: int) -> dict:
+    """This process's peak RSS and the memory plan of the model as loaded, in MB."""
+    from edge_runtime.generation.stats import MB, peak_rss_bytes
+    from edge_runtime.memory import budget
+
     plan = budget.plan_session(model.bundle, model.context, backend=model.backend.name,
                                kv_dtype=model.backend.kv_dtype, prefill_chunk=model.prefill_chunk,
                                threads=threads)
-    return {"backend": backend + ", raw text (no chat template)", "context": model.context, "rows": rows,
-            "restored_same": None, "restored_cached": 0, "peak_mb": peak_rss_bytes() / MB, "plan_mb": plan.total / MB}
+    return {"peak_mb": peak_rss_bytes() / MB, "plan_mb": plan.total / MB}
 
 
 def report(r: dict) -> bool:

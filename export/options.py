@@ -42,7 +42,7 @@ class ExportOptions:
     offsets: bool = False            # int4 of float weights: per-block float offsets (asymmetric float minimum)
     transcode: bool = True           # GGUF Q4_0/Q4_1/Q8_0 blocks are transcoded exactly instead of re-quantized
     untie_embeddings: bool = False   # a tied lm_head stored apart from the embedding table
-    vocab_block: Optional[int] = None  # q4 / mixed: block size of the int8 embedding / lm_head (default 32 / 64)
+    vocab_block: Optional[int] = None  # q4 / mixed / exact: the int8 embedding / lm_head's block size
     smooth: Optional[bool] = None    # q8: SmoothQuant-style scales folded into the weights (default on at level 4)
     smooth_alpha: Optional[float] = None  # q8 smoothing strength in [0, 1] (default 0.5)
     act_aware: bool = True           # int4 of float weights: weight the error by calibration activations

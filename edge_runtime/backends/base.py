@@ -18,8 +18,8 @@ class Backend(Protocol):
     # earlier past_len would need: only past_len 0, the end, or one before it resume exactly
     # (sessions.state.CacheState.resume_at).
     kv_ring: int | None
-    # Optional: `resume_floor() -> int`, the first position a forward may start at when the backend can tell
-    # more precisely than kv_ring's rule (ONNX Runtime's shifting window buffers, backends/ort/window.py).
+    # Optional: `resume_floor(end) -> int`, the first position a forward may start at once `end` positions are
+    # written, where it is not kv_ring's rule (sessions.state.ring_floor): ONNX Runtime's shifting window buffers.
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
         """Run `ids` ([S] int64) at positions past_len .. past_len+S-1.

@@ -163,11 +163,11 @@ def _child(spec: dict) -> dict:
 
     real_make = backends.make_backend
 
-    def backend_then_mark(*a, **k):
+    def mark_then_backend(*a, **k):
         mark()  # tokenizer (load() builds it before the backend)
         return real_make(*a, **k)
 
-    backends.make_backend = backend_then_mark
+    backends.make_backend = mark_then_backend
     t0 = time.perf_counter()
     try:
         model = edge_runtime.load(spec["bundle"], backend=spec["backend"], context=spec["context"],

@@ -14,11 +14,11 @@ with int8 activations that can flip a near-tie later; run again in the next pref
 prompt's logits those of prefilling it from scratch, so a session answers exactly what re-prefilling the
 conversation would. `reuse_decoded=True` reuses them too (faster turns, answers equal to rounding).
 
-A backend whose sliding-window layers keep a ring (Backend.kv_ring) overwrites the oldest keys once more
-positions than the ring holds are written: a pass may then start only at position 0, at the end, or one before
-it (`resume_at`), or where the backend's `resume_floor()` says its window still holds every key needed; a
-shorter shared prefix is prefilled again from 0. A failed pass may have overwritten ring
-slots of positions before it, so it empties such a cache (`failed`).
+A pass may start only where the cache still holds every key its window needs (`resume_at`): anywhere for a
+cache of the whole context; for a ring (Backend.kv_ring) that more positions than it holds have wrapped, only
+at the end or one before it (`ring_floor`); for ONNX Runtime's shifting window buffers, from where the backend
+says (its `resume_floor(end)`). A shorter shared prefix is prefilled again from 0. A failed pass may have
+overwritten ring slots of positions before it, so it empties such a cache (`failed`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ..errors import StreamBusyError
+
+
+def ring_floor(ring: int | None) -> Callable[[int], int]:
+    """The first position a pass may start at once `end` positions are written into rings of `ring` slots:
+    0 until they wrap, then end - 1 (the end itself, or the last position run again for its logits)."""
+    return lambda end: end - 1 if ring is not None and end > ring else 0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -41,10 +47,10 @@ class CacheState:
     """The ids held by the KV cache, and the lock that serializes every use of the backend."""
 
     def __init__(self, reuse_decoded: bool = False, ring: int | None = None,
-                 floor: Callable[[], int] | None = None):
+                 floor: Callable[[int], int] | None = None):
         self.ids: list[int] = []
         self.ring = ring  # Backend.kv_ring
-        self.floor = floor  # Backend.resume_floor, where the backend has one
+        self.floor = floor or ring_floor(ring)  # end -> first position a pass may start at (Backend.resume_floor)
         self.exact = 0  # leading ids whose keys/values came from prefill passes (see the module docstring)
         self.reuse_decoded = reuse_decoded
         self._lock = threading.Lock()
@@ -81,11 +87,8 @@ class CacheState:
 
     def resume_at(self, n: int) -> int:
         """Where a pass meant to start at position n (<= len(ids)) may start and still see the keys of every
-        position before it: n, or 0 when a ring no longer holds them."""
-        end = len(self.ids)
-        if self.ring is None or end <= self.ring or n >= end - 1:
-            return n
-        return n if self.floor is not None and n >= self.floor() else 0
+        position before it: n, or 0 when the cache no longer holds them (self.floor)."""
+        return n if n >= self.floor(len(self.ids)) else 0
 
     def reusable(self, ids) -> int:
         """How many leading `ids` the cache holds and may reuse."""

@@ -23,9 +23,9 @@ from ..sources.source import SourceModel
 from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
 
 VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-# q4's int8 vocabulary blocks. MatMulNBits rounds the lm_head's int8 input per block: blocks of 32 keep q4 within
-# KLD 0.01 and top-1 95% on every held-out domain where blocks of 64 do not, and the lm_head reads no slower
-# (bench/fidelity.py presets int4 and int4-vocab64; bench/speed.py)
+# q4's int8 vocabulary blocks: MatMulNBits rounds the lm_head's int8 input per block, and the output sees that
+# rounding undiluted; 32 is also Q8_0's own block, so a Q8_0 table is kept exactly (fidelity and speed of 32
+# against 64: bench/fidelity.py presets int4 and int4-vocab64)
 Q4_VOCAB_BLOCK = 32
 
 
@@ -66,10 +66,14 @@ def exact_specs(source: SourceModel, block_size: int | None = None, vocab_block:
     if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
     specs = preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
-    for name in VOCAB_NAMES if vocab_block else ():
-        if specs.get(name) is not None and name in source.gguf_blocks:
-            specs[name] = _transcode_spec(source.gguf_blocks[name], "exact", vocab_block)
-    return specs
+    if vocab_block is None:
+        return specs
+    vocab = {name: _transcode_spec(source.gguf_blocks[name], "exact", vocab_block)
+             for name in VOCAB_NAMES if specs.get(name) is not None and name in source.gguf_blocks}
+    if all(specs[name] == spec for name, spec in vocab.items()):
+        raise OptionsError(f"--vocab-block {vocab_block} does nothing: the embedding / lm_head already has blocks "
+                           f"of {vocab_block} (or no 8-bit GGUF blocks to split)")
+    return {**specs, **vocab}
 
 
 def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
@@ -98,9 +102,6 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
         specs = preset_specs(cfg, "fp32")
     elif opts.recipe == "exact":
         specs = exact_specs(source, opts.block_size, opts.vocab_block)
-        if opts.vocab_block is not None and specs == exact_specs(source, opts.block_size):
-            raise OptionsError(f"--vocab-block {opts.vocab_block} does nothing: the embedding / lm_head already "
-                               f"has blocks of {opts.vocab_block} (or no 8-bit GGUF blocks to split)")
     elif opts.recipe == "q8":
         specs = preset_specs(cfg, "int8", blocks, transcode=opts.transcode and not opts.smoothing,
                              block_size=opts.weight_block, int8_method="asym" if opts.smoothing else "sym")

@@ -225,8 +225,9 @@ class OrtBackend:
             self._steps = 0
         return self._step_logits[0].copy()  # the buffer is rewritten by the next step
 
-    def resume_floor(self) -> int:
-        """The first position a pass may start at (a shifting window buffer may have dropped earlier keys)."""
+    def resume_floor(self, end: int) -> int:
+        """The first position a pass may start at, `end` positions written: a shifting window buffer may have
+        dropped earlier keys (window.py); the other buffers hold the whole context."""
         return 0 if self.windows is None else self.windows.floor()
 
     def kv_arrays(self) -> list[np.ndarray]:
