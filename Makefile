@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU build this machine has on disk (any other request pulls a CUDA build).
-	# --no-compile: Python compiles the modules a run imports on first use instead of all of torch's at install.
+	# Compiled in parallel after pip, which compiles one file at a time: without bytecode, every start where
+	# PYTHONDONTWRITEBYTECODE is set would compile NumPy, onnxruntime (and torch) from source again. A file that
+	# does not compile (a template shipped as .py) is left to the interpreter, hence || true.
 	$(PY) -m pip install -q --no-compile -e '.[export,test,dev]'
+	$(PY) -m compileall -q -j 0 .venv/lib edge_runtime export > /dev/null || true
 	rm -f .venv/.installed-* && touch $@
 
 model: $(STAMP)

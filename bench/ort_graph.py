@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 GGUF = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("int4", "int8", "q4_1")
 SWEEP = [{}, {"enable_cpu_mem_arena": 0}, {"use_env_allocators": 1}, {"disable_prepacking": 1}, {"constant_folding": 1},
-         {"use_device_allocator_for_initializers": 1}, {"enable_mem_pattern": 0}, {"allow_spinning": 0}]
+         {"use_device_allocator_for_initializers": 1}, {"enable_mem_pattern": 0}, {"allow_spinning": 0},
+         {"parallel_prepack": 1}]
 
 
 def vm_hwm_mb() -> float:
