@@ -8,6 +8,7 @@ import random
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tokenizers import (
     AddedToken,
@@ -21,7 +22,7 @@ from tokenizers import (
     trainers,
 )
 
-from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.errors import BundleError, UnsupportedModelError
 from edge_runtime.tokenizer import pretokenize
 from edge_runtime.tokenizer.bpe import (
     K_BARRIER_EXTRA,
@@ -30,8 +31,12 @@ from edge_runtime.tokenizer.bpe import (
     MergeTable,
     PurePythonTokenizer,
     is_word_char,
+    merge_id_rows,
     unicode_form,
 )
+from edge_runtime.tokenizer.tokenizer import Tokenizer as RuntimeTokenizer
+from edge_runtime.tokenizer.tokenizer import read_merge_ids
+from export.bundle.assets import merge_ids_bytes
 from export.sources.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_from_gguf
 
 GGUF = Path(__file__).resolve().parents[1] / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -359,3 +364,27 @@ def test_merges_that_are_not_pairs_are_refused():
             BpeModel(vocab, merges)
     with pytest.raises(UnsupportedModelError, match="uses 'x', not in the vocab"):
         BpeModel(vocab, ["a x"])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3", "byte_fallback"])
+def test_merge_ids_build_the_table_the_merge_strings_build(specs, name):
+    # what the exporter writes as tokenizer.merges.bin, read back as the runtime reads it
+    ids = np.frombuffer(merge_ids_bytes(specs[name]), "<i4").reshape(-1, 3)
+    from_strings = PurePythonTokenizer.from_json(specs[name])
+    from_ids = PurePythonTokenizer.from_json(specs[name], ids)
+    assert len(ids) == len(json.loads(specs[name])["model"]["merges"])
+    assert from_ids.model.merges.keys == from_strings.model.merges.keys
+    assert from_ids.model.merges.values == from_strings.model.merges.values
+    text = pydoc_data.topics.topics["assert"]
+    assert from_ids.encode(text) == from_strings.encode(text)
+
+
+def test_merge_ids_that_do_not_fit_the_vocabulary_are_refused(specs, tmp_path):
+    model = json.loads(specs["llama3"])["model"]
+    ids = merge_id_rows(model["vocab"], model["merges"])
+    for bad in (ids[:, :2], np.where(ids == ids.max(), len(model["vocab"]) + 5, ids), ids - ids.max() - 1):
+        with pytest.raises(BundleError, match="merge ids"):
+            RuntimeTokenizer.from_json(specs["llama3"], "python", np.ascontiguousarray(bad))
+    (tmp_path / "m.bin").write_bytes(ids.astype("<i4").tobytes()[:-4])
+    with pytest.raises(BundleError, match="not whole"):
+        read_merge_ids(tmp_path / "m.bin")

@@ -65,7 +65,8 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     bundle = tiny_bundle("tiny:llama", "int4")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "model.float16.onnx", "model.exact.onnx", "weights.bin",
-                                      "tokenizer.json", "reference.json"}
+                                      "tokenizer.json", "tokenizer.merges.bin", "reference.json"}
+    assert manifest["tokenizer"]["merges_file"] == "tokenizer.merges.bin"
     assert manifest["graph"]["contract"] == "edge-llama-v1"
     assert manifest["quantization"]["recipe"] == "q4"  # the recipe int4 names
     b = edge_runtime.format.bundle.Bundle.open(bundle)
@@ -74,6 +75,23 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     q = manifest["quantization"]["tensors"]
     assert q["model.layers.0.mlp.down_proj.weight"]["bits"] == 4
     assert "model.layers.0.input_layernorm.weight" not in q
+
+
+def test_bundle_tokenizer_builds_its_merges_from_the_merges_file(tiny_bundle, monkeypatch):
+    from edge_runtime.tokenizer import bpe
+    from edge_runtime.tokenizer.tokenizer import Tokenizer
+
+    b = edge_runtime.format.bundle.Bundle.open(tiny_bundle("tiny:llama", "int4"))
+    from_strings = Tokenizer.from_file(b.path("tokenizer.json"), "python")
+
+    def no_strings(*a, **k):
+        raise AssertionError("the merges were looked up from their strings")
+
+    monkeypatch.setattr(bpe, "merge_id_rows", no_strings)
+    from_file = Tokenizer.from_bundle(b, "python")
+    assert from_file._impl.model.merges.keys == from_strings._impl.model.merges.keys
+    text = "Merges from ids give the same tokens: 12345, naïve café."
+    assert from_file.encode(text) == from_strings.encode(text)
 
 
 def test_export_refuses_missing_source(tmp_path):

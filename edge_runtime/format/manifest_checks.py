@@ -163,6 +163,7 @@ def _check_tokenizer(tok: Any, vocab: int, where: str) -> None:
         return
     tok = _check_dict(tok, "tokenizer", where)
     _check_str(tok.get("file", "tokenizer.json"), "tokenizer.file", where)
+    _check_str(tok.get("merges_file"), "tokenizer.merges_file", where, optional=True)
     template = tok.get("chat_template")
     _check_str(template, "tokenizer.chat_template", where, optional=True)
     if template is not None and len(template) > MAX_TEMPLATE_CHARS:

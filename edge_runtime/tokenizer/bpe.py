@@ -121,6 +121,39 @@ class MergeTable:
         return v >> self.shift, v & ((1 << self.shift) - 1)
 
 
+def merge_id_rows(vocab: dict[str, int], merges, prefix_len: int = 0):
+    """The merges as ids, int32 [n, 3]: (left, right, merged) per merge in rank order, the merged token being
+    left + right without its continuing-subword prefix (prefix_len characters)."""
+    import numpy as np
+
+    merges = merges if isinstance(merges, list) else list(merges)
+    pairs = BpeModel.pairs(merges)
+    get = vocab.get
+    left = [get(a) for a, _ in pairs]
+    right = [get(b) for _, b in pairs]
+    merged = [get(a + b[prefix_len:]) for a, b in pairs]
+    if None in left or None in right or None in merged:
+        for merge, (a, b) in zip(merges, pairs):
+            for token in (a, b, a + b[prefix_len:]):
+                if token not in vocab:
+                    raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
+    return np.array([left, right, merged], np.int32).T.reshape(-1, 3)                 # [n, 3]
+
+
+def merge_table(merge_ids, size: int) -> MergeTable:
+    """The MergeTable of [n, 3] merge ids over a vocabulary of `size` ids; UnsupportedModelError for ids
+    outside it (ValueError: a damaged bundle's merges file). A repeated pair keeps its last rank, as the Rust
+    HashMap collect does."""
+    import numpy as np
+
+    ids = np.asarray(merge_ids)
+    if ids.ndim != 2 or ids.shape[1] != 3:
+        raise ValueError(f"tokenizer merge ids must be [n, 3], got shape {list(ids.shape)}")
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        raise ValueError(f"tokenizer merge ids fall outside the vocabulary of {size} ids")
+    return MergeTable.from_arrays(max(1, size - 1).bit_length(), ids[:, 0], ids[:, 1], ids[:, 2])
+
+
 class BpeModel:
     """The `model` section: vocab + ranked merges, merging one word at a time (tokenizers' models/bpe).
 
@@ -130,7 +163,11 @@ class BpeModel:
 
     def __init__(self, vocab: dict[str, int], merges: Iterable, unk_token: str | None = None,
                  continuing_subword_prefix: str | None = None, end_of_word_suffix: str | None = None,
-                 fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False):
+                 fuse_unk: bool = False, byte_fallback: bool = False, ignore_merges: bool = False,
+                 merge_ids=None):
+        """merge_ids: the merges as ids, [n, 3] (left, right, merged) in rank order (merge_id_rows of the same
+        vocab and merges, as a bundle's tokenizer merges file holds them): the table is built from them instead
+        of looking every merge's strings up, which is most of a large vocabulary's load."""
         self.unk_token = unk_token
         self.prefix = continuing_subword_prefix
         self.suffix = end_of_word_suffix
@@ -142,7 +179,9 @@ class BpeModel:
         for token, token_id in vocab.items():
             tokens[token_id] = token
         self.tokens = TokenTable(tokens)
-        self.merges = self._merge_table(vocab, merges, size)
+        if merge_ids is None:
+            merge_ids = merge_id_rows(vocab, merges, len(self.prefix or ""))
+        self.merges = merge_table(merge_ids, size)
         short = 1 + len(self.prefix or "") + len(self.suffix or "")
         # the short tokens a word starts from: characters (with the subword prefix/suffix), byte fallbacks, unk
         self.symbols = {t: i for t, i in vocab.items() if len(t) <= short or t.startswith("<0x") or t == unk_token}
@@ -159,7 +198,7 @@ class BpeModel:
         return self._vocab
 
     @classmethod
-    def from_spec(cls, spec: dict) -> BpeModel:
+    def from_spec(cls, spec: dict, merge_ids=None) -> BpeModel:
         if spec.get("type", "BPE") != "BPE":
             raise UnsupportedModelError(f"tokenizer model {spec.get('type')!r} is not supported (only BPE)")
         if spec.get("dropout") not in (None, 0, 0.0):
@@ -167,26 +206,10 @@ class BpeModel:
         return cls(spec["vocab"], spec["merges"], spec.get("unk_token"),
                    spec.get("continuing_subword_prefix"), spec.get("end_of_word_suffix"),
                    bool(spec.get("fuse_unk")), bool(spec.get("byte_fallback")),
-                   bool(spec.get("ignore_merges")))
-
-    def _merge_table(self, vocab: dict[str, int], merges, size: int) -> MergeTable:
-        cut = len(self.prefix or "")
-        merges = merges if isinstance(merges, list) else list(merges)
-        pairs = self._pairs(merges)
-        get = vocab.get
-        left = [get(a) for a, _ in pairs]
-        right = [get(b) for _, b in pairs]
-        merged = [get(a + b[cut:]) for a, b in pairs]
-        if None in left or None in right or None in merged:
-            for merge, (a, b) in zip(merges, pairs):
-                for token in (a, b, a + b[cut:]):
-                    if token not in vocab:
-                        raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
-        # A repeated pair keeps its last rank, as the Rust HashMap collect does.
-        return MergeTable.from_arrays(max(1, size - 1).bit_length(), left, right, merged)
+                   bool(spec.get("ignore_merges")), merge_ids)
 
     @staticmethod
-    def _pairs(merges: list) -> list:
+    def pairs(merges: list) -> list:
         """(left, right) of every merge: "a b" strings (partitioned at their one space: a 262k vocabulary has
         half a million merges, and partition is the cheapest split) or [a, b] lists."""
         if all(isinstance(merge, str) for merge in merges):
@@ -586,12 +609,13 @@ def build_decoder(spec) -> Decoder:
 class PurePythonTokenizer:
     """tokenizer.json without the Rust wheel: `encode`/`decode` give the ids and text `tokenizers` gives."""
 
-    def __init__(self, spec: dict):
-        """spec: the parsed tokenizer.json; its merges list is consumed (emptied once the merge table holds it)."""
+    def __init__(self, spec: dict, merge_ids=None):
+        """spec: the parsed tokenizer.json; its merges list is consumed (emptied once the merge table holds it).
+        merge_ids: its merges as ids (BpeModel), when the bundle has them."""
         for key in ("truncation", "padding"):
             if spec.get(key) is not None:
                 raise UnsupportedModelError(f"tokenizer.json sets {key}; the runtime expects it null")
-        self.model = BpeModel.from_spec(spec["model"])
+        self.model = BpeModel.from_spec(spec["model"], merge_ids)
         spec["model"]["merges"] = []  # half a million strings for a 262k vocabulary: not kept past the table
         vocab = spec["model"]["vocab"]  # the parsed dict: used while building, then dropped with `spec`
         self.normalize = build_normalizer(spec.get("normalizer"))
@@ -602,8 +626,8 @@ class PurePythonTokenizer:
         self._vocab_size = len(vocab.keys() | self.added.by_content.keys())
 
     @classmethod
-    def from_json(cls, json_str: str) -> PurePythonTokenizer:
-        return cls(json.loads(json_str))
+    def from_json(cls, json_str: str, merge_ids=None) -> PurePythonTokenizer:
+        return cls(json.loads(json_str), merge_ids)
 
     @classmethod
     def from_file(cls, path) -> PurePythonTokenizer:

@@ -31,15 +31,15 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token and bos_token_id is not None)
 
     @classmethod
-    def from_json(cls, json_str: str | bytes, impl: str = "auto", **special) -> Tokenizer:
+    def from_json(cls, json_str: str | bytes, impl: str = "auto", merge_ids=None, **special) -> Tokenizer:
         """impl: "auto", "python" or "tokenizers"; the environment variable EDGE_RUNTIME_TOKENIZER overrides "auto".
 
         "auto" is the pure-Python BPE: it gives the same ids and text (tests hold it to `tokenizers` on the
         held-out corpus and a unicode fuzz) in ~12 MB resident against ~45 MB for the Rust library, and a
         prompt of a few hundred tokens encodes in milliseconds either way. `tokenizers` is faster on bulk text.
+        merge_ids: the merges as ids [n, 3] (bpe.merge_id_rows), which the pure-Python BPE builds from.
         """
-        if impl == "auto":
-            impl = os.environ.get("EDGE_RUNTIME_TOKENIZER", "auto")
+        impl = resolve_impl(impl)
         if impl == "tokenizers":
             try:
                 import tokenizers
@@ -50,29 +50,32 @@ class Tokenizer:
                 return cls(tokenizers.Tokenizer.from_str(text), "tokenizers", **special)
             except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception on a malformed file
                 raise BundleError(f"cannot read tokenizer.json: {e}") from None
-        if impl not in ("auto", "python"):
-            raise EdgeError(f"unknown tokenizer implementation {impl!r} (auto, tokenizers, python)")
         from .bpe import PurePythonTokenizer
 
         try:
-            return cls(PurePythonTokenizer.from_json(json_str), "python", **special)
+            return cls(PurePythonTokenizer.from_json(json_str, merge_ids), "python", **special)
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise BundleError(f"cannot read tokenizer.json: {type(e).__name__}: {e}") from None
 
     @classmethod
-    def from_file(cls, path, impl: str = "auto", **special) -> Tokenizer:
+    def from_file(cls, path, impl: str = "auto", merge_ids=None, **special) -> Tokenizer:
         """from_json of the file's bytes: the decoded text is then a temporary of the JSON parse, not held
         beside the parsed tree (Gemma 3's tokenizer.json decodes to 52 MB of text)."""
         try:
             raw = Path(path).read_bytes()
         except OSError as e:
             raise BundleError(f"cannot read the tokenizer {path} ({e})") from None
-        return cls.from_json(raw, impl, **special)
+        return cls.from_json(raw, impl, merge_ids, **special)
 
     @classmethod
     def from_bundle(cls, bundle, impl: str = "auto") -> Tokenizer:
+        """The bundle's tokenizer; the pure-Python one builds its merges from the bundle's merges file when the
+        manifest names one (tokenizer.merges_file)."""
         meta = bundle.manifest.get("tokenizer") or {}
-        return cls.from_file(bundle.path(meta.get("file", "tokenizer.json")), impl,
+        impl = resolve_impl(impl)
+        merges_file = meta.get("merges_file")
+        merge_ids = read_merge_ids(bundle.path(merges_file)) if merges_file and impl == "python" else None
+        return cls.from_file(bundle.path(meta.get("file", "tokenizer.json")), impl, merge_ids,
                              bos_token_id=meta.get("bos_token_id"), eos_token_ids=meta.get("eos_token_ids") or (),
                              add_bos_token=meta.get("add_bos_token", False))
 
@@ -92,6 +95,29 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._impl.id_to_token(token_id)
+
+
+def resolve_impl(impl: str) -> str:
+    """"tokenizers" or "python" for an implementation name ("auto": EDGE_RUNTIME_TOKENIZER, else "python")."""
+    if impl == "auto":
+        impl = os.environ.get("EDGE_RUNTIME_TOKENIZER", "auto")
+    if impl not in ("auto", "python", "tokenizers"):
+        raise EdgeError(f"unknown tokenizer implementation {impl!r} (auto, tokenizers, python)")
+    return "python" if impl == "auto" else impl
+
+
+def read_merge_ids(path):
+    """A tokenizer merges file: little-endian int32 (left, right, merged) ids per merge in rank order, as
+    [n, 3]; BundleError when its size is not whole rows."""
+    import numpy as np
+
+    try:
+        flat = np.fromfile(path, dtype="<i4")
+    except OSError as e:
+        raise BundleError(f"cannot read the tokenizer merges {path} ({e})") from None
+    if flat.size % 3:
+        raise BundleError(f"tokenizer merges {path}: {flat.size * 4} bytes is not whole (left, right, merged) rows")
+    return flat.reshape(-1, 3)
 
 
 class StreamDecoder:

@@ -32,27 +32,45 @@ def chat_encoder(source: SourceModel, tok: Tokenizer):
     return encode_chat
 
 
-def tokenizer_manifest(source: SourceModel) -> dict:
+MERGES_FILE = "tokenizer.merges.bin"
+
+
+def tokenizer_manifest(source: SourceModel, merges_file: Optional[str] = None) -> dict:
     meta = source.tokenizer_meta
-    return {"file": "tokenizer.json", "bos_token_id": meta.get("bos_token_id"),
-            "eos_token_ids": list(meta.get("eos_token_ids") or []), "pad_token_id": meta.get("pad_token_id"),
-            "special_tokens": dict(meta.get("special_tokens") or {}), "chat_template": meta.get("chat_template"),
-            "add_bos_token": bool(meta.get("add_bos_token", False))}
+    entry = {"file": "tokenizer.json", "bos_token_id": meta.get("bos_token_id"),
+             "eos_token_ids": list(meta.get("eos_token_ids") or []), "pad_token_id": meta.get("pad_token_id"),
+             "special_tokens": dict(meta.get("special_tokens") or {}), "chat_template": meta.get("chat_template"),
+             "add_bos_token": bool(meta.get("add_bos_token", False))}
+    return {**entry, "merges_file": merges_file} if merges_file else entry
+
+
+def merge_ids_bytes(tokenizer_json: str) -> Optional[bytes]:
+    """tokenizer.json's BPE merges as little-endian int32 (left, right, merged) id rows in rank order (the
+    runtime's pure-Python BPE builds its merge table from them instead of looking up every merge's strings);
+    None for a model without merges."""
+    from edge_runtime.tokenizer.bpe import merge_id_rows
+
+    model = json.loads(tokenizer_json).get("model") or {}
+    if model.get("type", "BPE") != "BPE" or not model.get("merges"):
+        return None
+    rows = merge_id_rows(model["vocab"], model["merges"], len(model.get("continuing_subword_prefix") or ""))
+    return rows.astype("<i4").tobytes()
 
 
 def bundle_contents(source: SourceModel, graph_fields: dict, quantization: dict, max_context: int,
                     reference: Optional[dict], opts: ExportOptions) -> tuple[dict, dict]:
     """The manifest keys the exporter owns, and the bundle's files besides the graph and weights."""
+    merges = merge_ids_bytes(source.tokenizer_json)
     fields = {
         "architecture": source.config.model_type,
         "graph": graph_fields,
         "quantization": quantization,
-        "tokenizer": tokenizer_manifest(source),
+        "tokenizer": tokenizer_manifest(source, MERGES_FILE if merges is not None else None),
         "max_context": max_context,
         "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
         **opts.extra_manifest,
     }
-    extra = {"tokenizer.json": source.tokenizer_json}
+    extra = {"tokenizer.json": source.tokenizer_json, **({MERGES_FILE: merges} if merges is not None else {})}
     if reference is not None:
         fields["reference"] = {"file": "reference.json"}
         extra["reference.json"] = json.dumps(reference)
