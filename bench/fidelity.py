@@ -55,10 +55,11 @@ PRESETS = {
     "auto-0.01-requant": ["--quant", "auto", "--no-transcode", "--max-kld", "0.01"],
     "auto-0.02-requant-offsets": ["--quant", "auto", "--no-transcode", "--offsets", "--max-kld", "0.02"],
 }
-# Gemma 3 270M (base): every GGUF block kept (exact; its 8-bit blocks split in two for finer int8 activations:
-# exact-b16; only the layers' blocks split: exact-b16-vocab32; with float activations: exact-acc0), int8
-# everywhere (q8, smoothed, blocks of 16), the default int4 (q4)
-GEMMA_PRESETS = {"exact": ["--recipe", "exact"], "exact-b16": ["--recipe", "exact", "--block-size", "16"],
+# Gemma 3 270M (base): every GGUF block kept (exact: the attention projections' 8-bit blocks split in two for
+# finer int8 activations; none split: exact-b32; all split: exact-b16; all the layers' split: exact-b16-vocab32;
+# with float activations for the 4-bit ones: exact-acc0), int8 everywhere (q8, smoothed, blocks of 16), int4 (q4)
+GEMMA_PRESETS = {"exact": ["--recipe", "exact"], "exact-b32": ["--recipe", "exact", "--block-size", "32"],
+                 "exact-b16": ["--recipe", "exact", "--block-size", "16"],
                  "exact-b16-vocab32": ["--recipe", "exact", "--block-size", "16", "--vocab-block", "32"],
                  "exact-acc0": ["--recipe", "exact", "--accuracy-level", "0"],
                  "q8": ["--recipe", "q8"],

@@ -29,7 +29,8 @@ def build_parser() -> ArgumentParser:
                     help="mixed: the KLD from float the per-matmul choice aims at (default 0.02)")
     ap.add_argument("--block-size", type=int, default=None, choices=(16, 32, 64, 128),
                     help="weight block size, also MatMulNBits' int8 activation blocks (default 16 for smoothed int8, "
-                         "else 32; recipe exact: 16 splits its 8-bit GGUF blocks, the same values)")
+                         "else 32; recipe exact: 16 splits all its 8-bit GGUF blocks, the same values, 32 none; "
+                         "by default the attention projections')")
     ap.add_argument("--method", default=None, choices=("search", "gptq", "rtn"),
                     help="int4 of float weights: search (error-minimizing block scale/zero point), gptq (the same "
                          "search, codes rounded by GPTQ against calibration inputs), rtn")

@@ -71,10 +71,27 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
     assert plan_of(tiny_gguf, transcode=False, method="gptq").specs[Q].method == "gptq"
 
 
+def test_exact_splits_the_attention_projections_8bit_blocks_by_default(tmp_path):
+    from test_sources import write_gguf
+
+    src = load_source("tiny:llama")
+    eight = ("embed", "v_proj", "gate_proj")  # Q8_0, the others Q4_1
+    q8, q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
+    qtype = lambda name: q8 if any(e in name for e in eight) else q4_1  # noqa: E731
+    source = load_source(str(write_gguf(tmp_path / "tiny.gguf", src, "llama", qtype)))
+    v, gate = "model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.gate_proj.weight"
+    blocks = lambda specs: (specs[v].block_size, specs[gate].block_size, specs[EMBED].block_size)  # noqa: E731
+    assert blocks(plan_of(source, recipe="exact").specs) == (16, 32, 32)
+    assert blocks(plan_of(source, recipe="exact", block_size=16).specs) == (16, 16, 16)
+    assert blocks(plan_of(source, recipe="exact", block_size=32).specs) == (32, 32, 32)
+    assert plan_of(source, recipe="exact").specs[Q] == plan_of(source, recipe="exact", block_size=32).specs[Q]
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"method": "gptq"}, "--method does nothing for this source (every int4 tensor is transcoded"),
     ({"offsets": True}, "--offsets does nothing for this source"),
-    ({"recipe": "exact", "block_size": 64}, "--block-size does nothing: every tensor is transcoded"),
+    ({"recipe": "exact", "block_size": 64}, "--block-size 64 does nothing: recipe exact already keeps"),
+    ({"recipe": "exact", "block_size": 32}, "--block-size 32 does nothing: recipe exact already keeps"),
     ({"recipe": "exact", "vocab_block": 32}, "--vocab-block 32 does nothing: the embedding / lm_head already"),
 ])
 def test_options_that_change_nothing_for_this_source_are_refused(tiny_gguf, kw, message):

@@ -4,7 +4,7 @@
   block search or GPTQ), the embedding / tied lm_head at 8 bits in blocks of 32. The lm_head is the one matmul
   whose 4-bit rounding the output sees undiluted; at 8 bits it stays faithful.
 - `exact`: every tensor with GGUF blocks transcoded at its codes' width (4-bit codes -> int4, 5- to 8-bit
-  -> int8); weights without blocks at int8.
+  -> int8, the attention projections' 8-bit blocks split into blocks of 16); weights without blocks at int8.
 - `q8`: int8 everywhere (smoothed at accuracy level 4, see export.quant.smooth).
 - `mixed`: int4 or int8 per matmul, the fewest bytes meeting --target-kld on calibration text
   (export.quant.sensitivity); its plan is what the search chose.
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from edge_runtime.spec import spec_for
+
 from ..options import ExportOptions, OptionsError
 from ..sources.source import SourceModel
 from .quantize import QuantSpec, _fitting_block_size, _transcode_spec, preset_specs
@@ -27,6 +29,10 @@ VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 # rounding undiluted; 32 is also Q8_0's own block, so a Q8_0 table is kept exactly (fidelity and speed of 32
 # against 64: bench/fidelity.py presets int4 and int4-vocab64)
 Q4_VOCAB_BLOCK = 32
+# recipe exact's layer units (spec.Layer roles) whose 8-bit GGUF blocks are split into blocks of 16 by default:
+# small matmuls whose int8 input rounding goes into the attention scores and output; splitting the MLP's too
+# costs more speed than it buys (bench/fidelity.py --model gemma3: presets exact, exact-b32, exact-b16)
+EXACT_FINE_ROLES = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -60,12 +66,21 @@ def vocab_spec(source: SourceModel, name: str, block: int) -> Optional[QuantSpec
 
 def exact_specs(source: SourceModel, block_size: int | None = None, vocab_block: int | None = None) -> dict:
     """Every tensor with GGUF blocks transcoded at its codes' width; other linear weights at int8.
-    block_size 16: the 8-bit transcodes split into blocks of 16 (the same values; finer int8 activations);
-    vocab_block: the same choice for the embedding / lm_head alone (the largest matmul of a big-vocabulary
-    model, so its scales cost the most bytes per token)."""
+    An 8-bit transcode split into blocks of 16 keeps the same values with finer int8 activations (MatMulNBits
+    rounds its input per block): by default the units in EXACT_FINE_ROLES are split, the others kept in their
+    GGUF blocks of 32; block_size 16 splits all of them, 32 none. vocab_block: the same choice for the
+    embedding / lm_head alone (the largest matmul of a big-vocabulary model, so its scales cost the most bytes
+    per token)."""
     if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
     specs = preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
+    if block_size is None:
+        fine = preset_specs(source.config, "exact", source.gguf_blocks, block_size=16)
+        names = {getattr(ly, role) for ly in spec_for(source.config).layers for role in EXACT_FINE_ROLES}
+        specs.update({name: fine[name] for name in names if name in specs})
+    elif specs == exact_specs(source):
+        raise OptionsError(f"--block-size {block_size} does nothing: recipe exact already keeps this source's "
+                           f"8-bit GGUF blocks that way (or it has none to split)")
     if vocab_block is None:
         return specs
     vocab = {name: _transcode_spec(source.gguf_blocks[name], "exact", vocab_block)
@@ -141,7 +156,7 @@ def refuse_idle_options(plan: Plan, opts: ExportOptions) -> None:
         raise OptionsError(f"--offsets does nothing for this source{hint}")
     if opts.method == "gptq" and not plan.gptq:
         raise OptionsError("--method gptq does nothing: no int4 matmul of this plan can be GPTQ-rounded")
-    split = plan.recipe == "exact" and opts.block_size == 16  # splits the 8-bit transcodes (exact_specs)
+    split = plan.recipe == "exact" and opts.block_size in (16, 32)  # exact_specs checked it changes the split
     if opts.block_size is not None and not plan.requantized() and plan.recipe != "mixed" and not split:
         raise OptionsError("--block-size does nothing: every tensor is transcoded from GGUF blocks or fp32")
     if not opts.act_aware and plan.recipe != "mixed" and not any(s.method == "search" for s in int4):
