@@ -67,6 +67,10 @@ class BundleWeights:
         units = (self.bundle.manifest.get("decoder") or {}).get("units")
         if units is None:
             raise BundleError(f"bundle {self.bundle.root}: the manifest lists no decoder units")
+        names = [n for u in units for n in u["names"]]
+        if sorted(names) != sorted(spec_for(self.cfg).in_features()):  # each of the family's matrices, once
+            raise BundleError(f"bundle {self.bundle.root}: the manifest's decoder units do not name this model's "
+                              "matrices")
         groups = []
         for u in units:
             groups += [tuple(u["names"])] if u.get("fused") else [(n,) for n in u["names"]]
