@@ -167,7 +167,8 @@ def test_manifest_describes_the_graph_and_weights_are_aligned(bundles, hf_dir):
     assert graph["position_ids"] and graph["logits_index"]
     assert {"input_ids", "attention_mask", "past_key_values.1.value"} <= set(graph["inputs"])
     assert bundle.config.model_type == "gpt2" and bundle.config.hidden_size == 64
-    assert set(bundle.manifest["files"]) == {"model.onnx", "weights.bin", "tokenizer.json", "reference.json"}
+    assert set(bundle.manifest["files"]) == {"model.onnx", "weights.bin", "tokenizer.json", "tokenizer.merges.bin",
+                                              "reference.json"}
     index = bundle.tensor_index
     assert index and all(meta["offset"] % ALIGN == 0 for meta in index.values())
     wte = hf_model_weight(hf_dir, "transformer.wte.weight")
