@@ -69,6 +69,9 @@ def test_exact_and_q4_on_gguf_blocks(tiny_gguf):
     assert coarse.specs[EMBED].method == "sym" and coarse.specs[EMBED].block_size == 64
     assert coarse.requantized() == [EMBED]
     assert plan_of(tiny_gguf, transcode=False, method="gptq").specs[Q].method == "gptq"
+    q8 = plan_of(tiny_gguf, recipe="q8").specs  # smoothed layers re-quantized; the Q8_0 table, never smoothed, kept
+    assert q8[Q].method == "asym" and (q8[EMBED].method, q8[EMBED].block_size) == ("transcode", 16)
+    assert plan_of(tiny_gguf, recipe="q8", transcode=False).specs[EMBED].method == "asym"
 
 
 def test_exact_splits_the_attention_projections_8bit_blocks_by_default(tmp_path):

@@ -5,7 +5,8 @@
   whose 4-bit rounding the output sees undiluted; at 8 bits it stays faithful.
 - `exact`: every tensor with GGUF blocks transcoded at its codes' width (4-bit codes -> int4, 5- to 8-bit
   -> int8, the attention projections' 8-bit blocks split into blocks of 16); weights without blocks at int8.
-- `q8`: int8 everywhere (smoothed at accuracy level 4, see export.quant.smooth).
+- `q8`: int8 everywhere (smoothed at accuracy level 4, see export.quant.smooth; the embedding / lm_head, not
+  smoothed, transcoded exactly from symmetric GGUF blocks).
 - `mixed`: int4 or int8 per matmul, the fewest bytes meeting --target-kld on calibration text
   (export.quant.sensitivity); its plan is what the search chose.
 - `fp32`: no quantization.
@@ -108,6 +109,19 @@ def q4_specs(source: SourceModel, opts: ExportOptions) -> dict:
     return specs
 
 
+def q8_specs(source: SourceModel, opts: ExportOptions) -> dict:
+    """int8 everywhere; smoothed layers re-quantized (their columns are rescaled), the embedding / lm_head, which
+    smoothing leaves alone, transcoded exactly when its GGUF blocks are symmetric (Q8_0, Q6_K, ...)."""
+    blocks = source.gguf_blocks
+    specs = preset_specs(source.config, "int8", blocks, transcode=opts.transcode and not opts.smoothing,
+                         block_size=opts.weight_block, int8_method="asym" if opts.smoothing else "sym")
+    if opts.smoothing and opts.transcode:
+        for name in VOCAB_NAMES:
+            if specs.get(name) is not None and name in blocks and blocks[name].m is None:
+                specs[name] = _transcode_spec(blocks[name], "int8", opts.weight_block)
+    return specs
+
+
 def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
     """The plan of validated `opts` on `source` (as loaded, or untied by --untie-embeddings: refuse_idle_untie
     checks that flag on the source as loaded); OptionsError for options that would change nothing."""
@@ -118,8 +132,7 @@ def resolve(source: SourceModel, opts: ExportOptions) -> Plan:
     elif opts.recipe == "exact":
         specs = exact_specs(source, opts.block_size, opts.vocab_block)
     elif opts.recipe == "q8":
-        specs = preset_specs(cfg, "int8", blocks, transcode=opts.transcode and not opts.smoothing,
-                             block_size=opts.weight_block, int8_method="asym" if opts.smoothing else "sym")
+        specs = q8_specs(source, opts)
     elif opts.recipe == "q4":
         specs = q4_specs(source, opts)
     else:  # mixed: the int4 candidates; the search picks int4 or int8 per matmul
