@@ -94,6 +94,23 @@ def test_bundle_tokenizer_builds_its_merges_from_the_merges_file(tiny_bundle, mo
     assert from_file.encode(text) == from_strings.encode(text)
 
 
+def test_bundle_without_a_merges_file_reads_its_merges_from_tokenizer_json(tiny_bundle, tmp_path):
+    import shutil
+
+    from edge_runtime.format.bundle import write_manifest
+
+    src = tiny_bundle("tiny:llama", "int4")
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]["merges_file"], manifest["files"]["tokenizer.merges.bin"]
+    (old / "tokenizer.merges.bin").unlink()
+    write_manifest(old, manifest)  # a bundle as an exporter without merges files wrote it
+    text = "Merges from strings still: 12345, naïve café."
+    assert edge_runtime.load(old, backend="numpy").tokenizer.encode(text) == \
+        edge_runtime.load(src, backend="numpy").tokenizer.encode(text)
+
+
 def test_export_refuses_missing_source(tmp_path):
     p = run_cli(tmp_path / "nope.gguf", "--out", tmp_path / "b")
     assert p.returncode != 0
