@@ -244,8 +244,6 @@ def layer_windows(manifest: dict) -> tuple:
     return tuple(layer.get("window") for layer in (manifest.get("decoder") or {}).get("layers", ()))
 
 
-
-
 def ort_weight_bytes(manifest: dict, kv_dtype: str = "float32", context: int | None = None,
                      prefill_chunk: int | None = None) -> tuple[int, int, int]:
     """(prepacked bytes, bytes read in place, prepack transient) of the weights under ONNX Runtime's CPU EP.

@@ -137,12 +137,12 @@ def merge_id_rows(vocab: dict[str, int], merges, prefix_len: int = 0):
             for token in (a, b, a + b[prefix_len:]):
                 if token not in vocab:
                     raise UnsupportedModelError(f"tokenizer merge {merge!r} uses {token!r}, not in the vocab")
-    return np.array([left, right, merged], np.int32).T.reshape(-1, 3)                 # [n, 3]
+    return np.array([left, right, merged], np.int32).T                                # [n, 3]
 
 
 def merge_table(merge_ids, size: int) -> MergeTable:
-    """The MergeTable of [n, 3] merge ids over a vocabulary of `size` ids; UnsupportedModelError for ids
-    outside it (ValueError: a damaged bundle's merges file). A repeated pair keeps its last rank, as the Rust
+    """The MergeTable of [n, 3] merge ids over a vocabulary of `size` ids; ValueError for another shape or ids
+    outside the vocabulary (a damaged bundle's merges file). A repeated pair keeps its last rank, as the Rust
     HashMap collect does."""
     import numpy as np
 

@@ -35,13 +35,12 @@ def chat_encoder(source: SourceModel, tok: Tokenizer):
 MERGES_FILE = "tokenizer.merges.bin"
 
 
-def tokenizer_manifest(source: SourceModel, merges_file: Optional[str] = None) -> dict:
+def tokenizer_manifest(source: SourceModel) -> dict:
     meta = source.tokenizer_meta
-    entry = {"file": "tokenizer.json", "bos_token_id": meta.get("bos_token_id"),
-             "eos_token_ids": list(meta.get("eos_token_ids") or []), "pad_token_id": meta.get("pad_token_id"),
-             "special_tokens": dict(meta.get("special_tokens") or {}), "chat_template": meta.get("chat_template"),
-             "add_bos_token": bool(meta.get("add_bos_token", False))}
-    return {**entry, "merges_file": merges_file} if merges_file else entry
+    return {"file": "tokenizer.json", "bos_token_id": meta.get("bos_token_id"),
+            "eos_token_ids": list(meta.get("eos_token_ids") or []), "pad_token_id": meta.get("pad_token_id"),
+            "special_tokens": dict(meta.get("special_tokens") or {}), "chat_template": meta.get("chat_template"),
+            "add_bos_token": bool(meta.get("add_bos_token", False))}
 
 
 def merge_ids_bytes(tokenizer_json: str) -> Optional[bytes]:
@@ -65,12 +64,15 @@ def bundle_contents(source: SourceModel, graph_fields: dict, quantization: dict,
         "architecture": source.config.model_type,
         "graph": graph_fields,
         "quantization": quantization,
-        "tokenizer": tokenizer_manifest(source, MERGES_FILE if merges is not None else None),
+        "tokenizer": tokenizer_manifest(source),
         "max_context": max_context,
         "source": {k: (str(v) if isinstance(v, Path) else v) for k, v in source.origin.items()},
         **opts.extra_manifest,
     }
-    extra = {"tokenizer.json": source.tokenizer_json, **({MERGES_FILE: merges} if merges is not None else {})}
+    extra = {"tokenizer.json": source.tokenizer_json}
+    if merges is not None:
+        fields["tokenizer"]["merges_file"] = MERGES_FILE
+        extra[MERGES_FILE] = merges
     if reference is not None:
         fields["reference"] = {"file": "reference.json"}
         extra["reference.json"] = json.dumps(reference)

@@ -74,14 +74,16 @@ def exact_specs(source: SourceModel, block_size: int | None = None, vocab_block:
     per token)."""
     if not source.gguf_blocks:
         raise OptionsError("recipe exact transcodes GGUF blocks, and this source has none (try q4 or q8)")
-    specs = preset_specs(source.config, "exact", source.gguf_blocks, block_size=block_size or 32)
-    if block_size is None:
-        fine = preset_specs(source.config, "exact", source.gguf_blocks, block_size=16)
-        names = {getattr(ly, role) for ly in spec_for(source.config).layers for role in EXACT_FINE_ROLES}
-        specs.update({name: fine[name] for name in names if name in specs})
-    elif specs == exact_specs(source):
-        raise OptionsError(f"--block-size {block_size} does nothing: recipe exact already keeps this source's "
-                           f"8-bit GGUF blocks that way (or it has none to split)")
+    built = {bs: preset_specs(source.config, "exact", source.gguf_blocks, block_size=bs) for bs in (32, 16)}
+    split = {getattr(ly, role) for ly in spec_for(source.config).layers for role in EXACT_FINE_ROLES}
+    default = {name: built[16][name] if name in split else spec for name, spec in built[32].items()}
+    specs = default
+    if block_size is not None:
+        specs = built.get(block_size) or preset_specs(source.config, "exact", source.gguf_blocks,
+                                                      block_size=block_size)
+        if specs == default:
+            raise OptionsError(f"--block-size {block_size} does nothing: recipe exact already keeps this source's "
+                               f"8-bit GGUF blocks that way (or it has none to split)")
     if vocab_block is None:
         return specs
     vocab = {name: _transcode_spec(source.gguf_blocks[name], "exact", vocab_block)
@@ -169,8 +171,8 @@ def refuse_idle_options(plan: Plan, opts: ExportOptions) -> None:
         raise OptionsError(f"--offsets does nothing for this source{hint}")
     if opts.method == "gptq" and not plan.gptq:
         raise OptionsError("--method gptq does nothing: no int4 matmul of this plan can be GPTQ-rounded")
-    split = plan.recipe == "exact" and opts.block_size in (16, 32)  # exact_specs checked it changes the split
-    if opts.block_size is not None and not plan.requantized() and plan.recipe != "mixed" and not split:
+    # exact_specs refuses a --block-size that changes nothing itself
+    if opts.block_size is not None and not plan.requantized() and plan.recipe not in ("mixed", "exact"):
         raise OptionsError("--block-size does nothing: every tensor is transcoded from GGUF blocks or fp32")
     if not opts.act_aware and plan.recipe != "mixed" and not any(s.method == "search" for s in int4):
         raise OptionsError("--no-act-aware does nothing: no int4 tensor is found by the block search")
