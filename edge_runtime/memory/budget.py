@@ -93,7 +93,7 @@ CALIBRATION = {
 }
 # Resident bytes of a parsed tokenizer per byte of tokenizer.json: the `tokenizers` wheel fitted on SmolLM2's BPE,
 # the pure-Python one on Gemma 3's 262k-piece vocabulary, which costs the most per byte of the two models.
-TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 2.5}
+TOKENIZER_RATIO = {"tokenizers": 23.5, "python": 2.0}
 # Peak bytes while parsing, per byte of tokenizer.json (the pure-Python one parses the whole JSON tree first).
 TOKENIZER_PARSE_RATIO = {"tokenizers": 23.5, "python": 11.5}
 # ONNX Runtime's load transient while paging_out runs: file pages read since the pager's last pass (measured

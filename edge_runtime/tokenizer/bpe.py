@@ -13,6 +13,7 @@ import heapq
 import json
 import re
 import unicodedata
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Callable
@@ -54,71 +55,39 @@ class TokenTable:
 
 
 class MergeTable:
-    """(left id, right id) -> (rank, merged id) as an open-addressing hash over two flat int64 arrays.
+    """(left id, right id) -> (rank, merged id): every pair's key left << shift | right in one sorted int64
+    array, its value rank << shift | merged at the same index, found by binary search (bisect, in C).
 
-    A dict of tuples costs ~300 bytes a merge in Python objects (~15 MB for 49k merges); this is 32 bytes a
-    slot, ~3 MB, and one lookup is a few integer operations.
+    16 bytes a merge (Gemma 3's 513k merges: 8 MB), built with one NumPy sort; a dict of tuples costs ~300
+    bytes a merge in Python objects, and an open-addressing hash at load factor 1/2 twice these bytes.
     """
 
-    EMPTY = -1
-
-    def __init__(self, shift: int, capacity: int):
+    def __init__(self, shift: int, keys: array.array, values: array.array):
         self.shift = shift
-        size = 1 << max(4, (2 * capacity).bit_length())  # load factor <= 1/2
-        self.mask = size - 1
-        self.keys = array.array("q", [self.EMPTY]) * size
-        self.values = array.array("q", [0]) * size
-
-    def _slot(self, key: int) -> int:
-        i = (key * 0x9E3779B97F4A7C15 >> 17) & self.mask
-        keys = self.keys
-        while keys[i] != self.EMPTY and keys[i] != key:
-            i = (i + 1) & self.mask
-        return i
-
-    def put(self, left: int, right: int, rank: int, merged: int) -> None:
-        key = left << self.shift | right
-        i = self._slot(key)
-        self.keys[i] = key
-        self.values[i] = rank << self.shift | merged
+        self.keys, self.values = keys, values  # int64 [n] each, keys ascending and unique
+        self._low = (1 << shift) - 1
 
     @classmethod
     def from_arrays(cls, shift: int, left, right, merged) -> MergeTable:
-        """The table of merges ranked by position (a repeated pair keeps its last rank, as `put` in order would),
-        built with NumPy: keys are placed in rounds, each pending key taking its probe slot when free (the
-        lowest-ranked claimant wins a slot) or moving one slot on. A key only ever passes occupied slots, so
-        `_slot`'s linear probe from its home finds it, as after inserting one by one."""
+        """The table of merges ranked by position; a repeated pair keeps its last rank."""
         import numpy as np
 
-        table = cls(shift, len(left))
         keys = np.asarray(left, np.int64) << shift | np.asarray(right, np.int64)                 # [n]
         values = np.arange(len(keys), dtype=np.int64) << shift | np.asarray(merged, np.int64)     # [n]
-        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]                      # last rank per pair
-        keys, values = keys[last], values[last]
-        slots_k = np.full(table.mask + 1, cls.EMPTY, np.int64)
-        slots_v = np.zeros(table.mask + 1, np.int64)
-        # _slot's hash: bits 17.. of key * C, which the product modulo 2**64 keeps as they are
-        pos = ((keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)).astype(np.int64)
-        pos &= table.mask
-        pending = np.arange(len(keys))
-        while len(pending):
-            p = pos[pending]
-            free = slots_k[p] == cls.EMPTY
-            taken, first = np.unique(p[free], return_index=True)
-            winners = pending[free][first]
-            slots_k[taken], slots_v[taken] = keys[winners], values[winners]
-            pending = np.setdiff1d(pending, winners, assume_unique=True)
-            pos[pending] = (pos[pending] + 1) & table.mask
-        table.keys, table.values = array.array("q", slots_k.tobytes()), array.array("q", slots_v.tobytes())
-        return table
+        unique, first = np.unique(keys[::-1], return_index=True)                                # ascending
+        last = len(keys) - 1 - first                                                            # last rank per pair
+        return cls(shift, array.array("q", unique.tobytes()), array.array("q", values[last].tobytes()))
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
     def get(self, left: int, right: int) -> tuple[int, int] | None:
         key = left << self.shift | right
-        i = self._slot(key)
-        if self.keys[i] == self.EMPTY:
+        i = bisect_left(self.keys, key)
+        if i == len(self.keys) or self.keys[i] != key:
             return None
         v = self.values[i]
-        return v >> self.shift, v & ((1 << self.shift) - 1)
+        return v >> self.shift, v & self._low
 
 
 def merge_id_rows(vocab: dict[str, int], merges, prefix_len: int = 0):
