@@ -56,6 +56,9 @@ def test_windows_are_spread_disjoint_from_calibration_and_cover_short_texts():
     assert [len(w) for w in ev] == [256] * 6 and ev[0][0] == 0 and ev[-1][0] > 8000
     flat = lambda windows: set(functools.reduce(operator.iadd, windows, []))  # noqa: E731
     assert len(cal) == 2 and not flat(ev) & flat(cal)
+    many = E.calibration_windows(list(range(40_000)), 24)           # a grid 4 times as fine: still between
+    assert len(many) == 24 and len(flat(many)) == 24 * 256
+    assert not flat(E.token_windows(list(range(40_000)), 6, 256)) & flat(many)
     short = E.token_windows(list(range(600)), 6, 256)
     assert [len(w) for w in short] == [256, 256, 88]
     with pytest.raises(Exception, match="too short"):

@@ -76,10 +76,11 @@ def token_windows(ids: Sequence[int], n: int = WINDOWS, window: int = WINDOW_TOK
                   phase: float = 0.0, bos: int | None = None) -> list[list[int]]:
     """n windows of `window` tokens spread evenly over ids, each starting `phase` of a stride in.
 
-    Evaluation takes phase 0 and calibration (calibration_windows) phase 0.5 with the same n, so the two never
-    share a token while len(ids) >= 2 * n * window. A text too short for n windows gives consecutive windows
-    of what there is. With `bos` each window starts with it (its last token dropped), as llama.cpp's perplexity
-    chunks do: a model that always sees BOS at position 0 (Gemma's attention sink) is not measured without it.
+    Evaluation takes phase 0 and calibration (calibration_windows) phase 0.5 with the same n (or a multiple of
+    it), so the two never share a token while len(ids) >= 2 * n * window. A text too short for n windows gives
+    consecutive windows of what there is. With `bos` each window starts with it (its last token dropped), as
+    llama.cpp's perplexity chunks do: a model that always sees BOS at position 0 (Gemma's attention sink) is not
+    measured without it.
     """
     return [w if bos is None or w[0] == bos else [int(bos)] + w[:-1] for w in _windows(ids, n, window, phase)]
 
@@ -97,8 +98,12 @@ def _windows(ids: Sequence[int], n: int, window: int, phase: float) -> list[list
 
 
 def calibration_windows(ids: Sequence[int], k: int = 1, bos: int | None = None) -> list[list[int]]:
-    """k windows from the middle of the calibration text's phase-0.5 windows (eval_domains.calibration_text)."""
-    windows = token_windows(ids, WINDOWS, WINDOW_TOKENS, phase=0.5, bos=bos)
+    """k windows from the middle of the calibration text's phase-0.5 windows (eval_domains.calibration_text).
+
+    More than WINDOWS come from a grid WINDOWS times r as fine (r whole): its phase-0.5 windows still fall
+    between the phase-0 windows of WINDOWS, so calibration and an evaluation of the same text stay disjoint."""
+    n = WINDOWS * -(-k // WINDOWS)                                       # k rounded up to a multiple of WINDOWS
+    windows = token_windows(ids, n, WINDOW_TOKENS, phase=0.5, bos=bos)
     mid = max(0, len(windows) // 2 - k // 2)
     return windows[mid:mid + k]
 
