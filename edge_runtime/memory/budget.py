@@ -29,7 +29,6 @@ backend); `bench/memory.py` prints plan against measurement to re-derive them.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
 
 from ..errors import EdgeError, MemoryBudgetError
@@ -38,6 +37,7 @@ from ..format.config import ModelConfig
 from ..format.contracts import WINDOW_INPUTS
 from ..generation.stats import MB, format_size
 from ..spec import kv_capacity, shift_capacity, spec_for, supported
+from ..tokenizer.tokenizer import resolve_impl
 from .pages import FAULT_AROUND, RELEASE_STEPS, can_page_out
 
 # Tried largest first: a larger chunk prefills faster. 256 is left out: its prefill gain is small next to its
@@ -201,8 +201,7 @@ def _qbytes(tensors: dict, name: str, suffix: str) -> int:
 
 def tokenizer_impl() -> str:
     """Which implementation Tokenizer.from_bundle will use ("tokenizers" or "python"), without importing it."""
-    forced = os.environ.get("EDGE_RUNTIME_TOKENIZER", "auto")
-    return "tokenizers" if forced == "tokenizers" else "python"
+    return resolve_impl("auto")
 
 
 def import_runtime_libraries(backend: str) -> None:

@@ -65,7 +65,7 @@ class MergeTable:
     def __init__(self, shift: int, keys: array.array, values: array.array):
         self.shift = shift
         self.keys, self.values = keys, values  # int64 [n] each, keys ascending and unique
-        self._low = (1 << shift) - 1
+        self._n, self._low = len(keys), (1 << shift) - 1
 
     @classmethod
     def from_arrays(cls, shift: int, left, right, merged) -> MergeTable:
@@ -79,12 +79,12 @@ class MergeTable:
         return cls(shift, array.array("q", unique.tobytes()), array.array("q", values[last].tobytes()))
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._n
 
     def get(self, left: int, right: int) -> tuple[int, int] | None:
         key = left << self.shift | right
         i = bisect_left(self.keys, key)
-        if i == len(self.keys) or self.keys[i] != key:
+        if i == self._n or self.keys[i] != key:
             return None
         v = self.values[i]
         return v >> self.shift, v & self._low
