@@ -1,7 +1,7 @@
 """One measurement of a peer runtime in this (fresh) process, run with the peer's own virtual env's python.
 
     peer_run.py speed llama|genai MODEL --ids-file F --new-tokens M --threads T --context C
-        one JSON line: load_s (imports included), prefill_tps, decode_tps, peak_rss_mb
+        one JSON line: load_s (imports and the tokenizer included), prefill_tps, decode_tps, peak_rss_mb
     peer_run.py logits llama|genai MODEL --windows-file F --out DIR --threads T
         DIR/<i>.npy: float32 logits [S, V] of every position of window i (for the fidelity column)
 
@@ -61,6 +61,9 @@ class Genai:
 
         self.og, self.context = og, context
         self.model = og.Model(model)
+        # ready to turn text into ids, as this repository's load (which parses the bundle's tokenizer) and
+        # llama.cpp's (whose vocabulary is in the GGUF) are
+        self.tokenizer = og.Tokenizer(self.model)
 
     def _generator(self, length: int):
         params = self.og.GeneratorParams(self.model)

@@ -47,9 +47,21 @@ def complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+_CLASS_SPECIAL = frozenset("\\]^-[&~|")  # meaningful inside a class, or warned about as a future set operation
+
+
+def class_char(c: int) -> str:
+    """One code point inside a character class: itself when printable and plain (`re` parses a literal several
+    times faster than a \\U escape), else escaped."""
+    ch = chr(c)
+    if ch in _CLASS_SPECIAL:
+        return "\\" + ch
+    return ch if ch.isprintable() and not 0xD800 <= c <= 0xDFFF else f"\\U{c:08x}"
+
+
 def class_body(ranges: list[tuple[int, int]]) -> str:
-    """Ranges as the inside of a Python `re` character class (escaped, so any code point is safe)."""
-    return "".join(f"\\U{lo:08x}" if lo == hi else f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
+    """Ranges as the inside of a Python `re` character class (any code point is safe)."""
+    return "".join(class_char(lo) if lo == hi else f"{class_char(lo)}-{class_char(hi)}" for lo, hi in ranges)
 
 
 @cache
@@ -72,8 +84,15 @@ class UnicodeRegex:
     """
 
     def __init__(self, make_pattern: Callable[[bool], str]):
-        self.full = re.compile(make_pattern(False))
+        self._make = make_pattern
+        self._full: re.Pattern[str] | None = None  # compiled at the first astral text: most loads never need it
         self.bmp = re.compile(make_pattern(True))
+
+    @property
+    def full(self) -> re.Pattern[str]:
+        if self._full is None:
+            self._full = re.compile(self._make(False))
+        return self._full
 
     def for_text(self, text: str) -> re.Pattern[str]:
         return self.bmp if not text or max(text) < "\U00010000" else self.full
