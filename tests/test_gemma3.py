@@ -87,12 +87,24 @@ def test_the_window_matters(source):
     assert np.abs(out[8:] - ref[8:]).max(axis=-1).min() > 1e-2
 
 
-def test_window_layers_keep_a_ring_of_window_positions(source):
+def test_window_layers_keep_a_ring_of_window_positions_and_room_for_a_reply(source):
+    """Rings of W - 1 + W // 2 = 11 positions: a pass may start 4 positions before the end (a reply of up to 4
+    tokens run again), and there gives the logits of a fresh prefill; earlier it is refused by the floor."""
     cfg = source.config
     m = DecoderForward(cfg, DenseWeights(source.tensors, cfg), CONTEXT)
     per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
-    assert [k.shape[1] for k in m.cache.keys] == [8, 8, CONTEXT]
-    assert m.cache.nbytes == per_position * (8 + 8 + CONTEXT)
+    assert [k.shape[1] for k in m.cache.keys] == [11, 11, CONTEXT]
+    assert m.cache.nbytes == per_position * (11 + 11 + CONTEXT)
+    assert m.cache.ring == 8
+    assert [m.cache.floor(end) for end in (5, 11, 12, 30)] == [0, 0, 8, 26]
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, N)
+    fresh = DecoderForward(cfg, DenseWeights(source.tensors, cfg), CONTEXT).forward(ids, 0, np.arange(N))
+    m.forward(ids[:30], 0, np.array([29]))
+    again = m.forward(ids[26:], 26, np.arange(N - 26))                   # over positions 26..29 it wrote
+    np.testing.assert_allclose(again, fresh[26:], atol=1e-5, rtol=0)
+    m.forward(ids[:30], 0, np.array([29]))
+    for i in range(26, N):                                              # token by token from the floor
+        np.testing.assert_allclose(m.forward(ids[i:i + 1], i, np.array([0]))[0], fresh[i], atol=1e-5, rtol=0)
 
 
 def backend_logits(bundle: Bundle, backend: str, ids, stepwise: bool = False, **kw) -> np.ndarray:

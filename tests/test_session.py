@@ -100,9 +100,10 @@ def test_reuse_past_a_sliding_window_gives_the_fresh_prefill_logits(tiny_bundle,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_short_replies_past_a_sliding_window_resume_at_the_prompt_end(tiny_bundle, backend):
-    """Under ONNX Runtime the window buffers make room for `stride` reply tokens before the first decode step
-    (backends/ort/window.py), so after replies that short a turn resumes where the previous prompt ended, even
-    past the window; the NumPy ring cannot and prefills from 0. Replies equal re-prefilling either way."""
+    """The window caches hold W - 1 + stride positions (spec.kv_capacity): under ONNX Runtime a buffer makes
+    room for `stride` reply tokens before the first decode step (backends/ort/window.py), the NumPy ring keeps
+    the last positions anyway. So after replies that short a turn resumes where the previous prompt ended, even
+    past the window, and the replies equal re-prefilling."""
     model, ref = load(tiny_bundle("tiny:gemma3", "fp32"), backend), load(tiny_bundle("tiny:gemma3", "fp32"), backend)
     stride = 4  # window 8: its buffers hold 8 - 1 + 4 positions
     session, messages, previous = model.session(), [], 0
@@ -113,10 +114,8 @@ def test_short_replies_past_a_sliding_window_resume_at_the_prompt_end(tiny_bundl
         want = ref.generate(messages, max_new_tokens=stride)
         messages.append({"role": "assistant", "content": want.text})
         assert got.token_ids == want.token_ids
-        if i > 0 and backend == "ort":
+        if i > 0:
             assert got.stats.cached_tokens >= previous > 8
-        elif i > 0:
-            assert got.stats.cached_tokens == 0
         previous = got.stats.prompt_tokens
     assert model.backend.kv_held(0)[0] > 0 or backend == "numpy"  # the buffers did shift
 

@@ -13,13 +13,13 @@ import numpy as np
 class Backend(Protocol):
     name: str      # "ort" | "numpy"
     context: int   # KV-cache capacity in tokens, fixed at construction (never grows)
-    # The fewest positions a sliding-window layer's cache keeps (a ring), or None when every layer keeps the
-    # whole context. Once more positions than that are written, a ring has overwritten the keys a forward at an
-    # earlier past_len would need: only past_len 0, the end, or one before it resume exactly
-    # (sessions.state.CacheState.resume_at).
+    # The smallest window of a layer whose cache keeps fewer positions than the context, or None when every
+    # layer keeps the whole context. Once more positions than its cache holds are written, the keys a forward
+    # at an earlier past_len would need may be gone (sessions.state.CacheState.resume_at).
     kv_ring: int | None
     # Optional: `resume_floor(end) -> int`, the first position a forward may start at once `end` positions are
-    # written, where it is not kv_ring's rule (sessions.state.ring_floor): ONNX Runtime's shifting window buffers.
+    # written (both backends' window caches hold window - 1 + window // 2: spec.kv_capacity); without it, a
+    # kv_ring of exactly its window resumes only at the end or one before it (sessions.state.ring_floor).
 
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
         """Run `ids` ([S] int64) at positions past_len .. past_len+S-1.

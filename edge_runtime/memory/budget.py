@@ -36,7 +36,7 @@ from ..format.bundle import check_context, kv_dtypes
 from ..format.config import ModelConfig
 from ..format.contracts import WINDOW_INPUTS
 from ..generation.stats import MB, format_size
-from ..spec import kv_capacity, shift_capacity, spec_for, supported
+from ..spec import kv_capacity, spec_for, supported
 from ..tokenizer.tokenizer import resolve_impl
 from .pages import FAULT_AROUND, RELEASE_STEPS, can_page_out
 
@@ -215,12 +215,12 @@ def import_runtime_libraries(backend: str) -> None:
 
 # -- components ------------------------------------------------------------------------------------------------
 
-def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None, capacity=kv_capacity) -> int:
+def kv_cache_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows=None) -> int:
     """kv_heads x head_dim x dtype x 2 (keys and values) x the positions of every layer: the context, or a
-    sliding-window layer's capacity(window, context) when `windows` (per layer, None: full) is given: the NumPy
-    backend's ring (spec.kv_capacity), ONNX Runtime's shifting buffer (spec.shift_capacity)."""
+    sliding-window layer's spec.kv_capacity(window, context) when `windows` (per layer, None: full) is given
+    (the NumPy backend's ring, ONNX Runtime's shifting buffer)."""
     windows = windows if windows is not None else (None,) * cfg.num_hidden_layers
-    positions = sum(capacity(w, context) for w in windows)
+    positions = sum(kv_capacity(w, context) for w in windows)
     return positions * cfg.num_key_value_heads * cfg.head_dim * KV_DTYPE_BYTES[kv_dtype] * 2
 
 
@@ -234,7 +234,7 @@ def kv_windows(manifest: dict, family: str) -> tuple | None:
 
 def window_rotary_bytes(cfg: ModelConfig, context: int, kv_dtype: str, windows) -> int:
     """ONNX Runtime's rotary rows of the shifting window buffers: cos and sin [capacity, head_dim/2]."""
-    sizes = [shift_capacity(w, context) for w in windows or () if w is not None]
+    sizes = [kv_capacity(w, context) for w in windows or () if w is not None]
     return 2 * max(sizes, default=0) * (cfg.head_dim // 2) * KV_DTYPE_BYTES[kv_dtype]
 
 
@@ -364,8 +364,7 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
     rings = sum(w is not None for w in windows or ())
     kind = "rings" if family == "numpy" else "shifting buffers"
     kv_note = f"{kv_dtype}, {context} positions" + (f", {rings} window layers as {kind}" if rings else "")
-    capacity = kv_capacity if family == "numpy" else shift_capacity
-    kv = kv_cache_bytes(cfg, context, kv_dtype, windows, capacity)
+    kv = kv_cache_bytes(cfg, context, kv_dtype, windows)
     if family == "ort":
         kv += window_rotary_bytes(cfg, context, kv_dtype, windows)
     components = (

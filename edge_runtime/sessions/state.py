@@ -15,9 +15,10 @@ prompt's logits those of prefilling it from scratch, so a session answers exactl
 conversation would. `reuse_decoded=True` reuses them too (faster turns, answers equal to rounding).
 
 A pass may start only where the cache still holds every key its window needs (`resume_at`): anywhere for a
-cache of the whole context; for a ring (Backend.kv_ring) that more positions than it holds have wrapped, only
-at the end or one before it (`ring_floor`); for ONNX Runtime's shifting window buffers, from where the backend
-says (its `resume_floor(end)`). A shorter shared prefix is prefilled again from 0. A failed pass may have
+cache of the whole context; for sliding-window caches (Backend.kv_ring), from where the backend says (its
+`resume_floor(end)`: both backends keep room for a reply of half a window, so a turn resumes at the previous
+prompt's end), or without one, past a ring's wrap only at the end or one before it (`ring_floor`). A shorter
+shared prefix is prefilled again from 0. A failed pass may have
 overwritten ring slots of positions before it, so it empties such a cache (`failed`).
 """
 from __future__ import annotations

@@ -8,13 +8,13 @@ import importlib
 
 from ..errors import UnsupportedModelError
 from ..format.config import ModelConfig
-from .base import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Layer, Rope, Unit, kv_capacity, shift_capacity, shift_stride
+from .base import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Layer, Rope, Unit, kv_capacity, shift_stride
 
 # model_type -> module of this package
 FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 __all__ = ["EMBED", "FAMILIES", "FINAL_NORM", "LM_HEAD", "DecoderSpec", "Layer", "Rope", "Unit", "spec_for",
-           "kv_capacity", "shift_capacity", "shift_stride", "supported"]
+           "kv_capacity", "shift_stride", "supported"]
 
 
 def supported(model_type: str) -> bool:

@@ -168,7 +168,7 @@ class DecoderSpec:
 
     def shared_window(self) -> Optional[tuple[int, Rope]]:
         """(window, rope) of every sliding-window layer when they share one window and one rope (their KV
-        buffers then shift together, shift_capacity), None when there are none or they differ."""
+        buffers then shift together, kv_capacity), None when there are none or they differ."""
         kinds = {(ly.window, ly.rope) for ly in self.layers if ly.window is not None}
         return next(iter(kinds)) if len(kinds) == 1 else None
 
@@ -261,20 +261,18 @@ class DecoderSpec:
                 "units": units}
 
 
-def kv_capacity(window: Optional[int], context: int) -> int:
-    """Positions a layer's KV cache holds: the whole context, or a ring of `window` for a sliding-window layer."""
-    return context if window is None else min(int(window), context)
-
-
 def shift_stride(window: int) -> int:
-    """Most new positions one pass writes into a shifting window buffer (see shift_capacity)."""
+    """Most new positions one pass writes into a shifting window buffer, and the longest reply after which a
+    conversation resumes at its last prompt's end (see kv_capacity)."""
     return max(1, int(window) // 2)
 
 
-def shift_capacity(window: Optional[int], context: int) -> int:
-    """Positions a layer's KV buffer holds under ONNX Runtime: the whole context, or for a sliding-window layer
-    window - 1 + shift_stride(window): before a pass that would not fit, the last window - 1 keys move to the
-    front (GroupQueryAttention writes positions in order, it cannot wrap like a ring)."""
+def kv_capacity(window: Optional[int], context: int) -> int:
+    """Positions a layer's KV cache holds: the whole context, or for a sliding-window layer
+    window - 1 + shift_stride(window), on both backends. A pass needs the window - 1 keys before it; the
+    stride more let a reply of up to stride tokens be decoded after a prompt and the next turn still resume at
+    that prompt's end. ONNX Runtime's buffer shifts (GroupQueryAttention writes positions in order, it cannot
+    wrap: backends/ort/window.py), the NumPy backend's is a ring (position p in slot p % capacity)."""
     return context if window is None else min(int(window) - 1 + shift_stride(window), context)
 
 

@@ -40,7 +40,7 @@ class GraphOptions:
     fuse_qkv: bool = True            # one matmul for q/k/v, packed into GroupQueryAttention
     fuse_gate_up: bool = True        # one matmul for gate/up
     kv_dtype: str = "float32"        # KV cache (and attention) precision: "float32" or "float16" (half the memory)
-    # sliding-window layers get KV buffers of spec.shift_capacity positions, with their own seqlens and rotary
+    # sliding-window layers get KV buffers of spec.kv_capacity positions, with their own seqlens and rotary
     # rows as inputs (the runtime shifts them: docs/bundle-format.md); off: every layer's buffer is the context
     shift_windows: bool = True
 

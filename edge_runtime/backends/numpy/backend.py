@@ -237,6 +237,10 @@ class NumpyBackend:
         self.vocab_size = cfg.vocab_size
         self.kv_ring = self.model.cache.ring
 
+    def resume_floor(self, end: int) -> int:
+        """The first position a pass may start at, `end` positions written (KVCache.floor)."""
+        return self.model.cache.floor(end)
+
     def forward(self, ids: np.ndarray, past_len: int, logits_index: np.ndarray) -> np.ndarray:
         """Run ids [S] at positions past_len..past_len+S-1 -> logits [len(logits_index), vocab]."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)                    # [S]
@@ -254,7 +258,7 @@ class NumpyBackend:
 
     def kv_arrays(self) -> list[np.ndarray]:
         """Views [1, kv_heads, capacity, head_dim] of each layer's keys, then values (the ORT backend's order);
-        capacity is the context, or the window of a sliding-window layer's ring."""
+        capacity is the context, or a sliding-window layer's ring (spec.kv_capacity)."""
         c = self.model.cache
         return [a[None] for k, v in zip(c.keys, c.values) for a in (k, v)]
 

@@ -169,9 +169,11 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, past_len: int
 class KVCache:
     """Keys and values of every layer: [KVH, C, D] each, C = kv_capacity(layer window, context).
 
-    A sliding-window layer keeps a ring of `window` positions (position p in slot p % window): the keys a
-    decode step reads are the ring itself, in slot order (attention does not depend on key order). Rewinding
-    (a forward at a past_len below the cache's end) is exact from position 0, or within full-context layers.
+    A sliding-window layer of window W keeps a ring of C = W - 1 + W // 2 positions (position p in slot p % C):
+    the last W - 1 keys every pass needs, and room for a reply of up to W // 2 tokens after which the next
+    turn still resumes at the prompt's end (`floor`). A pass attends over the W - 1 positions before it, taken
+    from the ring in position order, then its own. Rewinding (a forward at a past_len below the cache's end)
+    is exact from position 0, at or after `floor(end)`, or within full-context layers.
     """
 
     def __init__(self, cfg: ModelConfig, context: int, dtype: str = "float32",
@@ -188,29 +190,33 @@ class KVCache:
     def nbytes(self) -> int:
         return int(sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)))
 
+    def _rings(self) -> list[tuple[int, int]]:
+        """(window, capacity) of every layer whose ring holds fewer positions than the context."""
+        return [(w, k.shape[1]) for w, k in zip(self.windows, self.keys) if k.shape[1] < self.context]
+
     @property
     def ring(self) -> Optional[int]:
-        """The smallest ring (positions a window layer keeps below the context), None without one."""
-        rings = [k.shape[1] for k in self.keys if k.shape[1] < self.context]
-        return min(rings, default=None)
+        """The smallest window of a ring (as Backend.kv_ring), None without one."""
+        return min((w for w, _ in self._rings()), default=None)
+
+    def floor(self, end: int) -> int:
+        """The first position a pass may start at once positions 0..end-1 are written: every ring still holds
+        the window - 1 keys before it (Backend.resume_floor)."""
+        return max((max(0, end - (cap - w + 1)) for w, cap in self._rings() if end > cap), default=0)
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray, past_len: int):
         """Write k, v [KVH, S, D] for positions past_len.. and return (keys, values, key_start): the views
         [KVH, T, D] in the cache's dtype the new queries attend over, the first at position key_start."""
         keys, values = self.keys[layer], self.values[layer]
-        cap, s_len = keys.shape[1], k.shape[1]
+        window, cap, s_len = self.windows[layer], keys.shape[1], k.shape[1]
         end = past_len + s_len
-        if self.windows[layer] is None or end <= cap:  # a full layer, or a ring not yet wrapped
+        if window is None or end <= cap:  # a full layer, or a ring not yet wrapped
             keys[:, past_len:end] = k
             values[:, past_len:end] = v
             return keys[:, :end], values[:, :end], 0
-        if s_len == 1:
-            slot = past_len % cap
-            keys[:, slot], values[:, slot] = k[:, 0], v[:, 0]
-            return keys, values, past_len + 1 - cap  # every slot holds one of the last `cap` positions
-        # A chunk: its first query still needs the cap - 1 positions before it, which the chunk's own writes
-        # would overwrite: attend over those, in position order, followed by the chunk.
-        start = max(0, past_len - cap + 1)
+        # The pass's first query needs the window - 1 positions before it, which its own writes may overwrite
+        # (and the ring holds older ones besides): attend over those, in position order, then the pass.
+        start = max(0, past_len - window + 1)
         slots = np.arange(start, past_len) % cap
         keys_seen = np.concatenate([keys[:, slots], k.astype(keys.dtype)], axis=1)      # [KVH, T, D]
         values_seen = np.concatenate([values[:, slots], v.astype(values.dtype)], axis=1)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import EdgeError
 from ...format.contracts import WINDOW_INPUTS
-from ...spec import Rope, shift_capacity, shift_stride
+from ...spec import Rope, kv_capacity, shift_stride
 from ...spec.rope import half_tables
 
 
@@ -30,7 +30,7 @@ class ShiftingWindows:
 
     def __init__(self, window: int, rope: Rope, context: int, head_dim: int, dtype):
         self.window, self.rope, self.head_dim = int(window), rope, int(head_dim)
-        self.capacity, self.stride = shift_capacity(window, context), shift_stride(window)
+        self.capacity, self.stride = kv_capacity(window, context), shift_stride(window)
         self.base = 0
         self.buffers: list[np.ndarray] = []   # [1, kv_heads, capacity, head_dim] per window layer, K then V
         self.seqlens = np.zeros(1, np.int32)  # [1]  slots in use after the pass - 1
