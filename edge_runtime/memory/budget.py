@@ -199,17 +199,12 @@ def _qbytes(tensors: dict, name: str, suffix: str) -> int:
     return int(meta["nbytes"]) if meta else 0
 
 
-def tokenizer_impl() -> str:
-    """Which implementation Tokenizer.from_bundle will use ("tokenizers" or "python"), without importing it."""
-    return resolve_impl("auto")
-
-
 def import_runtime_libraries(backend: str) -> None:
     """Import what a session of `backend` imports (for measurements that split libraries from the rest)."""
     importlib.import_module("numpy")
     if backend.startswith("ort"):
         importlib.import_module("onnxruntime")
-    if tokenizer_impl() == "tokenizers":
+    if resolve_impl("auto") == "tokenizers":  # the one Tokenizer.from_bundle will use
         importlib.import_module("tokenizers")
 
 
@@ -343,7 +338,7 @@ def plan_session(bundle, context: int, backend: str = "ort", kv_dtype: str | Non
     kv_dtype = kv_dtype or kv_dtypes(manifest)[0]
     if kv_dtype not in KV_DTYPE_BYTES:
         raise EdgeError(f"kv_dtype must be one of {', '.join(KV_DTYPE_BYTES)}, got {kv_dtype!r}")
-    impl = tokenizer_impl()
+    impl = resolve_impl("auto")  # the tokenizer implementation Tokenizer.from_bundle will use
     runtime = cal.runtime if impl == "tokenizers" else cal.runtime_no_tokenizers
     tok_file = _file_bytes(manifest, "tokenizer", "tokenizer.json")
     tok = TOKENIZER_BASE + int(TOKENIZER_RATIO[impl] * tok_file)

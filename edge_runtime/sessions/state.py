@@ -18,8 +18,8 @@ A pass may start only where the cache still holds every key its window needs (`r
 cache of the whole context; for sliding-window caches (Backend.kv_ring), from where the backend says (its
 `resume_floor(end)`: both backends keep room for a reply of half a window, so a turn resumes at the previous
 prompt's end), or without one, past a ring's wrap only at the end or one before it (`ring_floor`). A shorter
-shared prefix is prefilled again from 0. A failed pass may have
-overwritten ring slots of positions before it, so it empties such a cache (`failed`).
+shared prefix is prefilled again from 0. A failed pass may have overwritten ring slots of positions before it,
+so it empties such a cache (`failed`).
 """
 from __future__ import annotations
 
