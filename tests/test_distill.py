@@ -220,6 +220,34 @@ def test_training_lowers_loss_and_kld(teacher, rows, tok, tmp_path):
     assert _kld(teacher, student, windows) < 0.8 * kld0
 
 
+def test_bf16_training_follows_the_fp32_run(teacher, rows, tmp_path):
+    """Autocast changes the arithmetic, not the algorithm: the same steps from the same student stay close to the
+    fp32 run's losses and weights, and still lower the loss."""
+    cache = ddata.build_cache(teacher.model, rows, tmp_path / "cache", k=16, teacher_fp=teacher.fingerprint)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, temperature=1.0, alpha=1.0,
+                          precision=precision)
+        student = _student(teacher, rows)
+        state = dtrain.train(student, cache, cfg, tmp_path / precision, progress=False)
+        runs[precision] = (np.array([h[1] for h in state["history"]]), student)
+    (l32, s32), (l16, s16) = runs["fp32"], runs["bf16"]
+    assert not np.array_equal(l16, l32)  # bf16 arithmetic did run
+    np.testing.assert_allclose(l16, l32, rtol=0.05)
+    assert l16[-3:].mean() < 0.8 * l16[:3].mean()
+    w32, w16 = s32.model.layers[0].mlp.up_proj.weight, s16.model.layers[0].mlp.up_proj.weight
+    assert w16.dtype == torch.float32  # master weights stay fp32
+    moved = (w32 - _student(teacher, rows).model.layers[0].mlp.up_proj.weight).norm()
+    assert (w16 - w32).norm() < 0.2 * moved
+
+
+def test_precision_auto_resolves_to_a_supported_one():
+    assert dtrain.resolve_precision("auto", "cpu") in dtrain.PRECISIONS
+    assert dtrain.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        dtrain.resolve_precision("fp8", "cpu")
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_path, monkeypatch):
     cache = ddata.build_cache(teacher.model, rows, tmp_path / "cache", k=16, teacher_fp=teacher.fingerprint)
     cfg = TrainConfig(steps=8, batch_size=4, lr=1e-3, warmup_steps=2, alpha=0.5, checkpoint_every=3)

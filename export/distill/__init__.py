@@ -165,7 +165,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
             warmup_steps: int = 10, progress: bool = True, device: str = "cpu", micro_batch: int | None = None,
-            stop_after: int | None = None) -> Path:
+            stop_after: int | None = None, precision: str = "fp32") -> Path:
     """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
@@ -180,7 +180,8 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     world size wrote it. stop_after: pause after this global step (the schedule still spans `steps`).
     batch_size is global: under torchrun each of the world's ranks trains on batch_size / world rows per step,
     in micro-batches of micro_batch rows; rank 0 prepares the data and the teacher cache, the others read them.
-    device: "cpu" or "cuda" (each rank its own GPU).
+    device: "cpu" or "cuda" (each rank its own GPU). precision: fp32, bf16 (autocast; the weights, the optimizer
+    and the teacher's cache stay fp32) or auto (bf16 where the device has native bf16 arithmetic).
     """
     start = time.perf_counter()
     if threads:
@@ -219,7 +220,8 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
                       stop_after=stop_after, batch_size=batch_size, micro_batch=micro_batch, lr=lr,
                       warmup_steps=warmup_steps, temperature=temperature,
                       alpha=alpha, loss=loss, train_embeddings=train_embeddings, train_layers=chosen,
-                      checkpoint_every=checkpoint_every, seed=seed)
+                      checkpoint_every=checkpoint_every, seed=seed,
+                      precision=training.resolve_precision(precision, d.device))
     plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
             "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),

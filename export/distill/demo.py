@@ -19,7 +19,7 @@ DEFAULT_TEACHER = "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 # distinct text for fewer epochs, which generalizes better than many passes over a few texts.
 RECIPE = {"data": ("synthetic",), "synthetic_samples": 640, "synthetic_tokens": 160, "temperature": 1.0,
           "alpha": 1.0, "loss": "fkl", "lr": 5e-4, "batch_size": 4, "seq_len": 256, "top_k": 64, "iterative": 0,
-          "train_layers": "all", "train_embeddings": False}
+          "train_layers": "all", "train_embeddings": False, "precision": "auto"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
