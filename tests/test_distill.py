@@ -294,6 +294,21 @@ def test_evaluation_text_is_never_trained_on(teacher, tok, tmp_path):
     assert len(clean) > 20
 
 
+def test_given_heldout_texts_replace_the_evaluation_domains(teacher, tok, tmp_path):
+    """The in-domain ceiling trains on most of pydoc topics: only its held-out tail is kept out of training."""
+    from export.distill import training_rows
+
+    train_texts, tail = ddata.pydoc_split()
+    data = tmp_path / "pydoc.txt"
+    data.write_text("\n\n".join(train_texts[:4] + tail[:2]))
+    rows_ = training_rows(teacher, [data], SEQ, seed=0, cache_root=tmp_path, synthetic_samples=0,
+                          synthetic_tokens=0, heldout=tail)
+    every = ddata.pack([data.read_text()], tok, SEQ, 0)
+    assert not ddata.overlapping_rows(rows_, ddata.pack(tail, tok, 1, 0).ravel()).any()
+    assert ddata.overlapping_rows(every, ddata.pack(tail[:2], tok, 1, 0).ravel()).any()  # the tail was there
+    assert len(rows_) > 0.5 * len(every)  # the training part stays, though it is evaluation-domain text
+
+
 def test_distill_end_to_end_writes_a_loadable_student(teacher, tok, tmp_path):
     from export.distill import distill
     from export.sources import load_source

@@ -72,8 +72,10 @@ def load_teacher(spec) -> Teacher:
 
 
 def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, seed: int, cache_root: Path,
-                  synthetic_samples: int, synthetic_tokens: int) -> np.ndarray:
-    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with evaluation text."""
+                  synthetic_samples: int, synthetic_tokens: int,
+                  heldout: Sequence[str] | None = None) -> np.ndarray:
+    """[n, seq_len] token rows of the training text, minus any row that shares 32 tokens with evaluation text
+    (`heldout`, default: every evaluation domain's)."""
     texts: list[str] = []
     for item in data:
         if item == "synthetic":
@@ -81,7 +83,8 @@ def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, s
         else:
             texts += read_texts([Path(item)])
     rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
-    heldout = [t for d in EVAL_DOMAINS for t in d.load()]
+    if heldout is None:
+        heldout = [t for d in EVAL_DOMAINS for t in d.load()]
     return rows[~overlapping_rows(rows, pack(heldout, teacher.tokenizer, 1, teacher.eos_id).ravel())]
 
 
@@ -165,14 +168,14 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
             warmup_steps: int = 10, progress: bool = True, device: str = "cpu", micro_batch: int | None = None,
-            stop_after: int | None = None, precision: str = "fp32") -> Path:
+            stop_after: int | None = None, precision: str = "fp32", heldout: Sequence[str] | None = None) -> Path:
     """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
     and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
     data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts) and/or
-    text file paths; rows that overlap the evaluation domains are dropped. Budget: `minutes` of wall time for
-    the whole call (data preparation included) and/or `steps`.
+    text file paths; rows that overlap the evaluation domains (or the texts `heldout`) are dropped. Budget:
+    `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
     loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE
     (alpha 1: pure distillation toward the teacher, the default).
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
@@ -200,7 +203,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
         synthetic_texts(teacher, synthetic_samples, synthetic_tokens, seed, cache_root, deadline)
     distmod.barrier(d)
     rows = training_rows(teacher, items, seq_len, seed=seed, cache_root=cache_root,
-                         synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens)
+                         synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens, heldout=heldout)
     if len(rows) == 0:
         raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
     cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d)
