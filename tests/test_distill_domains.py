@@ -22,6 +22,22 @@ def test_training_prompts_appear_in_no_evaluation_text():
         assert prompt not in texts, prompt
 
 
+def test_public_text_comes_from_third_party_packages_within_its_budget():
+    import sys
+
+    texts = domains.public_texts()
+    assert set(texts) == set(domains.PUBLIC_CHARS)
+    for kind, items in texts.items():
+        assert len(items) >= 3, kind  # several packages, not one big file
+        assert 0.5 * domains.PUBLIC_CHARS[kind] < sum(map(len, items)) <= domains.PUBLIC_CHARS[kind], kind
+        assert max(map(len, items)) <= domains.PUBLIC_TEXT_CHARS
+        assert len(set(items)) == len(items), kind
+    evaluated = {t.strip() for d in domains.EVAL_DOMAINS for t in d.load()}
+    assert evaluated.isdisjoint(t for items in texts.values() for t in items)
+    for module in domains.PUBLIC_MODULES:  # never the standard library, the code domain's source
+        assert module.split(".")[0] not in sys.stdlib_module_names, module
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from export.distill import load_teacher

@@ -32,7 +32,7 @@ from .data import (
     read_texts,
     synthesize,
 )
-from .domains import EVAL_DOMAINS
+from .domains import EVAL_DOMAINS, public_texts
 from .prune import drop_layers, prune_mlp, select_layers
 from .train import CHECKPOINT, TrainConfig
 
@@ -42,7 +42,7 @@ DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache" / "distill"
 TEXT_SHARE = 0.4
 PLAN = "distill.json"
 CALIBRATION_ROWS = 16  # training rows whose hidden states rank the layers (16 x 256 tokens for the demo)
-DataItem = Union[str, Path]  # "synthetic" (teacher-written) or a UTF-8 text file
+DataItem = Union[str, Path]  # "synthetic" (teacher-written), "public" (domains.public_texts) or a UTF-8 text file
 
 
 @dataclass
@@ -80,6 +80,8 @@ def training_rows(teacher: Teacher, data: Sequence[DataItem], seq_len: int, *, s
     for item in data:
         if item == "synthetic":
             texts += written_texts(text_path(teacher, synthetic_samples, synthetic_tokens, seed, cache_root))
+        elif item == "public":
+            texts += [t for kind in public_texts().values() for t in kind]
         else:
             texts += read_texts([Path(item)])
     rows = pack(texts, teacher.tokenizer, seq_len, teacher.eos_id)
@@ -173,9 +175,10 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
     and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
-    data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts) and/or
-    text file paths; rows that overlap the evaluation domains (or the texts `heldout`) are dropped. Budget:
-    `minutes` of wall time for the whole call (data preparation included) and/or `steps`.
+    data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts),
+    "public" (READMEs, licenses and source of the environment's third-party packages) and/or text file paths;
+    rows that overlap the evaluation domains (or the texts `heldout`) are dropped. Budget: `minutes` of wall
+    time for the whole call (data preparation included) and/or `steps`.
     loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE
     (alpha 1: pure distillation toward the teacher, the default).
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.

@@ -119,7 +119,54 @@ EVAL_DOMAINS = (
     Domain("licenses", "cpython+numpy:LICENSE.txt", _licenses),
 )
 
-TRAIN_SOURCES = ("teacher:text-starts", "teacher:chat-prompts")
+# Public text shipped with the export environment's third-party packages (never CPython's or numpy's, the
+# evaluation's sources): their READMEs, their license files and the source of a few pure-Python modules.
+PUBLIC_MODULES = ("tqdm.std", "packaging.version", "packaging.specifiers", "requests.models", "requests.sessions",
+                  "jinja2.lexer", "pluggy._manager", "filelock._api", "idna.core", "dateutil.relativedelta",
+                  "yaml.constructor", "anyio._core._fileio")
+PUBLIC_CHARS = {"readmes": 240_000, "licenses": 60_000, "code": 160_000}  # a budget per kind, in characters
+PUBLIC_TEXT_CHARS = 20_000  # at most this much of one text, so that a kind spans several packages
+EXCLUDED_DISTRIBUTIONS = ("numpy",)  # an evaluation source
+
+
+def _capped(texts, budget: int) -> list[str]:
+    """Distinct texts in order until `budget` characters (the last one cut to fit)."""
+    out, seen, used = [], set(), 0
+    for t in texts:
+        t = t.strip()
+        if not t or t in seen or used >= budget:
+            continue
+        seen.add(t)
+        out.append(t[: min(budget - used, PUBLIC_TEXT_CHARS)])
+        used += len(out[-1])
+    return out
+
+
+def _distributions():
+    from importlib.metadata import distributions
+
+    found = {(d.metadata["Name"] or "").lower(): d for d in distributions()}
+    return [found[n] for n in sorted(found) if n and n not in EXCLUDED_DISTRIBUTIONS]
+
+
+def public_texts() -> dict[str, list[str]]:
+    """{kind: texts} of the public training text, each kind within its PUBLIC_CHARS budget."""
+    dists = _distributions()
+    readmes = [d.metadata.get_payload() or "" for d in dists]
+    licenses = [Path(f.locate()).read_text(encoding="utf-8", errors="replace") for d in dists
+                for f in (d.files or ()) if f.name.upper().startswith(("LICENSE", "COPYING"))
+                and ".dist-info" in str(f.parent) and Path(f.locate()).is_file()]
+    code = []
+    for m in PUBLIC_MODULES:
+        spec = importlib.util.find_spec(m)
+        if spec is not None and spec.origin:
+            code.append(Path(spec.origin).read_text(encoding="utf-8"))
+    kinds = {"readmes": readmes, "licenses": licenses, "code": code}
+    return {k: _capped(v, PUBLIC_CHARS[k]) for k, v in kinds.items()}
+
+
+TRAIN_SOURCES = ("teacher:text-starts", "teacher:chat-prompts", "site-packages:readmes",
+                 "site-packages:licenses", "site-packages:source")
 EVAL_SOURCES = tuple(d.source for d in EVAL_DOMAINS) + ("distill:eval-chat-prompts",)
 
 
