@@ -138,9 +138,14 @@ def evaluate(teacher, student, tokenizer, meta: dict, *, window: int = EVAL_WIND
     return {**models, "domains": domains, "chat": chat_eval(teacher, student, tokenizer, meta)}
 
 
+def meets_bar(d: dict) -> bool:
+    """Whether one compare() result meets the demo's bar (PPL ratio and top-1 agreement)."""
+    return d["ppl_ratio"] <= TARGET_PPL_RATIO and d["top1"] >= TARGET_TOP1
+
+
 def passes(r: dict) -> bool:
-    """Whether every evaluation domain meets the demo's bar (PPL ratio and top-1 agreement)."""
-    return all(d["ppl_ratio"] <= TARGET_PPL_RATIO and d["top1"] >= TARGET_TOP1 for d in r["domains"].values())
+    """Whether every evaluation domain meets the demo's bar."""
+    return all(meets_bar(d) for d in r["domains"].values())
 
 
 def format_report(r: dict) -> str:
@@ -154,7 +159,7 @@ def format_report(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, d in r["domains"].items():
-        ok = d["ppl_ratio"] <= TARGET_PPL_RATIO and d["top1"] >= TARGET_TOP1
+        ok = meets_bar(d)
         lines.append(f"| {name} | {d['eval_tokens']} | {d['teacher_ppl']:.2f} | {d['student_ppl']:.2f} | "
                      f"{d['ppl_ratio']:.2f} | {d['kld']:.3f} | {d['top1']:.1%} | {'met' if ok else 'GAP'} |")
     c = r.get("chat")
