@@ -181,16 +181,31 @@ def test_cache_holds_teacher_topk_and_is_reused(teacher, rows, tmp_path, monkeyp
     np.testing.assert_array_equal(done.top_ids, cache.top_ids)
 
 
+def test_bf16_teacher_cache_is_its_own_and_close_to_fp32(teacher, rows, tmp_path):
+    fp = ddata.build_cache(teacher.model, rows[:4], tmp_path, k=8, teacher_fp=teacher.fingerprint)
+    bf = ddata.build_cache(teacher.model, rows[:4], tmp_path, k=8, teacher_fp=teacher.fingerprint, precision="bf16")
+    assert bf.path != fp.path and json.loads((bf.path / "index.json").read_text())["precision"] == "bf16"
+    assert not np.array_equal(bf.top_logp, fp.top_logp)  # the forward did run in bf16
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher.model(input_ids=torch.from_numpy(rows[:4].astype(np.int64))).logits, -1)
+    # the bf16 targets, as the fp32 teacher's divergence from them: a small fraction of the teacher's entropy
+    gap = dtrain.kd_from_logp(logp, torch.from_numpy(bf.top_ids.astype(np.int64)),
+                              torch.from_numpy(bf.top_logp.astype(np.float32)), 1.0)
+    entropy = -(logp.exp() * logp).sum(-1).mean()
+    assert 0.0 <= gap < 0.01 * entropy
+    assert (bf.top_ids[..., 0] == fp.top_ids[..., 0]).mean() > 0.9
+
+
 def test_ranks_filling_one_after_another_cover_every_row(teacher, rows, tmp_path):
     # a rank that starts late deals from the same rows as one that already marked some done (the rows are
     # read before any rank fills): every row is filled once, whatever the ranks' timing
     fp = teacher.fingerprint
     path = tmp_path / ddata.cache_key(fp, rows[:10], 8)
-    ddata._create(path, rows[:10], 8, fp)
+    ddata._create(path, rows[:10], 8, fp, "fp32")
     index = json.loads((path / "index.json").read_text())
     todo = np.flatnonzero(np.load(path / "done.npy") == 0)
     for rank in (0, 1):  # rank 0 finishes its share before rank 1 starts
-        ddata._fill(teacher.model, path, index, todo, 2, ddata.Dist(rank=rank, world=2))
+        ddata._fill(teacher.model, path, index, todo, 2, ddata.Dist(rank=rank, world=2), "fp32")
     assert np.load(path / "done.npy").all()
 
 

@@ -170,15 +170,16 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
             train_embeddings: bool = False, synthetic_samples: int = 64, synthetic_tokens: int = 256,
             threads: int | None = None, cache_dir: Path | None = None, checkpoint_every: int = 25,
             warmup_steps: int = 10, progress: bool = True, device: str = "cpu", micro_batch: int | None = None,
-            stop_after: int | None = None, precision: str = "fp32", heldout: Sequence[str] | None = None) -> Path:
+            stop_after: int | None = None, precision: str = "fp32", teacher_precision: str = "fp32",
+            heldout: Sequence[str] | None = None) -> Path:
     """Distill `teacher_source` into a student saved as a Hugging Face folder at out_dir; returns out_dir.
 
     layers: decoder layers to keep (the least influential are dropped; iterative > 0 drops that many at a time
     and re-measures). mlp_ratio: keep this fraction of MLP channels (most important by activation x weight).
     data: "synthetic" (text the teacher writes from text starts of several domains and from chat prompts),
-    "public" (READMEs, licenses and source of the environment's third-party packages) and/or text file paths;
-    rows that overlap the evaluation domains (or the texts `heldout`) are dropped. Budget: `minutes` of wall
-    time for the whole call (data preparation included) and/or `steps`.
+    "public" (READMEs, licenses, source and docstrings of the environment's third-party packages) and/or text
+    file paths; rows that overlap the evaluation domains (or the texts `heldout`) are dropped. Budget: `minutes`
+    of wall time for the whole call (data preparation included) and/or `steps`.
     loss: fkl | rkl | jsd at `temperature`, mixed with next-token CE as alpha * T^2 * KD + (1 - alpha) * CE
     (alpha 1: pure distillation toward the teacher, the default).
     train_layers: "all", "near" (only the student layers next to a removed one) or student layer indices.
@@ -188,6 +189,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     in micro-batches of micro_batch rows; rank 0 prepares the data and the teacher cache, the others read them.
     device: "cpu" or "cuda" (each rank its own GPU). precision: fp32, bf16 (autocast; the weights, the optimizer
     and the teacher's cache stay fp32) or auto (bf16 where the device has native bf16 arithmetic).
+    teacher_precision: the same choices for the teacher's forward over the training text (its top-k targets).
     """
     start = time.perf_counter()
     if threads:
@@ -209,7 +211,9 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
                          synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens, heldout=heldout)
     if len(rows) == 0:
         raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
-    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d)
+    teacher_precision = training.resolve_precision(teacher_precision, d.device)
+    cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d,
+                        precision=teacher_precision)
     teacher.model.to("cpu")
 
     plan_file = out_dir / PLAN
@@ -231,6 +235,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
     plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
             "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),
+            "teacher_precision": teacher_precision,
             "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}, "world_size": d.world}
     if d.main:
         write_plan(plan_file, plan)

@@ -6,6 +6,7 @@ measures how the student behaves on text it never saw, not how well it memorized
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sysconfig
 from collections.abc import Callable
@@ -120,13 +121,21 @@ EVAL_DOMAINS = (
 )
 
 # Public text shipped with the export environment's third-party packages (never CPython's or numpy's, the
-# evaluation's sources): their READMEs, their license files and the source of a few pure-Python modules.
+# evaluation's sources, nor edge-runtime's own README, which changes with every commit): their READMEs, their
+# license files, the source of some pure-Python modules and the docstrings of other modules of several packages.
 PUBLIC_MODULES = ("tqdm.std", "packaging.version", "packaging.specifiers", "requests.models", "requests.sessions",
                   "jinja2.lexer", "pluggy._manager", "filelock._api", "idna.core", "dateutil.relativedelta",
-                  "yaml.constructor", "anyio._core._fileio")
-PUBLIC_CHARS = {"readmes": 240_000, "licenses": 60_000, "code": 160_000}  # a budget per kind, in characters
+                  "yaml.constructor", "anyio._core._fileio", "networkx.classes.graph", "sympy.core.basic",
+                  "pygments.lexer", "pyparsing.core", "fsspec.spec", "huggingface_hub.file_download",
+                  "torch.optim.adamw", "torch.nn.modules.module", "matplotlib.colors", "PIL.Image",
+                  "h11._connection", "pydantic.fields", "mpmath.ctx_base", "onnx.helper", "jinja2.environment",
+                  "optimum.exporters.tasks")
+DOC_PACKAGES = ("networkx", "sympy", "matplotlib", "torch", "transformers", "huggingface_hub", "pydantic", "fsspec",
+                "pygments", "pyparsing", "mpmath", "onnx", "PIL", "jinja2", "optimum", "dateutil", "anyio", "tqdm")
+DOC_MIN_CHARS = 200  # shorter docstrings are mostly one-line summaries
+PUBLIC_CHARS = {"readmes": 240_000, "licenses": 120_000, "code": 240_000, "docs": 300_000}  # per kind, characters
 PUBLIC_TEXT_CHARS = 20_000  # at most this much of one text, so that a kind spans several packages
-EXCLUDED_DISTRIBUTIONS = ("numpy",)  # an evaluation source
+EXCLUDED_DISTRIBUTIONS = ("numpy", "edge-runtime")
 
 
 def _capped(texts, budget: int) -> list[str]:
@@ -149,6 +158,48 @@ def _distributions():
     return [found[n] for n in sorted(found) if n and n not in EXCLUDED_DISTRIBUTIONS]
 
 
+def _module_file(module: str) -> Path | None:
+    """The source file of a third-party module, found without importing it (importing torch takes seconds)."""
+    base = Path(sysconfig.get_path("purelib")).joinpath(*module.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _docstrings(path: Path) -> list[str]:
+    """The module, class and function docstrings of one source file that have DOC_MIN_CHARS or more."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds))
+    return [d for d in docs if d and len(d) >= DOC_MIN_CHARS]
+
+
+def _package_docs(package: str, budget: int, skip: set[Path]) -> list[str]:
+    """Docstrings of `package`'s modules (sorted paths, tests and `skip` left out) until `budget` characters."""
+    root = _module_file(package)
+    if root is None or root.name != "__init__.py":
+        return []
+    out, used = [], 0
+    for f in sorted(root.parent.rglob("*.py")):
+        if used >= budget:
+            break
+        if f in skip or "tests" in f.relative_to(root.parent).parts:
+            continue
+        for doc in _docstrings(f):
+            out.append(doc)
+            used += len(doc)
+    return out
+
+
+def _round_robin(groups: list[list[str]]) -> list[str]:
+    """The first item of every group, then every second one, ...: a budget cut anywhere spans all groups."""
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
 def public_texts() -> dict[str, list[str]]:
     """{kind: texts} of the public training text, each kind within its PUBLIC_CHARS budget."""
     dists = _distributions()
@@ -156,17 +207,17 @@ def public_texts() -> dict[str, list[str]]:
     licenses = [Path(f.locate()).read_text(encoding="utf-8", errors="replace") for d in dists
                 for f in (d.files or ()) if f.name.upper().startswith(("LICENSE", "COPYING"))
                 and ".dist-info" in str(f.parent) and Path(f.locate()).is_file()]
-    code = []
-    for m in PUBLIC_MODULES:
-        spec = importlib.util.find_spec(m)
-        if spec is not None and spec.origin:
-            code.append(Path(spec.origin).read_text(encoding="utf-8"))
-    kinds = {"readmes": readmes, "licenses": licenses, "code": code}
+    files = [f for f in map(_module_file, PUBLIC_MODULES) if f is not None]
+    code = [f.read_text(encoding="utf-8") for f in files]
+    share = PUBLIC_CHARS["docs"] // len(DOC_PACKAGES) + 1
+    docs = _round_robin([_package_docs(p, share, set(files)) for p in DOC_PACKAGES])
+    kinds = {"readmes": readmes, "licenses": licenses, "code": code, "docs": docs}
     return {k: _capped(v, PUBLIC_CHARS[k]) for k, v in kinds.items()}
 
 
 TRAIN_SOURCES = ("teacher:text-starts", "teacher:chat-prompts", "site-packages:readmes",
-                 "site-packages:licenses", "site-packages:source")
+                 "site-packages:licenses", "site-packages:source",
+                 "site-packages:docstrings")
 EVAL_SOURCES = tuple(d.source for d in EVAL_DOMAINS) + ("distill:eval-chat-prompts",)
 
 

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from edge_runtime.quality import fidelity
 from edge_runtime.sessions.state import common_prefix
@@ -60,13 +61,14 @@ def _logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def compare(teacher, student, windows: np.ndarray) -> dict:
-    """Held-out figures for teacher and student over the same windows [n, T] (or a list of 1-D id arrays)."""
+def compare(teacher, student, windows: np.ndarray, desc: str | None = None) -> dict:
+    """Held-out figures for teacher and student over the same windows [n, T] (or a list of 1-D id arrays);
+    with `desc`, a progress bar of that name."""
     t0 = time.perf_counter()
     nll_t = nll_s = 0.0
     kld = top1 = 0.0
     count = 0
-    for ids in windows:
+    for ids in tqdm(windows, desc=desc, unit="window", disable=desc is None):
         lt, ls = _logits(teacher, ids), _logits(student, ids)  # [T, V] each
         nll_t += nll_sum(lt, ids)
         nll_s += nll_sum(ls, ids)
@@ -131,7 +133,7 @@ def evaluate(teacher, student, tokenizer, meta: dict, *, window: int = EVAL_WIND
              max_windows: int | None = None) -> dict:
     """compare() on every evaluation domain plus chat_eval(): the distillation report as a dict."""
     eos = (meta.get("eos_token_ids") or [None])[0]
-    domains = {name: compare(teacher, student, rows)
+    domains = {name: compare(teacher, student, rows, desc=f"scoring {name}")
                for name, rows in domain_windows(tokenizer, eos, window, max_windows).items()}
     first = next(iter(domains.values()))
     models = {k: first[k] for k in first if k.startswith(("teacher_", "student_")) and not k.endswith("_ppl")}
