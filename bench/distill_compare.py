@@ -18,14 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def decode_tps(bundle: Path, runs: int, threads: int) -> tuple[float, float]:
-    out = []
-    for _ in range(runs):
-        p = subprocess.run([sys.executable, str(ROOT / "bench/run_one.py"), str(bundle), "--prompt-tokens", "16",
-                            "--new-tokens", "128", "--threads", str(threads), "--json"],
-                           capture_output=True, text=True, check=True, cwd=ROOT)
-        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    return statistics.median(r["decode_tps"] for r in out), out[0]["bundle_mb"]
+def run_one(bundle: Path, threads: int) -> dict:
+    p = subprocess.run([sys.executable, str(ROOT / "bench/run_one.py"), str(bundle), "--prompt-tokens", "16",
+                        "--new-tokens", "128", "--threads", str(threads), "--json"],
+                       capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def decode_tps(bundles: list[Path], runs: int, threads: int) -> list[tuple[float, float]]:
+    """(median decode tok/s, MB) per bundle, the bundles' runs alternated so that drift hits them alike."""
+    out = [[run_one(b, threads) for b in bundles] for _ in range(runs)]  # [runs][bundle]
+    return [(statistics.median(r[i]["decode_tps"] for r in out), out[0][i]["bundle_mb"])
+            for i in range(len(bundles))]
 
 
 def main(argv=None) -> int:
@@ -33,14 +37,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--student", default=str(ROOT / "build/student"))
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    common = ("--quant", "int4", "--no-transcode", "--no-eval")
-    teacher = ensure_bundle(str(MODEL), ROOT / "build/distill/teacher-int4", *common)
+    common = ("--quant", "int4", "--no-eval")
+    # the GGUF teacher re-quantized from its float weights like the student (which has no GGUF blocks to keep)
+    teacher = ensure_bundle(str(MODEL), ROOT / "build/distill/teacher-int4", *common, "--no-transcode")
     student = ensure_bundle(args.student, ROOT / "build/distill/student-int4", *common)
-    t_tps, t_mb = decode_tps(teacher, args.runs, args.threads)
-    s_tps, s_mb = decode_tps(student, args.runs, args.threads)
+    (t_tps, t_mb), (s_tps, s_mb) = decode_tps([teacher, student], args.runs, args.threads)
     report = Path(args.student) / "report.json"
     kld = "n/a"
     if report.is_file():

@@ -96,13 +96,27 @@ def exporter_key() -> str:
     return h.hexdigest()[:10]
 
 
+def inputs_key(source: str, args: tuple[str, ...]) -> str:
+    """What else an export depends on: its arguments and the source's files (name, size, modification time; a
+    folder's files one level deep), so that a retrained student or a replaced GGUF is exported again."""
+    h = hashlib.sha256("\0".join(args).encode())
+    path = Path(source)
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    h.update(source.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\0{f.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
 def ensure_bundle(source: str, out: Path, *args: str) -> Path:
-    """Export `source` to `out` unless a bundle made by this exact exporter code is already there."""
+    """Export `source` to `out` unless a bundle made by this exact exporter code, from this very source and with
+    these arguments, is already there."""
     import subprocess
     import sys
 
     stamp = out / ".exporter-key"
-    key = exporter_key()
+    key = f"{exporter_key()}-{inputs_key(source, args)}"
     if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == key:
         return out
     print(f"exporting {out} ...", file=sys.stderr, flush=True)

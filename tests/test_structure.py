@@ -119,6 +119,37 @@ def test_bundle_cache_key_follows_code_not_docstrings(tmp_path, monkeypatch):
     assert version.exporter_key() != key
 
 
+def test_ensure_bundle_exports_again_when_the_source_or_arguments_change(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    from export import version
+
+    calls = []
+
+    def fake_export(cmd, **kw):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(subprocess, "run", fake_export)
+    monkeypatch.setattr(version, "exporter_key", lambda: "code")
+    student = tmp_path / "student"
+    student.mkdir()
+    weights = student / "model.safetensors"
+    weights.write_bytes(b"a")
+    out = tmp_path / "bundle"
+    version.ensure_bundle(str(student), out, "--quant", "int4")
+    version.ensure_bundle(str(student), out, "--quant", "int4")
+    assert len(calls) == 1  # same code, source and arguments: reused
+    weights.write_bytes(b"bb")  # the student was trained again
+    os.utime(weights, ns=(1, 1))
+    version.ensure_bundle(str(student), out, "--quant", "int4")
+    version.ensure_bundle(str(student), out, "--quant", "int8")
+    assert len(calls) == 3
+
+
 def test_stale_cache_entries_are_pruned(tmp_path):
     from bundle_cache import prune_stale
 
