@@ -169,7 +169,8 @@ def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, b
     """Run the teacher over `tokens` [n, T] once and store its top-k log-probs; resumes a partial cache.
 
     precision "bf16" runs the teacher's forward under bf16 autocast (its matmuls in bf16, accumulated in fp32):
-    faster where the hardware multiplies bf16 natively, and a few hundredths of a nat from the fp32 log-probs.
+    faster where the hardware multiplies bf16 natively; its targets differ from fp32's by bf16 rounding only (the
+    test bounds the gap), which is why they get their own cache key.
 
     Under torch.distributed every rank calls this with the same tokens: rank 0 creates the files, each rank
     computes its share of the row batches, and all return the complete cache. A row's "done" flag is set only
