@@ -26,8 +26,9 @@ def module_name(path: Path, root: Path | None = None) -> str:
     return ".".join(parts)
 
 
-def module_file(name: str) -> Path | None:
-    base = ROOT.joinpath(*name.split("."))
+def module_file(name: str, root: Path | None = None) -> Path | None:
+    """The source file of module `name` under `root` (default: this repository), found without importing it."""
+    base = (root or ROOT).joinpath(*name.split("."))
     for f in (base.with_suffix(".py"), base / "__init__.py"):
         if f.is_file():
             return f

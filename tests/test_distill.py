@@ -257,10 +257,12 @@ def test_bf16_training_follows_the_fp32_run(teacher, rows, tmp_path):
 
 
 def test_precision_auto_resolves_to_a_supported_one():
-    assert dtrain.resolve_precision("auto", "cpu") in dtrain.PRECISIONS
-    assert dtrain.resolve_precision("bf16", "cpu") == "bf16"
+    from export.distill.precision import PRECISIONS, resolve_precision
+
+    assert resolve_precision("auto", "cpu") in PRECISIONS
+    assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
-        dtrain.resolve_precision("fp8", "cpu")
+        resolve_precision("fp8", "cpu")
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(teacher, rows, tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
     out = distill("cache/models/SmolLM2-135M-Instruct.Q4_1.gguf", layers=18, minutes=30, out_dir="build/student")
     load_source(out)  # a Hugging Face folder, exported like any model
 
-May import torch, export.sources, export.quality, edge_runtime.spec and edge_runtime.quality; never the pipeline.
+May import torch, export.sources, export.quality, export.version, edge_runtime.spec and edge_runtime.quality;
+never the pipeline.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .data import (
     synthesize,
 )
 from .domains import EVAL_DOMAINS, public_texts
+from .precision import resolve_precision
 from .prune import drop_layers, prune_mlp, select_layers
 from .train import CHECKPOINT, TrainConfig
 
@@ -211,7 +213,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
                          synthetic_samples=synthetic_samples, synthetic_tokens=synthetic_tokens, heldout=heldout)
     if len(rows) == 0:
         raise ValueError(f"no training text: {items} gave fewer than {seq_len} tokens")
-    teacher_precision = training.resolve_precision(teacher_precision, d.device)
+    teacher_precision = resolve_precision(teacher_precision, d.device)
     cache = build_cache(teacher.model, rows, cache_root, k=top_k, teacher_fp=teacher.fingerprint, dist=d,
                         precision=teacher_precision)
     teacher.model.to("cpu")
@@ -231,7 +233,7 @@ def distill(teacher_source, *, layers: int | None = None, mlp_ratio: float | Non
                       warmup_steps=warmup_steps, temperature=temperature,
                       alpha=alpha, loss=loss, train_embeddings=train_embeddings, train_layers=chosen,
                       checkpoint_every=checkpoint_every, seed=seed,
-                      precision=training.resolve_precision(precision, d.device))
+                      precision=resolve_precision(precision, d.device))
     plan = {"teacher": teacher.source.origin, "teacher_fingerprint": teacher.fingerprint, "keep": keep,
             "layers": len(keep), "mlp_width": student.config.intermediate_size, "data": [str(d) for d in items],
             "train_rows": len(cache), "seq_len": seq_len, "cache": str(cache.path),

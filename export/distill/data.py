@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import dist as distmod
 from .dist import Dist
 from .domains import CHAT_PROMPTS, TEXT_STARTS
+from .precision import autocast, checked
 
 HELDOUT_FRACTION = 0.1  # the last 10% of pydoc topics (by key order) are the held-out evaluation text
 
@@ -178,7 +179,7 @@ def build_cache(teacher, tokens: np.ndarray, cache_root: Path, *, k: int = 64, b
     """
     d = dist or distmod.current()
     teacher_fp = teacher_fp or fingerprint(teacher)
-    path = Path(cache_root) / cache_key(teacher_fp, tokens, k, precision)
+    path = Path(cache_root) / cache_key(teacher_fp, tokens, k, checked(precision))
     index_file = path / "index.json"
     if d.main and not index_file.exists():
         _create(path, tokens, k, teacher_fp, precision)
@@ -223,7 +224,7 @@ def _fill(teacher, path: Path, index: dict, todo: np.ndarray, batch: int, d: Dis
                disable=not d.main)
     for rows in mine:
         ids = torch.from_numpy(tokens[rows].astype(np.int64))  # [B, T]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision, device):
             logits = teacher(input_ids=ids.to(device), use_cache=False).logits.float()  # [B, T, V]
         vals, idx = (t.cpu() for t in torch.topk(torch.log_softmax(logits, dim=-1), index["k"], dim=-1))
         top_ids[rows] = idx.numpy().astype(np.int32)  # [B, T, k]

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..version import module_file
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -159,12 +161,8 @@ def _distributions():
 
 
 def _module_file(module: str) -> Path | None:
-    """The source file of a third-party module, found without importing it (importing torch takes seconds)."""
-    base = Path(sysconfig.get_path("purelib")).joinpath(*module.split("."))
-    for f in (base.with_suffix(".py"), base / "__init__.py"):
-        if f.is_file():
-            return f
-    return None
+    """A third-party module's source file, found without importing it (importing torch takes seconds)."""
+    return module_file(module, Path(sysconfig.get_path("purelib")))
 
 
 def _docstrings(path: Path) -> list[str]:

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from . import dist as distmod
 from .data import TeacherCache
 from .dist import Dist
+from .precision import autocast, checked
 
 LOSSES = ("fkl", "rkl", "jsd")
-PRECISIONS = ("fp32", "bf16")
 CHECKPOINT = "checkpoint.pt"
 TAIL_FLOOR = 1e-6  # the top k of an fp16 cache can sum to a hair over 1
 
@@ -100,26 +100,6 @@ def ce_from_logp(s_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -s_full[:, :-1].gather(-1, ids[:, 1:, None]).mean()
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
-    """"auto" -> "bf16" where the device multiplies bf16 natively (AVX512-BF16 or AMX CPUs, bf16 GPUs), else
-    "fp32"; elsewhere bf16 is emulated and slower than fp32. Other values are checked and returned."""
-    if precision == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        native = [getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                                   "_is_amx_tile_supported")]
-        return "bf16" if any(native) else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def autocast(precision: str, device: torch.device):
-    """The forward's autocast context: bf16 matmuls with fp32 accumulation, or none."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def batch_rows(n_rows: int, batch: int, step: int, seed: int) -> np.ndarray:
     """Row indices of batch `step`: epochs are fresh permutations seeded by (seed, epoch), read in order."""
     out = []
@@ -183,8 +163,7 @@ def train(student: torch.nn.Module, cache: TeacherCache, cfg: TrainConfig, ckpt_
     """
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    checked(cfg.precision)
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("give a budget: steps or minutes")
     d = dist or distmod.current()
